@@ -1,0 +1,36 @@
+# fedpacs: `make demo` runs a local federation with real data; `make test` runs the tests.
+# Both do all set-up on a fresh machine (virtual environment, pinned torch, fedpacs).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+.PHONY: setup demo demo-classification test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: the CPU wheel on this machine (a bare `torch` pulls CUDA)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/fedpacs demo --task hippocampus --sites 3 --rounds 5 --workdir runs/demo
+
+demo-classification: setup
+	$(VENV)/bin/fedpacs demo --classification --sites 3 --rounds 3 --workdir runs/demo-breast
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) bench/train_step.py
+
+clean:
+	rm -rf runs .pytest_cache

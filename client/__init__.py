@@ -1,0 +1,1 @@
+"""The hospital side: site daemon (SuperNode + ClientApp), local trainer, PACS ingest."""

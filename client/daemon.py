@@ -1,0 +1,83 @@
+"""The site daemon: validate the site config, then run a SuperNode for it.
+
+``fedpacs site start`` refuses to start (exit code 3, every bad field named) when the site
+config is invalid, so a hospital never joins a federation it cannot serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpacs.common.config import SITE_CONFIG_NODE_KEY, SiteConfig, load_site_config
+from fedpacs.common.datasets import load_site_data
+from fedpacs.common.errors import AuthError, DataError
+from fedpacs.common.tasks import get_task
+from fedpacs.deploy.procs import child_env, tool
+
+log = logging.getLogger("fedpacs.site")
+
+
+@dataclass(frozen=True)
+class SiteSummary:
+    site: SiteConfig
+    train: int
+    val: int
+    skipped: list[tuple[str, str]]
+
+
+def check_site(config_path: Path | None) -> SiteSummary:
+    """Parse the site config and load its data once: counts plus skipped files with reasons."""
+    site = load_site_config(config_path)
+    data = load_site_data(site.data, get_task(site.task))
+    if len(data.train) == 0:
+        raise DataError(str(site.data.root), "no usable training samples in this site's "
+                        "partition", "check data.root, data.partition and the skipped files")
+    return SiteSummary(site, len(data.train), len(data.val), data.skipped)
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    config: Path | None
+    superlink: str
+    root_certificates: Path
+    auth_key: Path
+    runtime_port: int = 9094
+    max_wait_s: float | None = None
+
+
+def supernode_argv(opts: DaemonOptions, site_config: Path) -> list[str]:
+    for field, path in (("--root-certificates", opts.root_certificates),
+                        ("--auth-key", opts.auth_key)):
+        if not path.is_file():
+            raise AuthError(f"{field}: expected an existing file, got {path}. Fix: run "
+                            "`fedpacs provision init` at the coordinator and copy the site's "
+                            "files here")
+    argv = [tool("flower-supernode"), "--superlink", opts.superlink,
+            "--root-certificates", str(opts.root_certificates),
+            "--auth-supernode-private-key", str(opts.auth_key),
+            "--node-config", f'{SITE_CONFIG_NODE_KEY}="{site_config}"',
+            "--port", str(opts.runtime_port)]
+    if opts.max_wait_s is not None:
+        argv += ["--max-wait-time", str(opts.max_wait_s)]
+    return argv
+
+
+def run_daemon(opts: DaemonOptions) -> int:
+    """Validate, then run the SuperNode in the foreground until it exits or is signalled."""
+    summary = check_site(opts.config)
+    site_config = Path(summary.site.source)
+    argv = supernode_argv(opts, site_config)
+    log.info("site %s: %d train / %d val samples; starting SuperNode", summary.site.name,
+             summary.train, summary.val)
+    proc = subprocess.Popen(argv, env=child_env())
+
+    def forward(signum: int, _frame: object) -> None:
+        proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return proc.wait()

@@ -1,0 +1,113 @@
+"""Local training and evaluation of one site, on Flower records in and out.
+
+Only weights, counts and metric values leave the site. Errors that go back to the server
+carry an exit code and an exception type; details (file names) stay in the site's log.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedpacs.common import wire
+from fedpacs.common.config import SiteConfig
+from fedpacs.common.datasets import SiteData, load_site_data
+from fedpacs.common.engine import TrainParams, evaluate, train
+from fedpacs.common.errors import ConfigError, FieldError
+from fedpacs.common.models import build_model, pick_device
+from fedpacs.common.tasks import TaskConfig, get_task
+
+log = logging.getLogger("fedpacs.site")
+
+
+@dataclass(frozen=True)
+class RoundInstructions:
+    """What the server asks of a site for one round (parsed from the message config)."""
+
+    task: str
+    server_round: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    proximal_mu: float = 0.0
+
+    @classmethod
+    def from_record(cls, cfg: ConfigRecord) -> RoundInstructions:
+        errs: list[FieldError] = []
+
+        def get(key: str, typ: type, default: object = None) -> object:
+            v = cfg.get(key, default)
+            if v is None or (typ is float and isinstance(v, int)):
+                v = float(v) if v is not None else v
+            if not isinstance(v, typ):
+                errs.append(FieldError(f"config.{key}", typ.__name__, repr(v),
+                                       "upgrade the server to the same fedpacs version"))
+            return v
+
+        out = {"task": get("task", str), "server_round": get("server-round", int),
+               "local_epochs": get("local-epochs", int, 1), "batch_size": get("batch-size", int, 8),
+               "lr": get("lr", float, 1e-3), "seed": get("seed", int, 0),
+               "proximal_mu": get("proximal-mu", float, 0.0)}
+        if errs:
+            raise ConfigError("round config from server", errs)
+        return cls(**out)  # type: ignore[arg-type]
+
+
+def prepare(site: SiteConfig, requested_task: str) -> tuple[TaskConfig, torch.device]:
+    """Check the run's task against the site's, set threads, pick the device."""
+    if requested_task != site.task:
+        raise ConfigError(site.source, [FieldError(
+            "site.task", f"the run's task {requested_task!r}", repr(site.task),
+            "join this site only to runs of its task, or change site.task if the data fits")])
+    if site.compute.threads > 0:
+        torch.set_num_threads(site.compute.threads)
+    return get_task(site.task), pick_device(site.compute.device)
+
+
+def load_data(site: SiteConfig, task: TaskConfig) -> SiteData:
+    data = load_site_data(site.data, task)
+    for path, reason in data.skipped:
+        log.warning("site %s skipped %s: %s", site.name, path, reason)
+    return data
+
+
+def train_round(site: SiteConfig, content: RecordDict) -> RecordDict:
+    """Load the global model from ``content``, train locally, reply with the new weights."""
+    ins = RoundInstructions.from_record(content[wire.CONFIG_KEY])  # type: ignore[arg-type]
+    task, device = prepare(site, ins.task)
+    data = load_data(site, task)
+    model = build_model(task)
+    wire.load_arrays(model, content[wire.ARRAYS_KEY])  # type: ignore[arg-type]
+    seed = ins.seed * 1_000_003 + ins.server_round * 101 + site.data.partition
+    res = train(model, data.train, task=task, device=device, seed=seed, params=TrainParams(
+        epochs=ins.local_epochs, batch_size=ins.batch_size, lr=ins.lr,
+        proximal_mu=ins.proximal_mu))
+    log.info("site %s round %d: trained on %d samples in %.1fs, loss %.4f",
+             site.name, ins.server_round, res.num_examples, res.seconds, res.loss)
+    metrics = MetricRecord({wire.NUM_EXAMPLES: res.num_examples, "train-loss": res.loss,
+                            "train-seconds": res.seconds})
+    return RecordDict({wire.ARRAYS_KEY: wire.model_to_arrays(model),
+                       wire.METRICS_KEY: metrics,
+                       wire.SITE_KEY: ConfigRecord({"name": site.name})})
+
+
+def evaluate_round(site: SiteConfig, content: RecordDict) -> RecordDict:
+    """Evaluate the global model in ``content`` on the site's validation split."""
+    ins = RoundInstructions.from_record(content[wire.CONFIG_KEY])  # type: ignore[arg-type]
+    task, device = prepare(site, ins.task)
+    data = load_data(site, task)
+    model = build_model(task)
+    wire.load_arrays(model, content[wire.ARRAYS_KEY])  # type: ignore[arg-type]
+    values = evaluate(model, data.val, task=task, device=device)
+    log.info("site %s round %d: evaluated on %d samples: %s", site.name, ins.server_round,
+             len(data.val), values)
+    metrics = MetricRecord({wire.NUM_EXAMPLES: len(data.val),
+                            **{f"val-{k}": float(v) for k, v in values.items()}})
+    return RecordDict({wire.METRICS_KEY: metrics,
+                       wire.SITE_KEY: ConfigRecord({"name": site.name})})
+
+

@@ -1,0 +1,262 @@
+"""Typed configuration, parsed once, with every problem reported together.
+
+* :class:`SiteConfig` — a hospital's site file (TOML). Its data paths never leave the site.
+* :class:`RunConfig` — one federated run, set by the coordinator; travels to the ServerApp
+  (and, minus server paths, to sites) as Flower's flat run config via :meth:`to_flat`.
+
+Resolution order for every setting: command-line flag, then environment, then file, then
+the named default below.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedpacs.common.datasets import DATA_FORMATS, DataSpec
+from fedpacs.common.errors import ConfigError, FieldError
+from fedpacs.common.tasks import TASK_PRESETS
+
+SITE_CONFIG_ENV = "FEDPACS_SITE_CONFIG"
+SITE_CONFIG_NODE_KEY = "site-config"  # key in the SuperNode's --node-config
+
+DEFAULT_THREADS = 0  # 0: let torch decide
+DEFAULT_DEVICE = "auto"  # cuda when present, else cpu
+
+
+def _type_name(v: object) -> str:
+    return f"{v!r} ({type(v).__name__})"
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    device: str = DEFAULT_DEVICE
+    threads: int = DEFAULT_THREADS
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital's site daemon settings."""
+
+    name: str
+    task: str
+    data: DataSpec
+    compute: ComputeConfig
+    source: str = "<memory>"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML file or raise a ConfigError naming the file and the parse problem."""
+    if not path.is_file():
+        raise ConfigError(str(path), [FieldError("file", "an existing TOML file",
+                                                 "no such file", f"create {path} or fix the path")])
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [FieldError("file", "valid TOML", str(exc),
+                                                 "fix the syntax at the position named")]) from exc
+
+
+def _section(raw: dict[str, Any], key: str, errs: list[FieldError]) -> dict[str, Any]:
+    sec = raw.get(key, {})
+    if not isinstance(sec, dict):
+        errs.append(FieldError(f"[{key}]", "a table", _type_name(sec), f"write [{key}] as a table"))
+        return {}
+    return sec
+
+
+def _check_unknown(sec: dict[str, Any], allowed: set[str], prefix: str,
+                   errs: list[FieldError]) -> None:
+    for k in sorted(set(sec) - allowed):
+        errs.append(FieldError(f"{prefix}{k}", f"one of {', '.join(sorted(allowed))}",
+                               repr(k), "remove or rename the key (check its spelling)"))
+
+
+def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> SiteConfig:
+    """Build a SiteConfig from a parsed TOML mapping; collects all problems before failing."""
+    errs: list[FieldError] = []
+    _check_unknown(raw, {"site", "data", "compute", "pacs"}, "", errs)
+    site = _section(raw, "site", errs)
+    data = _section(raw, "data", errs)
+    comp = _section(raw, "compute", errs)
+    _check_unknown(site, {"name", "task"}, "site.", errs)
+    _check_unknown(data, {"format", "root", "partition", "num_partitions", "holdout_fraction",
+                          "val_fraction", "seed"}, "data.", errs)
+    _check_unknown(comp, {"device", "threads"}, "compute.", errs)
+
+    name = site.get("name")
+    if not isinstance(name, str) or not name.strip():
+        errs.append(FieldError("site.name", "a non-empty string", _type_name(name),
+                               'set name = "hospital-a"'))
+    task = site.get("task")
+    if task not in TASK_PRESETS:
+        errs.append(FieldError("site.task", f"one of {', '.join(sorted(TASK_PRESETS))}",
+                               _type_name(task), "set the task this site's data serves"))
+    fmt = data.get("format")
+    if fmt not in DATA_FORMATS:
+        errs.append(FieldError("data.format", f"one of {', '.join(DATA_FORMATS)}",
+                               _type_name(fmt), 'set format = "nifti" or "medmnist"'))
+    root_raw = data.get("root")
+    root: Path | None = None
+    if not isinstance(root_raw, str) or not root_raw:
+        errs.append(FieldError("data.root", "a path to the site's data", _type_name(root_raw),
+                               'set root = "/data/hippocampus" (relative paths are taken '
+                               "from the config file's folder)"))
+    else:
+        root = Path(os.path.expandvars(root_raw)).expanduser()
+        if not root.is_absolute():
+            root = (base_dir / root).resolve()
+        if not root.exists():
+            errs.append(FieldError("data.root", "an existing file or folder", str(root),
+                                   "fix the path or mount the data there"))
+        elif fmt == "nifti" and not (root / "images").is_dir():
+            errs.append(FieldError("data.root", "a folder with images/ and labels/", str(root),
+                                   "point root at the folder holding images/ and labels/"))
+        elif fmt == "medmnist" and not root.is_file():
+            errs.append(FieldError("data.root", "a MedMNIST .npz file", str(root),
+                                   "point root at the .npz file"))
+
+    def _int(sec: dict[str, Any], key: str, default: int, lo: int, prefix: str) -> int:
+        v = sec.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            errs.append(FieldError(f"{prefix}{key}", f"an integer >= {lo}", _type_name(v),
+                                   f"set {key} = {default}"))
+            return default
+        return v
+
+    def _frac(sec: dict[str, Any], key: str, default: float, prefix: str) -> float:
+        v = sec.get(key, default)
+        if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v < 1:
+            errs.append(FieldError(f"{prefix}{key}", "a number in [0, 1)", _type_name(v),
+                                   f"set {key} = {default}"))
+            return default
+        return float(v)
+
+    partition = _int(data, "partition", 0, 0, "data.")
+    num_parts = _int(data, "num_partitions", 1, 1, "data.")
+    if partition >= num_parts:
+        errs.append(FieldError("data.partition", f"an integer in 0..{num_parts - 1}",
+                               str(partition), "partition must be below num_partitions"))
+    holdout = _frac(data, "holdout_fraction", 0.2, "data.")
+    val = _frac(data, "val_fraction", 0.15, "data.")
+    seed = _int(data, "seed", 0, 0, "data.")
+    threads = _int(comp, "threads", DEFAULT_THREADS, 0, "compute.")
+    device = comp.get("device", DEFAULT_DEVICE)
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda")
+                                           or device.startswith("cuda:")):
+        errs.append(FieldError("compute.device", "auto, cpu, cuda or cuda:N", _type_name(device),
+                               'set device = "auto"'))
+    if errs:
+        raise ConfigError(source, errs)
+    assert root is not None and isinstance(name, str) and isinstance(task, str)
+    return SiteConfig(
+        name=name.strip(), task=task,
+        data=DataSpec(format=fmt, root=root, partition=partition, num_partitions=num_parts,
+                      holdout_fraction=holdout, val_fraction=val, seed=seed),
+        compute=ComputeConfig(device=str(device), threads=threads), source=source,
+    )
+
+
+def load_site_config(path: str | Path | None = None) -> SiteConfig:
+    """Resolve (argument, then $FEDPACS_SITE_CONFIG) and parse a site config file."""
+    chosen = path if path not in (None, "") else os.environ.get(SITE_CONFIG_ENV)
+    if not chosen:
+        raise ConfigError("site config", [FieldError(
+            "site-config", "a path to the site's TOML file", "nothing",
+            f"pass --config, set ${SITE_CONFIG_ENV}, or start the SuperNode with "
+            f"--node-config '{SITE_CONFIG_NODE_KEY}=\"/path/site.toml\"'")])
+    p = Path(str(chosen)).expanduser().resolve()
+    return parse_site_config(read_toml(p), source=str(p), base_dir=p.parent)
+
+
+# --------------------------------------------------------------------------- run config
+@dataclass(frozen=True)
+class RunConfig:
+    """One federated run. Keys in Flower's run config are these names with '-' for '_'."""
+
+    task: str = "hippocampus"
+    rounds: int = 5
+    local_epochs: int = 2
+    batch_size: int = 4
+    lr: float = 3e-3
+    min_sites: int = 3
+    round_timeout_s: float = 900.0
+    seed: int = 0
+    run_dir: str = ""  # server-side folder for checkpoints and the final model
+    eval_format: str = ""  # server-side held-out data (optional): "nifti" | "medmnist"
+    eval_root: str = ""
+    eval_holdout_fraction: float = 0.2
+    eval_seed: int = 0
+
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def site_view(self) -> dict[str, bool | int | float | str]:
+        """What sites are told each round (no server paths)."""
+        return {"task": self.task, "local-epochs": self.local_epochs,
+                "batch-size": self.batch_size, "lr": self.lr, "seed": self.seed}
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any], *, source: str = "run config") -> RunConfig:
+        errs: list[FieldError] = []
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, v in flat.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                errs.append(FieldError(key, f"one of {', '.join(k.replace('_', '-') for k in known)}",
+                                       repr(key), "remove or rename the key"))
+                continue
+            default = known[name].default
+            if isinstance(default, bool):
+                ok = isinstance(v, bool)
+            elif isinstance(default, int):
+                ok = isinstance(v, int) and not isinstance(v, bool)
+            elif isinstance(default, float):
+                ok = isinstance(v, int | float) and not isinstance(v, bool)
+                v = float(v) if ok else v
+            else:
+                ok = isinstance(v, str)
+            if not ok:
+                errs.append(FieldError(key, type(default).__name__, _type_name(v),
+                                       f"set {key} to a {type(default).__name__}"))
+                continue
+            values[name] = v
+        cfg = cls(**values) if not errs else cls()
+        if not errs:
+            errs.extend(cfg.validate())
+        if errs:
+            raise ConfigError(source, errs)
+        return cfg
+
+    def validate(self) -> list[FieldError]:
+        errs: list[FieldError] = []
+        if self.task not in TASK_PRESETS:
+            errs.append(FieldError("task", f"one of {', '.join(sorted(TASK_PRESETS))}",
+                                   repr(self.task), "choose a task preset"))
+        for name, lo in (("rounds", 1), ("local_epochs", 1), ("batch_size", 1), ("min_sites", 1)):
+            if getattr(self, name) < lo:
+                errs.append(FieldError(name.replace("_", "-"), f">= {lo}",
+                                       str(getattr(self, name)), f"set it to at least {lo}"))
+        if not self.lr > 0:
+            errs.append(FieldError("lr", "> 0", str(self.lr), "e.g. lr = 0.001"))
+        if not self.round_timeout_s > 0:
+            errs.append(FieldError("round-timeout-s", "> 0 seconds", str(self.round_timeout_s),
+                                   "e.g. 900"))
+        if self.eval_format and self.eval_format not in DATA_FORMATS:
+            errs.append(FieldError("eval-format", f"empty or one of {', '.join(DATA_FORMATS)}",
+                                   repr(self.eval_format), "leave empty to skip server evaluation"))
+        if self.eval_format and not Path(self.eval_root).exists():
+            errs.append(FieldError("eval-root", "an existing path on the server",
+                                   repr(self.eval_root), "fix the held-out data path"))
+        return errs
+
+    def eval_spec(self) -> DataSpec | None:
+        if not self.eval_format:
+            return None
+        return DataSpec(format=self.eval_format,  # type: ignore[arg-type]
+                        root=Path(self.eval_root), holdout_fraction=self.eval_holdout_fraction,
+                        seed=self.eval_seed)

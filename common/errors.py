@@ -1,0 +1,126 @@
+"""Error types and the one exit-code registry.
+
+Every error that a person reads names the field (or file), what was expected, what was
+received and the fix. Errors that cross the site boundary carry only a code from
+:data:`EXIT_CODES` and an exception type, never file names or patient data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes of every fedpacs command (and codes in error replies)."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    CONFIG = 3
+    DATA = 4
+    UPDATE = 5
+    TIMEOUT = 6
+    PROCESS = 7
+    AUTH = 8
+    INTERRUPTED = 130
+
+
+EXIT_CODES: dict[ExitCode, str] = {
+    ExitCode.OK: "Success: the command finished what it was asked to do.",
+    ExitCode.FAILURE: "Unexpected failure; the log named in the message has the traceback.",
+    ExitCode.USAGE: "Wrong command-line usage; run the command with --help.",
+    ExitCode.CONFIG: "A config file or run setting is invalid; the message names each "
+    "field, what was expected, what was given and the fix.",
+    ExitCode.DATA: "A data file could not be read or has the wrong content; the message "
+    "names the file (locally only) and the fix.",
+    ExitCode.UPDATE: "A model update did not match the model (keys, shapes, dtypes) or "
+    "held NaN/Inf values.",
+    ExitCode.TIMEOUT: "A wait ran past its deadline (a process did not start, a port did "
+    "not open, a run did not finish).",
+    ExitCode.PROCESS: "A child process (SuperLink, SuperNode, flwr) exited unexpectedly; "
+    "its log file is named in the message.",
+    ExitCode.AUTH: "Authentication failed or a key/certificate is missing or invalid.",
+    ExitCode.INTERRUPTED: "Interrupted by the user (Ctrl-C); child processes were stopped.",
+}
+
+
+def describe(code: int) -> str:
+    """Help text for an exit code (also used for error codes in Flower error replies)."""
+    try:
+        return EXIT_CODES[ExitCode(code)]
+    except ValueError:
+        return f"unknown code {code}"
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One invalid field: where, what was expected, what was received, and the fix."""
+
+    field: str
+    expected: str
+    got: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: expected {self.expected}, got {self.got}. Fix: {self.fix}"
+
+
+class FedpacsError(Exception):
+    """Base class: every fedpacs error carries an exit code."""
+
+    code: ExitCode = ExitCode.FAILURE
+
+
+class ConfigError(FedpacsError):
+    """All the problems found in one config source, reported together."""
+
+    code = ExitCode.CONFIG
+
+    def __init__(self, source: str, errors: list[FieldError]) -> None:
+        self.source = source
+        self.errors = list(errors)
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(f"invalid config in {source} ({len(self.errors)} problem(s)):\n{lines}")
+
+
+class DataError(FedpacsError):
+    """A data file that cannot be used; names the file and the fix (site-local only)."""
+
+    code = ExitCode.DATA
+
+    def __init__(self, path: str, problem: str, fix: str) -> None:
+        self.path = path
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{path}: {problem}. Fix: {fix}")
+
+
+class UpdateError(FedpacsError):
+    """A weight update that does not fit the model."""
+
+    code = ExitCode.UPDATE
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = list(errors)
+        lines = "\n".join(f"  - {e}" for e in self.errors[:20])
+        more = f"\n  ... and {len(self.errors) - 20} more" if len(self.errors) > 20 else ""
+        super().__init__(f"model update rejected ({len(self.errors)} problem(s)):\n{lines}{more}")
+
+
+class DeadlineError(FedpacsError):
+    """A wait ran past its deadline."""
+
+    code = ExitCode.TIMEOUT
+
+
+class ProcessError(FedpacsError):
+    """A child process exited unexpectedly."""
+
+    code = ExitCode.PROCESS
+
+
+class AuthError(FedpacsError):
+    """Missing/invalid key material or a refused identity."""
+
+    code = ExitCode.AUTH

@@ -1,0 +1,109 @@
+"""Model registry: every network a federated run can use, built by name from a task.
+
+Server and sites call :func:`build_model` with the same :class:`TaskConfig` and seed,
+so the global model and every local model share keys, shapes and initial weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from monai.networks import nets
+from torch import nn
+
+from fedpacs.common.errors import ConfigError, FieldError
+
+if TYPE_CHECKING:
+    from fedpacs.common.tasks import TaskConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered network: its task kind, supported dimensionality and builder."""
+
+    kind: str
+    spatial_dims: tuple[int, ...]
+    builder: Callable[[TaskConfig], nn.Module]
+    summary: str
+
+
+def _resnet(layers: list[int]) -> Callable[[TaskConfig], nn.Module]:
+    def build(task: TaskConfig) -> nn.Module:
+        w = task.width
+        return nets.ResNet(
+            block="basic", layers=layers, block_inplanes=[w, 2 * w, 4 * w, 8 * w],
+            spatial_dims=task.spatial_dims, n_input_channels=task.in_channels,
+            conv1_t_size=3, conv1_t_stride=1, no_max_pool=min(task.input_shape) < 64,
+            num_classes=task.num_classes,
+        )
+
+    return build
+
+
+def _densenet121(task: TaskConfig) -> nn.Module:
+    return nets.DenseNet121(
+        spatial_dims=task.spatial_dims, in_channels=task.in_channels,
+        out_channels=task.num_classes, init_features=2 * task.width, growth_rate=task.width,
+    )
+
+
+def _unet(task: TaskConfig) -> nn.Module:
+    w = task.width
+    return nets.UNet(
+        spatial_dims=task.spatial_dims, in_channels=task.in_channels,
+        out_channels=task.num_classes, channels=(w, 2 * w, 4 * w, 8 * w), strides=(2, 2, 2),
+        num_res_units=0, norm="INSTANCE",
+    )
+
+
+def _vnet(task: TaskConfig) -> nn.Module:
+    return nets.VNet(spatial_dims=task.spatial_dims, in_channels=task.in_channels,
+                     out_channels=task.num_classes, dropout_prob=0.0)
+
+
+def _segresnet(task: TaskConfig) -> nn.Module:
+    return nets.SegResNet(spatial_dims=task.spatial_dims, in_channels=task.in_channels,
+                          out_channels=task.num_classes, init_filters=task.width)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "resnet18": ModelSpec("classification", (2, 3), _resnet([2, 2, 2, 2]),
+                          "ResNet-18 (He 2016), MONAI implementation"),
+    "resnet34": ModelSpec("classification", (2, 3), _resnet([3, 4, 6, 3]),
+                          "ResNet-34 (He 2016), MONAI implementation"),
+    "densenet121": ModelSpec("classification", (2, 3), _densenet121,
+                             "DenseNet-121 (Huang 2017), MONAI implementation"),
+    "unet": ModelSpec("segmentation", (2, 3), _unet,
+                      "U-Net (Ronneberger 2015) / 3D U-Net (Cicek 2016), MONAI UNet"),
+    "vnet": ModelSpec("segmentation", (3,), _vnet,
+                      "V-Net (Milletari 2016); input sides must be multiples of 16"),
+    "segresnet": ModelSpec("segmentation", (2, 3), _segresnet,
+                           "SegResNet (Myronenko 2018), MONAI implementation"),
+}
+
+
+def build_model(task: TaskConfig, *, seed: int = 0) -> nn.Module:
+    """Build the task's network with deterministic initial weights for ``seed``."""
+    spec = MODELS.get(task.network)
+    if spec is None:
+        raise ConfigError("task", [FieldError(
+            "task.network", f"one of {', '.join(sorted(MODELS))}", repr(task.network),
+            "pick a registered network")])
+    if spec.kind != task.kind or task.spatial_dims not in spec.spatial_dims:
+        raise ConfigError("task", [FieldError(
+            "task.network", f"a {task.kind} network for {task.spatial_dims}D input",
+            f"{task.network!r} ({spec.kind}, {spec.spatial_dims}D)",
+            "pick a network that matches the task")])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.builder(task)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; ``cpu``/``cuda``/``cuda:N`` are taken as is."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)

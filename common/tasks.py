@@ -1,0 +1,137 @@
+"""Typed task definitions: what is learned, by which network, on what input.
+
+A task is the contract between server and sites: both build the network from the same
+:class:`TaskConfig`, so their weights always have the same keys and shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from fedpacs.common.errors import ConfigError, FieldError
+
+TaskKind = Literal["classification", "segmentation"]
+TASK_KINDS: tuple[str, ...] = ("classification", "segmentation")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What a federated run learns.
+
+    ``num_classes`` counts background for segmentation (hippocampus: 3 = bg, anterior,
+    posterior). ``input_shape`` is the spatial size every sample is padded/cropped to.
+    """
+
+    name: str
+    kind: TaskKind
+    network: str
+    spatial_dims: int
+    in_channels: int
+    num_classes: int
+    input_shape: tuple[int, ...]
+    width: int = 16
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["class_names"] = list(self.class_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "task") -> TaskConfig:
+        errors = validate_task_dict(d, source_prefix="")
+        if errors:
+            raise ConfigError(source, errors)
+        return cls(
+            name=str(d["name"]),
+            kind=d["kind"],
+            network=str(d["network"]),
+            spatial_dims=int(d["spatial_dims"]),
+            in_channels=int(d["in_channels"]),
+            num_classes=int(d["num_classes"]),
+            input_shape=tuple(int(s) for s in d["input_shape"]),
+            width=int(d.get("width", 16)),
+            class_names=tuple(str(c) for c in d.get("class_names", ())),
+        )
+
+
+def validate_task_dict(d: dict[str, Any], *, source_prefix: str) -> list[FieldError]:
+    """Check a task mapping; returns every problem found (empty when valid)."""
+    p = source_prefix
+    errs: list[FieldError] = []
+    for key in ("name", "kind", "network", "spatial_dims", "in_channels", "num_classes",
+                "input_shape"):
+        if key not in d:
+            errs.append(FieldError(f"{p}{key}", "a value", "nothing", f"add `{key} = ...`"))
+    if errs:
+        return errs
+    if d["kind"] not in TASK_KINDS:
+        errs.append(FieldError(f"{p}kind", f"one of {', '.join(TASK_KINDS)}", repr(d["kind"]),
+                               "set kind to classification or segmentation"))
+    if d["spatial_dims"] not in (2, 3):
+        errs.append(FieldError(f"{p}spatial_dims", "2 or 3", repr(d["spatial_dims"]),
+                               "use 2 for slices/X-rays, 3 for volumes"))
+    shape = d["input_shape"]
+    if not isinstance(shape, list | tuple) or len(shape) != d["spatial_dims"] or not all(
+        isinstance(s, int) and s > 0 for s in shape
+    ):
+        errs.append(FieldError(f"{p}input_shape", f"{d['spatial_dims']} positive integers",
+                               repr(shape), "e.g. input_shape = [48, 64, 48]"))
+    for key in ("in_channels", "num_classes"):
+        v = d[key]
+        if not isinstance(v, int) or v < 1 or (key == "num_classes" and v < 2):
+            errs.append(FieldError(f"{p}{key}", "an integer >= 1 (num_classes >= 2)", repr(v),
+                                   f"set {key} to the number of channels/classes"))
+    # the network must exist and fit the task kind
+    from fedpacs.common.models import MODELS
+
+    spec = MODELS.get(str(d["network"]))
+    if spec is None:
+        errs.append(FieldError(f"{p}network", f"one of {', '.join(sorted(MODELS))}",
+                               repr(d["network"]), "pick a network from the model registry"))
+    elif d["kind"] in TASK_KINDS and spec.kind != d["kind"]:
+        errs.append(FieldError(f"{p}network", f"a {d['kind']} network", f"{d['network']!r} "
+                               f"(a {spec.kind} network)", "pick a network of the task's kind"))
+    elif d["spatial_dims"] not in spec.spatial_dims:
+        errs.append(FieldError(f"{p}network", f"a network that supports {d['spatial_dims']}D",
+                               f"{d['network']!r} ({'/'.join(map(str, spec.spatial_dims))}D "
+                               "only)", "pick another network or change spatial_dims"))
+    return errs
+
+
+# Presets for the real data sets that ship in ../shared/data.
+TASK_PRESETS: dict[str, TaskConfig] = {
+    "hippocampus": TaskConfig(
+        name="hippocampus", kind="segmentation", network="unet", spatial_dims=3,
+        in_channels=1, num_classes=3, input_shape=(48, 64, 48), width=16,
+        class_names=("background", "anterior", "posterior"),
+    ),
+    "breastmnist": TaskConfig(
+        name="breastmnist", kind="classification", network="resnet18", spatial_dims=2,
+        in_channels=1, num_classes=2, input_shape=(28, 28), width=16,
+        class_names=("malignant", "normal/benign"),
+    ),
+    "pneumoniamnist": TaskConfig(
+        name="pneumoniamnist", kind="classification", network="resnet18", spatial_dims=2,
+        in_channels=1, num_classes=2, input_shape=(28, 28), width=16,
+        class_names=("normal", "pneumonia"),
+    ),
+    "adrenalmnist3d": TaskConfig(
+        name="adrenalmnist3d", kind="classification", network="resnet18", spatial_dims=3,
+        in_channels=1, num_classes=2, input_shape=(28, 28, 28), width=16,
+        class_names=("normal", "hyperplasia"),
+    ),
+}
+
+
+def get_task(name: str, *, field_name: str = "task") -> TaskConfig:
+    """A preset by name, or a ConfigError listing the presets."""
+    try:
+        return TASK_PRESETS[name]
+    except KeyError:
+        raise ConfigError(field_name, [FieldError(
+            field_name, f"one of {', '.join(sorted(TASK_PRESETS))}", repr(name),
+            "choose a task preset",
+        )]) from None

@@ -1,0 +1,94 @@
+"""The wire format: model state <-> Flower ArrayRecord, in one place.
+
+Every array that leaves a site or the server goes through :func:`model_to_arrays`, and
+every array that is loaded into a model goes through :func:`check_arrays` first, so a
+wrong-shaped, wrong-typed or non-finite update is refused with the offending key named.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+from fedpacs.common.errors import FieldError, UpdateError
+
+# Keys of the records inside a Flower message; FedAvg uses "arrays" and "config".
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+SITE_KEY = "site"
+# The weighting key FedAvg reads from each reply's MetricRecord.
+NUM_EXAMPLES = "num-examples"
+
+
+def model_to_arrays(model: nn.Module) -> ArrayRecord:
+    """The model's full state (parameters and buffers) as an ArrayRecord."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return ArrayRecord(torch_state_dict=state)
+
+
+def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """Name -> numpy array for every entry of an ArrayRecord."""
+    return {k: arrays[k].numpy() for k in arrays.keys()}
+
+
+def check_state(reference: dict[str, torch.Tensor], update: dict[str, np.ndarray]
+                ) -> list[FieldError]:
+    """Compare an update with a model's state; returns every problem (empty when fine).
+
+    Floating-point entries must match key, shape and be finite; integer buffers (such as
+    BatchNorm's ``num_batches_tracked``) must match key and shape and may arrive as floats
+    after averaging.
+    """
+    errors: list[FieldError] = []
+    missing = sorted(set(reference) - set(update))
+    extra = sorted(set(update) - set(reference))
+    for k in missing:
+        errors.append(FieldError(f"arrays[{k!r}]", "present", "missing",
+                                 "send the full model state_dict"))
+    for k in extra:
+        errors.append(FieldError(f"arrays[{k!r}]", "no such key", "an extra array",
+                                 "build the model from the same task/network on both sides"))
+    for k, ref in reference.items():
+        if k not in update:
+            continue
+        arr = update[k]
+        if tuple(arr.shape) != tuple(ref.shape):
+            errors.append(FieldError(f"arrays[{k!r}].shape", str(tuple(ref.shape)),
+                                     str(tuple(arr.shape)),
+                                     "build the model from the same task/network on both sides"))
+            continue
+        if ref.is_floating_point():
+            if not np.issubdtype(arr.dtype, np.floating):
+                errors.append(FieldError(f"arrays[{k!r}].dtype", "a floating dtype",
+                                         str(arr.dtype), "send float weights"))
+                continue
+            if not np.all(np.isfinite(arr)):
+                bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+                errors.append(FieldError(f"arrays[{k!r}]", "finite values",
+                                         f"{bad} NaN/Inf value(s)",
+                                         "lower the learning rate or check the site's data"))
+        elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            errors.append(FieldError(f"arrays[{k!r}].dtype", "a numeric dtype", str(arr.dtype),
+                                     "send numeric buffers"))
+    return errors
+
+
+def check_arrays(model: nn.Module, arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """Validate an ArrayRecord against ``model``; returns it as numpy or raises UpdateError."""
+    update = arrays_to_numpy(arrays)
+    errors = check_state(model.state_dict(), update)
+    if errors:
+        raise UpdateError(errors)
+    return update
+
+
+def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
+    """Check ``arrays`` against ``model`` and copy them in (dtype-cast per entry)."""
+    update = check_arrays(model, arrays)
+    state = model.state_dict()
+    with torch.no_grad():
+        for k, ref in state.items():
+            ref.copy_(torch.from_numpy(np.asarray(update[k])).to(dtype=ref.dtype))

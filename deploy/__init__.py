@@ -1,0 +1,1 @@
+"""Deployment: provisioning (CA, TLS, site keys), the local federation launcher, the CLI."""

@@ -1,0 +1,145 @@
+"""The ``fedpacs`` command line (Typer). Each command parses, validates and calls one
+library function; errors print what is wrong and exit with a code from the registry."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+
+from fedpacs.common.errors import EXIT_CODES, ExitCode, FedpacsError
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="fedpacs: federated training across hospitals' PACS.")
+site_cli = typer.Typer(no_args_is_help=True, help="Hospital side: check a site, run its daemon.")
+provision_cli = typer.Typer(no_args_is_help=True, help="CA, SuperLink TLS and site keys.")
+cli.add_typer(site_cli, name="site")
+cli.add_typer(provision_cli, name="provision")
+
+
+@cli.command()
+def demo(
+    task: Annotated[str, typer.Option(help="hippocampus | breastmnist | pneumoniamnist | "
+                                           "adrenalmnist3d")] = "hippocampus",
+    sites: Annotated[int, typer.Option(help="number of SuperNodes (hospitals)")] = 3,
+    rounds: Annotated[int, typer.Option(help="federated rounds")] = 5,
+    local_epochs: Annotated[int, typer.Option(help="local epochs per round (0: task default)")] = 0,
+    workdir: Annotated[Path, typer.Option(help="where PKI, logs, state and the run go")] = Path(
+        "runs/demo"),
+    data_dir: Annotated[Path | None, typer.Option(
+        help="shared data folder (default: $FEDPACS_DATA_DIR, then ../shared/data)")] = None,
+    timeout: Annotated[float, typer.Option(help="deadline for the whole run, seconds")] = 1800.0,
+    classification: Annotated[bool, typer.Option(
+        "--classification", help="run the MedMNIST (BreastMNIST) classification task")] = False,
+) -> None:
+    """Run a whole federation on loopback (TLS, authenticated SuperNodes) with real data."""
+    from fedpacs.deploy.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(task="breastmnist" if classification else task, sites=sites,
+                         rounds=rounds, local_epochs=local_epochs, workdir=workdir,
+                         data_dir=data_dir, timeout_s=timeout), echo=typer.echo)
+
+
+@provision_cli.command("init")
+def provision_init(
+    out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
+    site: Annotated[list[str] | None, typer.Option(help="site name (repeat)")] = None,
+    host: Annotated[list[str] | None, typer.Option(
+        help="extra SuperLink host name/IP for the TLS certificate (repeat)")] = None,
+    force: Annotated[bool, typer.Option(help="replace existing keys and certificates")] = False,
+) -> None:
+    """Create the CA, the SuperLink's TLS certificate and one key pair per site."""
+    from fedpacs.deploy.pki import provision
+
+    pki = provision(out, sites=site or [], hosts=host or [], force=force)
+    typer.echo(f"CA {pki.ca_cert}\nSuperLink TLS {pki.server_cert} / {pki.server_key}")
+    for name in pki.site_names():
+        keys = pki.site(name)
+        typer.echo(f"site {name}: private {keys.private_key} (give to the site only), "
+                   f"public {keys.public_key} (register at the SuperLink)")
+
+
+@provision_cli.command("add-site")
+def provision_add_site(
+    name: Annotated[str, typer.Argument(help="site name, e.g. hospital-d")],
+    out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
+) -> None:
+    """Create a key pair for one more site, leaving the others untouched."""
+    from fedpacs.deploy.pki import Pki, create_site_key
+
+    keys = create_site_key(Pki(out), name)
+    typer.echo(f"site {name}: private {keys.private_key}, public {keys.public_key}")
+
+
+@site_cli.command("check")
+def site_check(
+    config: Annotated[Path | None, typer.Option(
+        help="site TOML (default: $FEDPACS_SITE_CONFIG)")] = None,
+) -> None:
+    """Validate a site config and count the samples it would train on."""
+    from fedpacs.client.daemon import check_site
+
+    s = check_site(config)
+    typer.echo(f"site {s.site.name}: task {s.site.task}, {s.train} training and {s.val} "
+               f"validation samples from {s.site.data.root}")
+    for path, reason in s.skipped:
+        typer.echo(f"  skipped {path}: {reason}")
+
+
+@site_cli.command("start")
+def site_start(
+    superlink: Annotated[str, typer.Option(help="SuperLink Fleet address host:port")],
+    root_certificates: Annotated[Path, typer.Option(help="federation CA (ca.pem)")],
+    auth_key: Annotated[Path, typer.Option(help="this site's private key (NAME.key)")],
+    config: Annotated[Path | None, typer.Option(
+        help="site TOML (default: $FEDPACS_SITE_CONFIG)")] = None,
+    runtime_port: Annotated[int, typer.Option(help="local SuperNode runtime port")] = 9094,
+) -> None:
+    """Validate the site config, then run this hospital's SuperNode (the site daemon)."""
+    from fedpacs.client.daemon import DaemonOptions, run_daemon
+
+    code = run_daemon(DaemonOptions(config=config, superlink=superlink,
+                                    root_certificates=root_certificates, auth_key=auth_key,
+                                    runtime_port=runtime_port))
+    raise typer.Exit(code)
+
+
+@cli.command("exit-codes")
+def exit_codes() -> None:
+    """List every exit code with its meaning."""
+    for code, text in EXIT_CODES.items():
+        typer.echo(f"{int(code):4d}  {code.name:<12} {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning fedpacs errors into messages and exit codes."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cli(args=argv, standalone_mode=False)
+    except FedpacsError as err:
+        typer.echo(f"error: {err}", err=True)
+        return int(err.code)
+    except typer.Exit as ex:
+        return int(ex.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; child processes stopped", err=True)
+        return int(ExitCode.INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        return int(ExitCode.USAGE)
+    except click.exceptions.Abort:
+        return int(ExitCode.INTERRUPTED)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+def entry() -> None:
+    """Console-script entry: exits with main()'s code."""
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Child processes with log files, deadlines and teardown by process group.
+
+Every wait here has a deadline; every process is started in its own session so that
+stopping it also stops what it spawned (SuperExec, ServerApp, ClientApp processes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedpacs.common.errors import DeadlineError, ProcessError
+
+FLWR_QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def tool(name: str) -> str:
+    """Path of a console script installed beside this Python (flower-superlink, flwr, ...)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(FLWR_QUIET_ENV)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(what: str, check: Callable[[], bool], *, timeout_s: float,
+               interval_s: float = 0.25, alive: Callable[[], None] | None = None) -> None:
+    """Poll ``check`` until it is true; raise DeadlineError after ``timeout_s``.
+
+    ``alive`` is called on every poll and may raise (e.g. ProcessError when a child died).
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if alive is not None:
+            alive()
+        if check():
+            return
+        if time.monotonic() >= deadline:
+            raise DeadlineError(f"{what} did not happen within {timeout_s:.0f}s")
+        time.sleep(interval_s)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+
+@dataclass
+class ProcessSet:
+    """The processes of one local federation; stop_all() tears all of them down."""
+
+    log_dir: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], *, env: dict[str, str],
+              cwd: Path | None = None) -> Proc:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("ab") as log:
+            popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=cwd, start_new_session=True, stdin=subprocess.DEVNULL)
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def check_alive(self, names: list[str] | None = None) -> None:
+        for p in self.procs:
+            if (names is None or p.name in names) and not p.running():
+                raise ProcessError(
+                    f"{p.name} (pid {p.pid}) exited with code {p.popen.returncode}; "
+                    f"log {p.log_path}:\n{tail(p.log_path)}")
+
+    def stop(self, proc: Proc, *, grace_s: float = 10.0) -> None:
+        if proc.running():
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                proc.popen.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+                proc.popen.wait(timeout=grace_s)
+        # children that outlived their leader
+        _signal_group(proc.pid, signal.SIGKILL)
+
+    def stop_all(self, *, grace_s: float = 10.0) -> None:
+        for p in reversed(self.procs):
+            self.stop(p, grace_s=grace_s)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,1 @@
+"""The aggregation side: the Flower ServerApp, run directories, coordinator and registry."""

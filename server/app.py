@@ -1,0 +1,94 @@
+"""The Flower ServerApp (``fedpacs.server.app:app``): FedAvg over the sites, with a
+checkpoint and metrics written after every round and the final model saved for researchers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedpacs.common import wire
+from fedpacs.common.config import RunConfig
+from fedpacs.common.datasets import load_holdout
+from fedpacs.common.engine import evaluate
+from fedpacs.common.models import build_model, pick_device
+from fedpacs.common.tasks import get_task
+from fedpacs.server.recorder import RoundRecorder
+from fedpacs.server.rundir import RunDirectory
+
+log = logging.getLogger("fedpacs.server")
+
+app = ServerApp()
+
+
+def make_strategy(cfg: RunConfig, recorder: RoundRecorder) -> FedAvg:
+    return FedAvg(
+        fraction_train=1.0, fraction_evaluate=1.0,
+        min_train_nodes=cfg.min_sites, min_evaluate_nodes=cfg.min_sites,
+        min_available_nodes=cfg.min_sites, weighted_by_key=wire.NUM_EXAMPLES,
+        arrayrecord_key=wire.ARRAYS_KEY, configrecord_key=wire.CONFIG_KEY,
+        train_metrics_aggr_fn=recorder.aggregate_train,
+        evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
+    )
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> Path:
+    """Run ``cfg.rounds`` rounds of FedAvg on ``grid``; returns the final model's path."""
+    task = get_task(cfg.task)
+    torch.manual_seed(cfg.seed)
+    model = build_model(task, seed=cfg.seed)
+    run_dir = RunDirectory(Path(cfg.run_dir), task=task, config=cfg.to_flat())
+    spec = cfg.eval_spec()
+    holdout = load_holdout(spec, task) if spec else None
+    device = pick_device("auto")
+    recorder = RoundRecorder()
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        wire.load_arrays(model, arrays)
+        record: dict[str, Any] = recorder.flush()
+        server_metrics: dict[str, float] = {}
+        if holdout is not None:
+            server_metrics = evaluate(model, holdout, task=task, device=device)
+            server_metrics["num-examples"] = float(len(holdout))
+            record["heldout"] = server_metrics
+        record["time"] = time.time()
+        run_dir.save_round(server_round, model, record)
+        run_dir.set_status("running", round_=server_round, total=cfg.rounds)
+        log.info("round %d/%d done: %s", server_round, cfg.rounds, server_metrics)
+        return MetricRecord({f"heldout-{k}": float(v) for k, v in server_metrics.items()})
+
+    run_dir.set_status("running", round_=0, total=cfg.rounds)
+    strategy = make_strategy(cfg, recorder)
+    try:
+        result = strategy.start(
+            grid=grid, initial_arrays=wire.model_to_arrays(model), num_rounds=cfg.rounds,
+            timeout=cfg.round_timeout_s, train_config=ConfigRecord(cfg.site_view()),
+            evaluate_config=ConfigRecord(cfg.site_view()), evaluate_fn=end_of_round,
+        )
+    except BaseException as exc:
+        run_dir.set_status("failed", round_=len(run_dir.rounds) - 1, total=cfg.rounds,
+                           error=type(exc).__name__)
+        raise
+    wire.load_arrays(model, result.arrays)
+    final = run_dir.save_final(model, {
+        "sites": dict(sorted(recorder.site_samples.items())),
+        "num_rounds": cfg.rounds,
+        "strategy": "FedAvg",
+    })
+    run_dir.set_status("finished", round_=cfg.rounds, total=cfg.rounds)
+    return final
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_flat(dict(context.run_config))
+    if not cfg.run_dir:
+        cfg = RunConfig.from_flat({**cfg.to_flat(), "run-dir": str(Path.cwd() / "fedpacs-run")})
+    run_federation(grid, cfg)

@@ -1,0 +1,60 @@
+"""A run directory on the server: per-round checkpoints, metrics and the final model.
+
+Layout::
+
+    RUN_DIR/
+      status.json               state, current round, total rounds (updated every round)
+      metrics.json              every round so far: aggregated + per-site + held-out metrics
+      rounds/round-NNN/model.pt global weights after round NNN (000 = initial)
+      rounds/round-NNN/metrics.json
+      final/model.pt            the global model; load with fedpacs.load_model(path)
+      final/model_card.json     task, network, config, sites, metrics, hashes
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from fedpacs.common.artifacts import save_model, write_json
+from fedpacs.common.tasks import TaskConfig
+
+
+@dataclass
+class RunDirectory:
+    root: Path
+    task: TaskConfig
+    config: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def set_status(self, state: str, *, round_: int, total: int, error: str = "") -> None:
+        write_json(self.root / "status.json", {
+            "state": state, "round": round_, "rounds": total, "error": error,
+            "updated": time.time(), "started": self.started})
+
+    def save_round(self, round_: int, model: nn.Module, record: dict[str, Any]) -> str:
+        folder = self.root / "rounds" / f"round-{round_:03d}"
+        digest = save_model(folder / "model.pt", model=model, task=self.task,
+                            card={"round": round_, "metrics": record, "config": self.config})
+        record = {**record, "round": round_, "model_sha256": digest}
+        write_json(folder / "metrics.json", record)
+        self.rounds.append(record)
+        write_json(self.root / "metrics.json", {"task": self.task.to_dict(), "rounds": self.rounds})
+        return digest
+
+    def save_final(self, model: nn.Module, card: dict[str, Any]) -> Path:
+        path = self.root / "final" / "model.pt"
+        full = {**card, "task": self.task.to_dict(), "config": self.config, "rounds": self.rounds,
+                "created": time.time()}
+        digest = save_model(path, model=model, task=self.task, card=full)
+        write_json(self.root / "final" / "model_card.json",
+                   {**full, "files": {"model.pt": {"sha256": digest}}})
+        return path

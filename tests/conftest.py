@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("FEDPACS_DATA_DIR")
+    d = Path(env) if env else REPO.parent / "shared" / "data"
+    if not d.is_dir():
+        raise RuntimeError(f"shared data not found at {d}; set FEDPACS_DATA_DIR")
+    return d
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return shared_data_dir()
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hermetic tests: no fedpacs settings leak in from the caller's environment."""
+    for key in list(os.environ):
+        if key.startswith("FEDPACS_") and key != "FEDPACS_DATA_DIR":
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")

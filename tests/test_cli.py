@@ -1,0 +1,52 @@
+"""CLI in-process: errors name the field and the fix, and exit with registered codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedpacs.common.errors import EXIT_CODES, ExitCode, describe
+from fedpacs.deploy.cli import main
+
+
+def test_every_exit_code_has_help() -> None:
+    assert set(EXIT_CODES) == set(ExitCode)
+    assert all(len(describe(c)) > 10 for c in ExitCode)
+
+
+def test_exit_codes_command(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["exit-codes"]) == 0
+    out = capsys.readouterr().out
+    assert "CONFIG" in out and "TIMEOUT" in out
+
+
+def test_site_check_ok(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "s.toml"
+    p.write_text(f'[site]\nname = "h"\ntask = "breastmnist"\n[data]\nformat = "medmnist"\n'
+                 f'root = "{data_dir}/medmnist_breast/breastmnist.npz"\n')
+    assert main(["site", "check", "--config", str(p)]) == 0
+    assert "546 training and 78 validation samples" in capsys.readouterr().out
+
+
+def test_bad_site_config_stops_the_daemon(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "s.toml"
+    p.write_text('[site]\nname = "h"\ntask = "segment-everything"\n[data]\nformat = "nifti"\n'
+                 'root = "/missing/hippocampus"\n')
+    code = main(["site", "start", "--config", str(p), "--superlink", "127.0.0.1:1",
+                 "--root-certificates", str(p), "--auth-key", str(p)])
+    err = capsys.readouterr().err
+    assert code == ExitCode.CONFIG
+    assert "site.task" in err and "data.root" in err and "/missing/hippocampus" in err
+    assert "Fix:" in err
+
+
+def test_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--sites", "many"]) == ExitCode.USAGE
+
+
+def test_provision_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["provision", "init", "--dir", str(tmp_path), "--site", "site-a"]) == 0
+    assert main(["provision", "add-site", "site-b", "--dir", str(tmp_path)]) == 0
+    assert (tmp_path / "sites" / "site-b" / "site-b.pub").is_file()

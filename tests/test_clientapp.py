@@ -1,0 +1,72 @@
+"""The ClientApp on real records: a bad site config gives an error reply with a code only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedpacs.client.app import handle
+from fedpacs.client.trainer import evaluate_round, train_round
+from fedpacs.common import wire
+from fedpacs.common.config import RunConfig
+from fedpacs.common.errors import ExitCode
+from fedpacs.common.models import build_model
+from fedpacs.common.tasks import TASK_PRESETS
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are built as inside a Flower task process (which sets these)."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _message(task: str) -> Message:
+    model = build_model(TASK_PRESETS[task])
+    cfg = ConfigRecord({**RunConfig(task=task, local_epochs=1, batch_size=64).site_view(),
+                        "server-round": 1})
+    content = RecordDict({"arrays": wire.model_to_arrays(model), "config": cfg})
+    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def _context(site_config: str) -> Context:
+    return Context(run_id=1, node_id=1, node_config={"site-config": site_config},
+                   state=RecordDict(), run_config={})
+
+
+def _site(tmp_path: Path, data_dir: Path, task: str = "breastmnist") -> Path:
+    p = tmp_path / "site.toml"
+    p.write_text(f'[site]\nname = "site-x"\ntask = "{task}"\n[data]\nformat = "medmnist"\n'
+                 f'root = "{data_dir}/medmnist_breast/breastmnist.npz"\npartition = 0\n'
+                 f"num_partitions = 4\n[compute]\nthreads = 1\n")
+    return p
+
+
+def test_train_and_evaluate_reply(tmp_path: Path, data_dir: Path) -> None:
+    site = _site(tmp_path, data_dir)
+    reply = handle(_message("breastmnist"), _context(str(site)), train_round)
+    assert not reply.has_error()
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 137  # 546 train images / 4 partitions, partition 0
+    assert reply.content["site"]["name"] == "site-x"
+    model = build_model(TASK_PRESETS["breastmnist"])
+    wire.load_arrays(model, reply.content["arrays"])  # a well-formed update
+    ev = handle(_message("breastmnist"), _context(str(site)), evaluate_round)
+    assert ev.content["metrics"]["num-examples"] == 20  # 78 val / 4 -> 20,20,19,19
+    assert 0.0 <= ev.content["metrics"]["val-accuracy"] <= 1.0
+
+
+def test_wrong_task_and_missing_config_reply_with_codes_only(tmp_path: Path,
+                                                             data_dir: Path) -> None:
+    site = _site(tmp_path, data_dir)
+    reply = handle(_message("hippocampus"), _context(str(site)), train_round)
+    assert reply.has_error() and reply.error.code == ExitCode.CONFIG
+    assert str(tmp_path) not in reply.error.reason  # no site paths leave the site
+    missing = handle(_message("breastmnist"), _context(str(tmp_path / "nope.toml")), train_round)
+    assert missing.has_error() and missing.error.code == ExitCode.CONFIG
+    assert "nope.toml" not in missing.error.reason

@@ -1,0 +1,80 @@
+"""Config errors name the field, what was expected, what was received and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedpacs.common.config import RunConfig, load_site_config
+from fedpacs.common.errors import ConfigError
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "site.toml"
+    p.write_text(body)
+    return p
+
+
+def test_valid_site_config_relative_root(tmp_path: Path, data_dir: Path) -> None:
+    (tmp_path / "data").symlink_to(data_dir / "medmnist_breast")
+    p = _write(tmp_path, '[site]\nname = "h-a"\ntask = "breastmnist"\n[data]\nformat = '
+               '"medmnist"\nroot = "data/breastmnist.npz"\npartition = 1\nnum_partitions = 2\n')
+    cfg = load_site_config(p)
+    assert cfg.data.root == (tmp_path / "data" / "breastmnist.npz").resolve()
+    assert cfg.data.partition == 1 and cfg.compute.device == "auto"
+
+
+def test_missing_path_and_wrong_task_reported_together(tmp_path: Path) -> None:
+    p = _write(tmp_path, '[site]\nname = "h-a"\ntask = "brain-tumour"\n[data]\nformat = '
+               '"nifti"\nroot = "/nope/hippo"\npartition = 3\nnum_partitions = 3\n')
+    with pytest.raises(ConfigError) as exc:
+        load_site_config(p)
+    fields = {e.field for e in exc.value.errors}
+    assert {"site.task", "data.root", "data.partition"} <= fields
+    text = str(exc.value)
+    assert "/nope/hippo" in text and "hippocampus" in text and "Fix:" in text
+    assert str(p) in text
+
+
+def test_unknown_key_and_bad_types(tmp_path: Path) -> None:
+    p = _write(tmp_path, '[site]\nname = ""\ntask = "hippocampus"\ncolour = 1\n[data]\n'
+               'format = "dicom"\nroot = 5\n[compute]\nthreads = -1\ndevice = "tpu"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_site_config(p)
+    fields = {e.field for e in exc.value.errors}
+    assert {"site.colour", "site.name", "data.format", "data.root", "compute.threads",
+            "compute.device"} <= fields
+
+
+def test_toml_syntax_error_names_file(tmp_path: Path) -> None:
+    p = _write(tmp_path, "[site\nname=")
+    with pytest.raises(ConfigError) as exc:
+        load_site_config(p)
+    assert str(p) in str(exc.value) and "valid TOML" in str(exc.value)
+
+
+def test_no_config_given_says_how(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_site_config(None)
+    assert "FEDPACS_SITE_CONFIG" in str(exc.value) and "--node-config" in str(exc.value)
+
+
+def test_env_is_used_when_no_flag(tmp_path: Path, data_dir: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _write(tmp_path, f'[site]\nname = "h"\ntask = "breastmnist"\n[data]\nformat = '
+               f'"medmnist"\nroot = "{data_dir}/medmnist_breast/breastmnist.npz"\n')
+    monkeypatch.setenv("FEDPACS_SITE_CONFIG", str(p))
+    assert load_site_config(None).name == "h"
+
+
+def test_run_config_round_trip_and_errors() -> None:
+    cfg = RunConfig(task="breastmnist", rounds=2)
+    assert RunConfig.from_flat(cfg.to_flat()) == cfg
+    with pytest.raises(ConfigError) as exc:
+        RunConfig.from_flat({"rounds": "three", "colour": 1})
+    fields = {e.field for e in exc.value.errors}
+    assert fields == {"rounds", "colour"}
+    with pytest.raises(ConfigError) as exc:
+        RunConfig.from_flat({"rounds": 0, "task": "x", "lr": -1.0})
+    assert {e.field for e in exc.value.errors} == {"rounds", "task", "lr"}

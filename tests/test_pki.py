@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from fedpacs.common.errors import ConfigError
+from fedpacs.deploy.pki import Pki, create_site_key, provision
+
+
+def test_provision_creates_verifiable_tls_and_site_keys(tmp_path: Path) -> None:
+    pki = provision(tmp_path / "pki", sites=["site-a", "site-b"])
+    ca = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(pki.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    for name in ("site-a", "site-b"):
+        keys = pki.site(name)
+        priv = load_ssh_private_key(keys.private_key.read_bytes(), password=None)
+        pub = load_ssh_public_key(keys.public_key.read_bytes())
+        assert isinstance(priv, ec.EllipticCurvePrivateKey) and priv.curve.name == "secp384r1"
+        assert priv.public_key().public_numbers() == pub.public_numbers()  # type: ignore[union-attr]
+        assert keys.private_key.stat().st_mode & 0o077 == 0  # private: owner only
+        assert keys.ca_cert.read_bytes() == pki.ca_cert.read_bytes()
+    assert pki.site_names() == ["site-a", "site-b"]
+
+
+def test_rerun_keeps_keys_and_add_site_touches_no_other(tmp_path: Path) -> None:
+    pki = provision(tmp_path, sites=["site-a"])
+    before = pki.site("site-a").private_key.read_bytes()
+    ca_before = pki.ca_cert.read_bytes()
+    provision(tmp_path, sites=["site-a"])
+    create_site_key(Pki(tmp_path), "site-c")
+    assert pki.site("site-a").private_key.read_bytes() == before
+    assert pki.ca_cert.read_bytes() == ca_before
+    assert pki.site_names() == ["site-a", "site-c"]
+
+
+def test_bad_site_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        provision(tmp_path, sites=["Site A/../x"])
+    assert "lower-case" in str(exc.value)

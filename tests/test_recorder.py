@@ -1,0 +1,27 @@
+"""The server's per-site recorder uses FedAvg's weighted mean: check it by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedpacs.server.recorder import RoundRecorder
+
+
+def _reply(name: str, n: int, loss: float) -> RecordDict:
+    return RecordDict({"metrics": MetricRecord({"num-examples": n, "train-loss": loss}),
+                       "site": ConfigRecord({"name": name})})
+
+
+def test_weighted_mean_and_per_site_values() -> None:
+    rec = RoundRecorder()
+    agg = rec.aggregate_train([_reply("a", 10, 1.0), _reply("b", 30, 3.0)], "num-examples")
+    # (10*1 + 30*3) / 40 = 2.5
+    assert agg["train-loss"] == pytest.approx(2.5)
+    assert agg["train-loss"] == pytest.approx(np.average([1.0, 3.0], weights=[10, 30]))
+    out = rec.flush()
+    assert out["train_sites"] == {"a": {"num-examples": 10, "train-loss": 1.0},
+                                  "b": {"num-examples": 30, "train-loss": 3.0}}
+    assert rec.site_samples == {"a": 10, "b": 30}
+    assert rec.flush() == {}
