@@ -24,7 +24,9 @@ demo-classification: setup
 	$(VENV)/bin/fedpacs demo --classification --sites 3 --rounds 3 --workdir runs/demo-breast
 
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy common server client deploy
+	$(VENV)/bin/pytest -q --cov=fedpacs --cov-report=term:skip-covered
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -77,11 +77,11 @@ def load_data(site: SiteConfig, task: TaskConfig) -> SiteData:
 
 def train_round(site: SiteConfig, content: RecordDict) -> RecordDict:
     """Load the global model from ``content``, train locally, reply with the new weights."""
-    ins = RoundInstructions.from_record(content[wire.CONFIG_KEY])  # type: ignore[arg-type]
+    ins = RoundInstructions.from_record(content.config_records[wire.CONFIG_KEY])
     task, device = prepare(site, ins.task)
     data = load_data(site, task)
     model = build_model(task)
-    wire.load_arrays(model, content[wire.ARRAYS_KEY])  # type: ignore[arg-type]
+    wire.load_arrays(model, content.array_records[wire.ARRAYS_KEY])
     seed = ins.seed * 1_000_003 + ins.server_round * 101 + site.data.partition
     res = train(model, data.train, task=task, device=device, seed=seed, params=TrainParams(
         epochs=ins.local_epochs, batch_size=ins.batch_size, lr=ins.lr,
@@ -97,11 +97,11 @@ def train_round(site: SiteConfig, content: RecordDict) -> RecordDict:
 
 def evaluate_round(site: SiteConfig, content: RecordDict) -> RecordDict:
     """Evaluate the global model in ``content`` on the site's validation split."""
-    ins = RoundInstructions.from_record(content[wire.CONFIG_KEY])  # type: ignore[arg-type]
+    ins = RoundInstructions.from_record(content.config_records[wire.CONFIG_KEY])
     task, device = prepare(site, ins.task)
     data = load_data(site, task)
     model = build_model(task)
-    wire.load_arrays(model, content[wire.ARRAYS_KEY])  # type: ignore[arg-type]
+    wire.load_arrays(model, content.array_records[wire.ARRAYS_KEY])
     values = evaluate(model, data.val, task=task, device=device)
     log.info("site %s round %d: evaluated on %d samples: %s", site.name, ins.server_round,
              len(data.val), values)

@@ -207,8 +207,9 @@ class RunConfig:
         for key, v in flat.items():
             name = key.replace("-", "_")
             if name not in known:
-                errs.append(FieldError(key, f"one of {', '.join(k.replace('_', '-') for k in known)}",
-                                       repr(key), "remove or rename the key"))
+                names = ", ".join(k.replace("_", "-") for k in known)
+                errs.append(FieldError(key, f"one of {names}", repr(key),
+                                       "remove or rename the key"))
                 continue
             default = known[name].default
             if isinstance(default, bool):
@@ -257,6 +258,6 @@ class RunConfig:
     def eval_spec(self) -> DataSpec | None:
         if not self.eval_format:
             return None
-        return DataSpec(format=self.eval_format,  # type: ignore[arg-type]
+        return DataSpec(format=self.eval_format,  # type: ignore[arg-type,unused-ignore]
                         root=Path(self.eval_root), holdout_fraction=self.eval_holdout_fraction,
                         seed=self.eval_seed)

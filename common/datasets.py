@@ -141,7 +141,7 @@ def read_nifti(path: Path) -> np.ndarray:
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        return np.asarray(nib.load(str(path)).dataobj)
+        return np.asarray(nib.load(str(path)).dataobj)  # type: ignore[attr-defined]
     except (OSError, ValueError, EOFError, ImageFileError, zlib.error) as exc:
         raise DataError(str(path), f"not a readable NIfTI file ({type(exc).__name__}: {exc})",
                         "re-export the volume or remove it from the folder") from exc
@@ -158,8 +158,9 @@ def _nifti_arrays(cases: list[NiftiCase], task: TaskConfig
                 raise DataError(str(case.image), f"{img.ndim}D image, task needs "
                                 f"{task.spatial_dims}D", "use data matching the task")
             if lab is None or lab.shape != img.shape:
-                raise DataError(str(case.label), f"label shape {None if lab is None else lab.shape}"
-                                f" != image shape {img.shape}", "re-export the mask on the image grid")
+                got = None if lab is None else lab.shape
+                raise DataError(str(case.label), f"label shape {got} != image shape {img.shape}",
+                                "re-export the mask on the image grid")
             if lab.min() < 0 or lab.max() >= task.num_classes:
                 raise DataError(str(case.label), f"label values {int(lab.min())}..{int(lab.max())}"
                                 f" outside 0..{task.num_classes - 1}",

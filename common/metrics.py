@@ -25,6 +25,7 @@ def dice_per_class(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -
     p = one_hot(pred.long(), num_classes=num_classes)
     t = one_hot(target.long(), num_classes=num_classes)
     per_sample = metric(p, t)  # (B, C-1)
+    assert isinstance(per_sample, torch.Tensor)
     values = per_sample.detach().cpu().numpy().astype(np.float64)
     # monai gives 1.0 when both are empty with ignore_empty=False: keep that convention
     return np.nanmean(values, axis=0) if values.size else np.full(num_classes - 1, np.nan)
@@ -51,9 +52,9 @@ def auc(probs: np.ndarray, labels: np.ndarray) -> float:
     y_pred = torch.as_tensor(probs, dtype=torch.float64)
     y = torch.as_tensor(labels, dtype=torch.long)
     if num_classes == 2:
-        return float(compute_roc_auc(y_pred[:, 1], y))
+        return float(compute_roc_auc(y_pred[:, 1], y))  # type: ignore[arg-type]
     y_onehot = torch.nn.functional.one_hot(y, num_classes=num_classes)
-    return float(compute_roc_auc(y_pred, y_onehot, average="macro"))
+    return float(compute_roc_auc(y_pred, y_onehot, average="macro"))  # type: ignore[arg-type]
 
 
 def sensitivity_specificity(probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

@@ -18,7 +18,6 @@ from typing import Any
 
 from fedpacs.common.config import RunConfig, load_site_config
 from fedpacs.common.errors import ConfigError, DeadlineError, FieldError, ProcessError
-from fedpacs.common.tasks import TASK_PRESETS
 from fedpacs.deploy.federation import LocalFederation, Timeouts, write_app
 from fedpacs.deploy.pki import provision
 
@@ -140,7 +139,7 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoR
     data = resolve_data_dir(opts.data_dir) / td.relpath
     work = opts.workdir.resolve()
     names = site_names(opts.sites)
-    run_dir = work / "run"
+    run_dir = work / "runs" / time.strftime("%Y%m%d-%H%M%S")
     cfg = RunConfig(task=opts.task, rounds=opts.rounds,
                     local_epochs=opts.local_epochs or td.local_epochs, batch_size=td.batch_size,
                     lr=td.lr, min_sites=opts.sites, seed=opts.seed, run_dir=str(run_dir),
@@ -151,6 +150,9 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoR
     site_files = write_site_configs(work / "sites", task=opts.task, data=data, fmt=td.format,
                                     names=names, threads=opts.threads_per_site, seed=opts.seed)
     pki = provision(work / "pki", sites=names)
+    # each demo is a fresh federation: earlier node registrations and runs are not carried over
+    for stale in ("superlink.db", "superlink.db-wal", "superlink.db-shm"):
+        (work / "state" / stale).unlink(missing_ok=True)
     echo(f"fedpacs demo: {opts.task}, {opts.sites} sites, {opts.rounds} rounds, data {data}")
     echo(f"  workdir {work} (logs in {work / 'logs'})")
     t0 = time.monotonic()
@@ -166,9 +168,6 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoR
             echo(f"  SuperNode {name} pid {proc.pid} (site config {sf.name})")
         fed.wait_nodes_online(len(names))
         echo(f"  {len(names)} authenticated SuperNodes online after {time.monotonic() - t0:.0f}s")
-        if run_dir.exists():
-            for stale in ("metrics.json", "status.json"):
-                (run_dir / stale).unlink(missing_ok=True)
         run_id = fed.start_run(write_app(work / "app", cfg))
         echo(f"  run {run_id} started; streaming rounds (held-out = data never given to a site)")
         status, seen, next_status = "pending", 0, 0.0

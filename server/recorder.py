@@ -13,7 +13,7 @@ from fedpacs.common import wire
 
 def site_name(record: RecordDict, index: int) -> str:
     site = record.get(wire.SITE_KEY)
-    name = site.get("name") if site is not None else None  # type: ignore[union-attr]
+    name = site.get("name") if site is not None else None
     return str(name) if name else f"site-{index}"
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpacs.client.app import handle
