@@ -23,6 +23,7 @@ class ExitCode(IntEnum):
     TIMEOUT = 6
     PROCESS = 7
     AUTH = 8
+    PACS = 9
     INTERRUPTED = 130
 
 
@@ -41,6 +42,8 @@ EXIT_CODES: dict[ExitCode, str] = {
     ExitCode.PROCESS: "A child process (SuperLink, SuperNode, flwr) exited unexpectedly; "
     "its log file is named in the message.",
     ExitCode.AUTH: "Authentication failed or a key/certificate is missing or invalid.",
+    ExitCode.PACS: "The PACS could not be reached or refused the association/request; "
+    "check the [pacs] host, port and AE titles and that the PACS knows this site's AE.",
     ExitCode.INTERRUPTED: "Interrupted by the user (Ctrl-C); child processes were stopped.",
 }
 
@@ -124,3 +127,9 @@ class AuthError(FedpacsError):
     """Missing/invalid key material or a refused identity."""
 
     code = ExitCode.AUTH
+
+
+class PacsError(FedpacsError):
+    """The PACS was unreachable or refused a request; names the PACS and the fix."""
+
+    code = ExitCode.PACS
