@@ -5,9 +5,16 @@ PY := $(VENV)/bin/python
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: setup demo demo-classification test lint bench clean
+.PHONY: setup system-deps demo demo-classification test lint bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(VENV)/.installed
+
+# A real PACS for the tests: Debian's Orthanc (+ DICOMweb plugin) and dcmtk.
+system-deps:
+	@command -v Orthanc >/dev/null && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
+	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends orthanc orthanc-dicomweb dcmtk )
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,7 +30,7 @@ demo: setup
 demo-classification: setup
 	$(VENV)/bin/fedpacs demo --classification --sites 3 --rounds 3 --workdir runs/demo-breast
 
-test: setup
+test: setup system-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy common server client deploy
 	$(VENV)/bin/pytest -q --cov=fedpacs --cov-report=term:skip-covered
@@ -31,8 +38,9 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-bench: setup
+bench: setup system-deps
 	$(PY) bench/train_step.py
+	$(PY) bench/ingest.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -61,13 +61,29 @@ def read_instance(path: Path) -> Dataset:
         ds = pydicom.dcmread(path)
     except InvalidDicomError as exc:
         raise DataError(str(path), "not a DICOM file (no DICM preamble/meta)",
-                        "remove it from the series or re-export it") from exc
-    except (OSError, EOFError, ValueError, KeyError) as exc:
+                        "remove it from the series or re-export it", kind="not-dicom") from exc
+    except (OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
         raise DataError(str(path), f"unreadable DICOM ({type(exc).__name__})",
-                        "retrieve the instance again") from exc
+                        "retrieve the instance again", kind="unreadable") from exc
     if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise DataError(str(path), "no pixel data", "only image instances can be converted")
+        raise DataError(str(path), "no pixel data", "only image instances can be converted",
+                        kind="no-pixels")
+    check_pixel_length(ds, path)
     return ds
+
+
+def check_pixel_length(ds: Dataset, path: Path | str) -> None:
+    """A truncated uncompressed instance has fewer pixel bytes than its header promises."""
+    if "PixelData" not in ds or ds.file_meta.get("TransferSyntaxUID") is None \
+            or ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+                * int(ds.BitsAllocated) // 8 * frames)
+    got = len(ds.PixelData)
+    if got < expected:
+        raise DataError(str(path), f"truncated: {got} pixel bytes, header promises {expected}",
+                        "retrieve the instance again", kind="truncated")
 
 
 def modality_lut(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
@@ -192,7 +208,8 @@ def build_volume(paths: list[Path], *, series_uid: str = "",
                                                     * typical):
                 raise DataError(label, f"missing slice(s) between instance {nums[i]} and "
                                 f"{nums[i + 1]}: gap {g:.2f} mm, expected {typical:.2f} mm",
-                                "retrieve the series again; the PACS may hold it incomplete")
+                                "retrieve the series again; the PACS may hold it incomplete",
+                                kind="missing-slices")
         irregular = bool(np.ptp(gaps) > 0.01 * typical + 1e-3)
         dz = typical
     else:
@@ -202,7 +219,8 @@ def build_volume(paths: list[Path], *, series_uid: str = "",
         arr = _resample_along_z(arr, z, dz)
     direction = np.stack([row, col, normal])
     return Volume(
-        array=arr, spacing=(dz, ps[0], ps[1]), origin=tuple(float(v) for v in frames[0][1]),
+        array=arr, spacing=(dz, ps[0], ps[1]),
+        origin=(float(frames[0][1][0]), float(frames[0][1][1]), float(frames[0][1][2])),
         direction=direction, modality=str(first.get("Modality", "")),
         study_uid=str(first.get("StudyInstanceUID", "")),
         series_uid=str(first.get("SeriesInstanceUID", series_uid)),

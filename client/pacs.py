@@ -173,8 +173,8 @@ class DimseTransport:
     def _associate(self, ae: AE, **kw: Any) -> Iterator[Association]:
         assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.called_ae, **kw)
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else \
-                "no answer (connection refused or timed out)"
+            why = ("rejected by the PACS" if assoc.is_rejected else
+                   "not established (connection refused, timed out or aborted)")
             raise PacsError(f"PACS {self.cfg.describe()}: association {why}. Fix: check "
                             "[pacs] host, port, called_ae/calling_ae, and that the PACS is "
                             "running and knows this site's AE title")
@@ -256,7 +256,8 @@ class DimseTransport:
         scp_ae = AE(ae_title=dest)
         scp_ae.network_timeout = self.cfg.timeout_s
         for cx in StoragePresentationContexts:
-            scp_ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+            if cx.abstract_syntax:
+                scp_ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         received = _Receiver(sink)
         try:
             server = scp_ae.start_server(("127.0.0.1" if self.cfg.host in ("127.0.0.1", "localhost")
@@ -266,6 +267,7 @@ class DimseTransport:
             raise PacsError(f"cannot listen for C-MOVE on port {self.cfg.storage_port} "
                             f"({exc.strerror}). Fix: set [pacs] storage_port to a free port "
                             "registered at the PACS for this site's AE") from exc
+        assert server is not None  # block=False returns the running server
         try:
             ae = self._ae()
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)

@@ -38,6 +38,15 @@ class ComputeConfig:
 
 
 @dataclass(frozen=True)
+class IngestConfig:
+    """[pacs] + [cohort]: where the site's studies come from and where they are cached."""
+
+    pacs: Any  # fedpacs.client.pacs.PacsConfig (kept untyped here: common must not import client)
+    cohort: Any  # fedpacs.client.pacs.CohortQuery
+    cache_dir: Path
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """One hospital's site daemon settings."""
 
@@ -46,6 +55,7 @@ class SiteConfig:
     data: DataSpec
     compute: ComputeConfig
     source: str = "<memory>"
+    ingest: IngestConfig | None = None
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -78,7 +88,7 @@ def _check_unknown(sec: dict[str, Any], allowed: set[str], prefix: str,
 def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> SiteConfig:
     """Build a SiteConfig from a parsed TOML mapping; collects all problems before failing."""
     errs: list[FieldError] = []
-    _check_unknown(raw, {"site", "data", "compute", "pacs"}, "", errs)
+    _check_unknown(raw, {"site", "data", "compute", "pacs", "cohort"}, "", errs)
     site = _section(raw, "site", errs)
     data = _section(raw, "data", errs)
     comp = _section(raw, "compute", errs)
@@ -149,6 +159,7 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
                                            or device.startswith("cuda:")):
         errs.append(FieldError("compute.device", "auto, cpu, cuda or cuda:N", _type_name(device),
                                'set device = "auto"'))
+    ingest = parse_ingest(raw, base_dir, errs) if "pacs" in raw else None
     if errs:
         raise ConfigError(source, errs)
     assert root is not None and isinstance(name, str) and isinstance(task, str)
@@ -157,7 +168,67 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
         data=DataSpec(format=fmt, root=root, partition=partition, num_partitions=num_parts,
                       holdout_fraction=holdout, val_fraction=val, seed=seed),
         compute=ComputeConfig(device=str(device), threads=threads), source=source,
+        ingest=ingest,
     )
+
+
+def parse_ingest(raw: dict[str, Any], base_dir: Path, errs: list[FieldError]) -> IngestConfig:
+    """The [pacs] and [cohort] tables; appends problems to ``errs``."""
+    from fedpacs.client.pacs import METHODS, CohortQuery, PacsConfig
+
+    pacs = _section(raw, "pacs", errs)
+    cohort = _section(raw, "cohort", errs)
+    defaults = PacsConfig()
+    allowed = {f.name for f in fields(PacsConfig)} | {"cache_dir"}
+    _check_unknown(pacs, allowed, "pacs.", errs)
+    _check_unknown(cohort, {f.name for f in fields(CohortQuery)}, "cohort.", errs)
+    values: dict[str, Any] = {}
+    for f in fields(PacsConfig):
+        v = pacs.get(f.name, getattr(defaults, f.name))
+        want = type(getattr(defaults, f.name))
+        ok = isinstance(v, want) or (want is float and isinstance(v, int))
+        if isinstance(v, bool) or not ok:
+            errs.append(FieldError(f"pacs.{f.name}", want.__name__, _type_name(v),
+                                   f"set pacs.{f.name} = {getattr(defaults, f.name)!r}"))
+            continue
+        values[f.name] = float(v) if want is float else v
+    if values.get("method") not in METHODS:
+        errs.append(FieldError("pacs.method", f"one of {', '.join(METHODS)}",
+                               _type_name(pacs.get("method")), 'set method = "c-get"'))
+    elif values["method"] == "dicomweb" and not str(values.get("dicomweb_url", "")).startswith(
+            ("http://", "https://")):
+        errs.append(FieldError("pacs.dicomweb_url", "an http(s) URL", _type_name(
+            pacs.get("dicomweb_url")), 'set dicomweb_url = "https://pacs/dicom-web"'))
+    for key in ("port", "storage_port"):
+        if not 0 < int(values.get(key, 1)) < 65536:
+            errs.append(FieldError(f"pacs.{key}", "a TCP port 1..65535", str(values.get(key)),
+                                   "use the port the PACS listens on / this site may use"))
+    for key in ("called_ae", "calling_ae", "move_destination"):
+        ae = str(values.get(key, ""))
+        if len(ae) > 16 or (key != "move_destination" and not ae):
+            errs.append(FieldError(f"pacs.{key}", "an AE title of 1..16 characters", repr(ae),
+                                   "use the AE title configured at the PACS"))
+    uids = cohort.get("study_uids", [])
+    if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
+        errs.append(FieldError("cohort.study_uids", "a list of StudyInstanceUID strings",
+                               _type_name(uids), 'e.g. study_uids = ["1.2.3"]'))
+        uids = []
+    for key in ("date_from", "date_to"):
+        v = cohort.get(key, "")
+        if v and (not isinstance(v, str) or len(v) != 8 or not v.isdigit()):
+            errs.append(FieldError(f"cohort.{key}", "a date YYYYMMDD", _type_name(v),
+                                   f'e.g. {key} = "20200101"'))
+    query = CohortQuery(**{k: str(cohort.get(k, "")) for k in (
+        "modality", "study_description", "series_description", "date_from", "date_to")},
+        study_uids=tuple(uids))
+    cache_raw = str(pacs.get("cache_dir", "pacs-cache"))
+    cache = Path(os.path.expandvars(cache_raw)).expanduser()
+    cache = cache if cache.is_absolute() else (base_dir / cache).resolve()
+    try:
+        pacs_cfg = PacsConfig(**values)
+    except TypeError:
+        pacs_cfg = PacsConfig()
+    return IngestConfig(pacs=pacs_cfg, cohort=query, cache_dir=cache)
 
 
 def load_site_config(path: str | Path | None = None) -> SiteConfig:

@@ -92,10 +92,11 @@ class DataError(FedpacsError):
 
     code = ExitCode.DATA
 
-    def __init__(self, path: str, problem: str, fix: str) -> None:
+    def __init__(self, path: str, problem: str, fix: str, *, kind: str = "invalid-data") -> None:
         self.path = path
         self.problem = problem
         self.fix = fix
+        self.kind = kind  # a short code safe to count and send (e.g. "missing-slices")
         super().__init__(f"{path}: {problem}. Fix: {fix}")
 
 

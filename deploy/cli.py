@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
 
-from fedpacs.common.errors import EXIT_CODES, ExitCode, FedpacsError
+from fedpacs.common.errors import EXIT_CODES, ConfigError, ExitCode, FedpacsError, FieldError
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="fedpacs: federated training across hospitals' PACS.")
@@ -90,6 +91,48 @@ def site_check(
         typer.echo(f"  skipped {path}: {reason}")
 
 
+@site_cli.command("ingest")
+def site_ingest(
+    config: Annotated[Path | None, typer.Option(
+        help="site TOML with [pacs] and [cohort] (default: $FEDPACS_SITE_CONFIG)")] = None,
+    method: Annotated[str | None, typer.Option(
+        help="override pacs.method: c-get | c-move | dicomweb")] = None,
+    from_folder: Annotated[Path | None, typer.Option(
+        help="import DICOM files from this folder instead of querying the PACS")] = None,
+) -> None:
+    """Find the cohort on the PACS, retrieve what the cache lacks, convert to volumes."""
+    from fedpacs.client.ingest import import_folder, ingest
+    from fedpacs.common.config import load_site_config
+
+    site = load_site_config(config)
+    if site.ingest is None:
+        raise ConfigError(site.source, [FieldError(
+            "[pacs]", "a [pacs] table", "nothing",
+            'add [pacs] with method, host, port, called_ae, calling_ae (and [cohort])')])
+    cfg = site.ingest
+    pacs = replace(cfg.pacs, method=method) if method else cfg.pacs
+    with typer.progressbar(length=1000, label="ingest") as bar:
+        state = {"done": 0}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            target = int(1000 * done / max(total, 1))
+            bar.label = f"{stage:8s}"
+            bar.update(max(0, target - state["done"]))
+            state["done"] = max(state["done"], target)
+
+        if from_folder:
+            summary = import_folder(from_folder, cfg.cache_dir, progress=progress)
+        else:
+            summary = ingest(pacs, cfg.cohort, cfg.cache_dir, progress=progress)
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"cache {cfg.cache_dir}")
+    if any(s.kind == "pacs-unreachable" for s in summary.skipped):
+        raise typer.Exit(int(ExitCode.PACS))
+    if summary.skipped:
+        raise typer.Exit(int(ExitCode.DATA))
+
+
 @site_cli.command("start")
 def site_start(
     superlink: Annotated[str, typer.Option(help="SuperLink Fleet address host:port")],
@@ -119,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning fedpacs errors into messages and exit codes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        cli(args=argv, standalone_mode=False)
+        rv = cli(args=argv, standalone_mode=False)
+        if isinstance(rv, int):  # typer.Exit(code) inside a command, in non-standalone mode
+            return rv
     except FedpacsError as err:
         typer.echo(f"error: {err}", err=True)
         return int(err.code)

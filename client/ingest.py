@@ -1,0 +1,256 @@
+"""PACS -> local cache -> volumes: the site's ingest, with a summary of what happened.
+
+The cache is keyed by SOP Instance UID (``instances/<study>/<series>/<sop>.dcm``), each
+file written atomically after it was read back and checked, so a second ingest downloads
+nothing new and a failed transfer never leaves a corrupt file. Converted series go to
+``volumes/<series>.npz`` with their geometry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from fedpacs.client.dicom import Volume, build_volume, check_pixel_length
+from fedpacs.client.pacs import CohortQuery, PacsConfig, SeriesRef, Transport, make_transport
+from fedpacs.common.errors import DataError, PacsError
+
+log = logging.getLogger("fedpacs.ingest")
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    item: str  # file, series or PACS (local only: never sent to the server)
+    kind: str  # short code, safe to count and report centrally
+    reason: str
+
+
+@dataclass
+class IngestSummary:
+    studies_found: int = 0
+    series_found: int = 0
+    instances_found: int = 0
+    retrieved: int = 0
+    already_cached: int = 0
+    converted: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def counts(self) -> dict[str, int]:
+        """Counts and codes only: what may leave the site."""
+        out = {k: v for k, v in self.__dict__.items() if isinstance(v, int)}
+        out.update({f"skipped-{k}": n for k, n in Counter(s.kind for s in self.skipped).items()})
+        return out
+
+    def lines(self) -> list[str]:
+        out = [f"studies found {self.studies_found}, series {self.series_found}, instances "
+               f"{self.instances_found}; retrieved {self.retrieved}, already cached "
+               f"{self.already_cached}; series converted {self.converted}; skipped "
+               f"{len(self.skipped)} ({self.seconds:.1f}s)"]
+        out += [f"  skipped [{s.kind}] {s.item}: {s.reason}" for s in self.skipped]
+        return out
+
+
+class InstanceCache:
+    """Instances by SOP Instance UID, plus converted volumes, under one folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "instances").mkdir(parents=True, exist_ok=True)
+        (root / "volumes").mkdir(parents=True, exist_ok=True)
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return self.root / "instances" / _safe(study_uid) / _safe(series_uid)
+
+    def path(self, s: SeriesRef, sop_uid: str) -> Path:
+        return self.series_dir(s.study_uid, s.series_uid) / f"{_safe(sop_uid)}.dcm"
+
+    def has(self, s: SeriesRef, sop_uid: str) -> bool:
+        return self.path(s, sop_uid).is_file()
+
+    def files(self, s: SeriesRef) -> list[Path]:
+        return sorted(self.series_dir(s.study_uid, s.series_uid).glob("*.dcm"))
+
+    def store(self, data: bytes, *, expect_sop: str = "", source: str = "") -> SeriesRef:
+        """Check an instance (readable, complete, right UID) and write it atomically."""
+        label = source or expect_sop or "instance"
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data))
+        except InvalidDicomError as exc:
+            raise DataError(label, "not a DICOM file", "check the source", kind="not-dicom"
+                            ) from exc
+        except (OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
+            raise DataError(label, f"unreadable DICOM ({type(exc).__name__})",
+                            "retrieve it again", kind="unreadable") from exc
+        for tag in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            if not ds.get(tag):
+                raise DataError(label, f"no {tag}", "only complete instances can be cached",
+                                kind="unreadable")
+        if expect_sop and str(ds.SOPInstanceUID) != expect_sop:
+            raise DataError(label, f"SOP Instance UID {ds.SOPInstanceUID} != requested "
+                            f"{expect_sop}", "report this PACS answer", kind="unreadable")
+        check_pixel_length(ds, label)
+        ref = SeriesRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                        str(ds.get("Modality", "")), str(ds.get("SeriesDescription", "")))
+        dest = self.path(ref, str(ds.SOPInstanceUID))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(dest)
+        return ref
+
+    def volume_path(self, series_uid: str) -> Path:
+        return self.root / "volumes" / f"{_safe(series_uid)}.npz"
+
+    def save_volume(self, vol: Volume, fingerprint: str) -> Path:
+        dest = self.volume_path(vol.series_uid)
+        meta = {"modality": vol.modality, "study_uid": vol.study_uid,
+                "series_uid": vol.series_uid, "series_description": vol.series_description,
+                "irregular_spacing": vol.irregular_spacing, "fingerprint": fingerprint,
+                "num_instances": len(vol.source_files)}
+        tmp = dest.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, array=vol.array, spacing=np.array(vol.spacing),
+                            origin=np.array(vol.origin), direction=vol.direction,
+                            meta=np.array(json.dumps(meta)))
+        tmp.replace(dest)
+        return dest
+
+    def volume_fingerprint(self, series_uid: str) -> str:
+        p = self.volume_path(series_uid)
+        if not p.is_file():
+            return ""
+        with np.load(p) as z:
+            return str(json.loads(str(z["meta"])).get("fingerprint", ""))
+
+
+def load_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """A converted volume and its metadata (spacing, origin, direction, UIDs)."""
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        meta.update(spacing=tuple(z["spacing"].tolist()), origin=tuple(z["origin"].tolist()),
+                    direction=z["direction"])
+        return z["array"], meta
+
+
+def _safe(uid: str) -> str:
+    return "".join(c for c in uid if c.isdigit() or c == ".") or hashlib.sha1(
+        uid.encode()).hexdigest()
+
+
+def _fingerprint(files: list[Path]) -> str:
+    return hashlib.sha256("\n".join(p.name for p in files).encode()).hexdigest()[:16]
+
+
+def convert_series(cache: InstanceCache, s: SeriesRef, summary: IngestSummary) -> None:
+    files = cache.files(s)
+    if not files:
+        return
+    fp = _fingerprint(files)
+    if cache.volume_fingerprint(s.series_uid) == fp:
+        summary.converted += 1
+        return
+    try:
+        vol = build_volume(files, series_uid=s.series_uid)
+    except DataError as err:
+        summary.skipped.append(Skipped(err.path, err.kind, err.problem))
+        return
+    cache.save_volume(vol, fp)
+    summary.converted += 1
+
+
+def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
+           transport: Transport | None = None, convert: bool = True,
+           progress: Progress | None = None) -> IngestSummary:
+    """Find the cohort on the PACS, fetch what the cache lacks, convert each series."""
+    t0 = time.monotonic()
+    summary = IngestSummary()
+    cache = InstanceCache(cache_dir)
+    tr = transport or make_transport(pacs)
+    try:
+        series = tr.find_series(query)
+    except PacsError as err:
+        summary.skipped.append(Skipped(pacs.describe(), "pacs-unreachable", str(err)))
+        summary.seconds = time.monotonic() - t0
+        return summary
+    summary.series_found = len(series)
+    summary.studies_found = len({s.study_uid for s in series})
+    for i, s in enumerate(series):
+        if progress:
+            progress("retrieve", i, len(series))
+        try:
+            sops = tr.find_instances(s)
+            summary.instances_found += len(sops)
+            missing = [u for u in sops if not cache.has(s, u)]
+            summary.already_cached += len(sops) - len(missing)
+            if missing:
+                bad: list[Skipped] = []
+
+                def sink(data: bytes, sop: str, bad: list[Skipped] = bad,
+                         series_uid: str = s.series_uid) -> None:
+                    try:
+                        cache.store(data, expect_sop=sop, source=f"{series_uid}/{sop}")
+                    except DataError as err:
+                        bad.append(Skipped(err.path, err.kind, err.problem))
+
+                got = tr.retrieve(s, None if len(missing) == len(sops) else missing, sink)
+                summary.skipped.extend(bad)
+                summary.retrieved += got - len(bad)
+                still = [u for u in missing if not cache.has(s, u)]
+                if still:
+                    summary.skipped.append(Skipped(
+                        s.series_uid, "not-retrieved",
+                        f"{len(still)} of {len(sops)} instances did not arrive"))
+        except PacsError as err:
+            summary.skipped.append(Skipped(s.series_uid, "retrieve-failed", str(err)))
+            continue
+        if convert:
+            if progress:
+                progress("convert", i, len(series))
+            convert_series(cache, s, summary)
+    if progress:
+        progress("done", len(series), len(series))
+    summary.seconds = time.monotonic() - t0
+    return summary
+
+
+def import_folder(folder: Path, cache_dir: Path, *, convert: bool = True,
+                  progress: Progress | None = None) -> IngestSummary:
+    """Import DICOM files from a folder (CD, export) into the cache, then convert."""
+    t0 = time.monotonic()
+    summary = IngestSummary()
+    cache = InstanceCache(cache_dir)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    series: dict[str, SeriesRef] = {}
+    for i, f in enumerate(files):
+        if progress:
+            progress("import", i, len(files))
+        try:
+            ref = cache.store(f.read_bytes(), source=str(f))
+        except DataError as err:
+            summary.skipped.append(Skipped(err.path, err.kind, err.problem))
+            continue
+        summary.instances_found += 1
+        summary.retrieved += 1
+        series.setdefault(ref.series_uid, ref)
+    summary.series_found = len(series)
+    summary.studies_found = len({s.study_uid for s in series.values()})
+    if convert:
+        for s in series.values():
+            convert_series(cache, s, summary)
+    summary.seconds = time.monotonic() - t0
+    return summary
