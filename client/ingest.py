@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -26,7 +25,11 @@ from pydicom.errors import InvalidDicomError
 
 from fedpacs.client.dicom import Volume, build_volume, check_pixel_length
 from fedpacs.client.pacs import CohortQuery, PacsConfig, SeriesRef, Transport, make_transport
+from fedpacs.common.datasets import load_volume
 from fedpacs.common.errors import DataError, PacsError
+
+__all__ = ["InstanceCache", "IngestSummary", "Skipped", "import_folder", "ingest",
+           "load_volume"]
 
 log = logging.getLogger("fedpacs.ingest")
 
@@ -124,7 +127,7 @@ class InstanceCache:
                 "irregular_spacing": vol.irregular_spacing, "fingerprint": fingerprint,
                 "num_instances": len(vol.source_files)}
         tmp = dest.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, array=vol.array, spacing=np.array(vol.spacing),
+        np.savez(tmp, array=vol.array, spacing=np.array(vol.spacing),
                             origin=np.array(vol.origin), direction=vol.direction,
                             meta=np.array(json.dumps(meta)))
         tmp.replace(dest)
@@ -136,15 +139,6 @@ class InstanceCache:
             return ""
         with np.load(p) as z:
             return str(json.loads(str(z["meta"])).get("fingerprint", ""))
-
-
-def load_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """A converted volume and its metadata (spacing, origin, direction, UIDs)."""
-    with np.load(path) as z:
-        meta = json.loads(str(z["meta"]))
-        meta.update(spacing=tuple(z["spacing"].tolist()), origin=tuple(z["origin"].tolist()),
-                    direction=z["direction"])
-        return z["array"], meta
 
 
 def _safe(uid: str) -> str:

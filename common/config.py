@@ -94,7 +94,7 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
     comp = _section(raw, "compute", errs)
     _check_unknown(site, {"name", "task"}, "site.", errs)
     _check_unknown(data, {"format", "root", "partition", "num_partitions", "holdout_fraction",
-                          "val_fraction", "seed"}, "data.", errs)
+                          "val_fraction", "seed", "labels"}, "data.", errs)
     _check_unknown(comp, {"device", "threads"}, "compute.", errs)
 
     name = site.get("name")
@@ -108,7 +108,7 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
     fmt = data.get("format")
     if fmt not in DATA_FORMATS:
         errs.append(FieldError("data.format", f"one of {', '.join(DATA_FORMATS)}",
-                               _type_name(fmt), 'set format = "nifti" or "medmnist"'))
+                               _type_name(fmt), 'set format = "nifti", "medmnist" or "pacs"'))
     root_raw = data.get("root")
     root: Path | None = None
     if not isinstance(root_raw, str) or not root_raw:
@@ -119,7 +119,7 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
         root = Path(os.path.expandvars(root_raw)).expanduser()
         if not root.is_absolute():
             root = (base_dir / root).resolve()
-        if not root.exists():
+        if not root.exists() and fmt != "pacs":
             errs.append(FieldError("data.root", "an existing file or folder", str(root),
                                    "fix the path or mount the data there"))
         elif fmt == "nifti" and not (root / "images").is_dir():
@@ -128,6 +128,18 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
         elif fmt == "medmnist" and not root.is_file():
             errs.append(FieldError("data.root", "a MedMNIST .npz file", str(root),
                                    "point root at the .npz file"))
+    labels: Path | None = None
+    if "labels" in data or fmt == "pacs":
+        lab_raw = data.get("labels")
+        if not isinstance(lab_raw, str) or not lab_raw:
+            errs.append(FieldError("data.labels", "a CSV of labels (SeriesInstanceUID,label)",
+                                   _type_name(lab_raw), 'set labels = "labels.csv"'))
+        else:
+            labels = Path(os.path.expandvars(lab_raw)).expanduser()
+            labels = labels if labels.is_absolute() else (base_dir / labels).resolve()
+            if not labels.is_file():
+                errs.append(FieldError("data.labels", "an existing CSV file", str(labels),
+                                       "write the label manifest or fix the path"))
 
     def _int(sec: dict[str, Any], key: str, default: int, lo: int, prefix: str) -> int:
         v = sec.get(key, default)
@@ -166,7 +178,7 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
     return SiteConfig(
         name=name.strip(), task=task,
         data=DataSpec(format=fmt, root=root, partition=partition, num_partitions=num_parts,
-                      holdout_fraction=holdout, val_fraction=val, seed=seed),
+                      holdout_fraction=holdout, val_fraction=val, seed=seed, labels=labels),
         compute=ComputeConfig(device=str(device), threads=threads), source=source,
         ingest=ingest,
     )

@@ -7,10 +7,12 @@ the server's held-out split never overlaps any site's partition.
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -21,8 +23,8 @@ from fedpacs.common.tasks import TaskConfig
 
 log = logging.getLogger(__name__)
 
-DataFormat = Literal["nifti", "medmnist"]
-DATA_FORMATS: tuple[str, ...] = ("nifti", "medmnist")
+DataFormat = Literal["nifti", "medmnist", "pacs"]
+DATA_FORMATS: tuple[str, ...] = ("nifti", "medmnist", "pacs")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -33,6 +35,9 @@ class DataSpec:
     ``nifti``: ``root`` holds ``images/`` and ``labels/`` with matching file names.
     ``medmnist``: ``root`` is the ``.npz`` file; its official train/val/test splits are used
     (train and val are partitioned across sites, test is the held-out split).
+    ``pacs``: ``root`` is a site's ingest cache (``volumes/*.npz``) and ``labels`` a CSV with
+    columns ``SeriesInstanceUID`` (or ``StudyInstanceUID``) and ``label``; a 2D task trains
+    on the series' slices, a 3D task on whole volumes resized to the task's input shape.
     """
 
     format: DataFormat
@@ -42,6 +47,7 @@ class DataSpec:
     holdout_fraction: float = 0.2
     val_fraction: float = 0.15
     seed: int = 0
+    labels: Path | None = None
 
 
 @dataclass
@@ -234,9 +240,89 @@ def _medmnist_partition(n: int, spec: DataSpec) -> np.ndarray:
     return np.array([int(i) for i in part], dtype=np.int64)
 
 
+# --------------------------------------------------------------------------- PACS cache
+def load_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """A converted volume (from ``fedpacs site ingest``) and its geometry and UIDs."""
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        meta.update(spacing=tuple(z["spacing"].tolist()), origin=tuple(z["origin"].tolist()),
+                    direction=z["direction"])
+        return z["array"], meta
+
+
+def read_label_manifest(path: Path) -> dict[str, int]:
+    """UID -> integer label from a CSV (SeriesInstanceUID or StudyInstanceUID, label)."""
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise DataError(str(path), f"cannot read the label manifest ({exc.strerror})",
+                        "set data.labels to the CSV of labels") from exc
+    out: dict[str, int] = {}
+    for i, row in enumerate(rows, start=2):
+        uid = (row.get("SeriesInstanceUID") or row.get("StudyInstanceUID") or "").strip()
+        try:
+            out[uid] = int(str(row.get("label", "")).strip())
+        except ValueError:
+            raise DataError(f"{path}:{i}", f"label {row.get('label')!r} is not an integer",
+                            "write class indices 0..num_classes-1") from None
+        if not uid:
+            raise DataError(f"{path}:{i}", "no SeriesInstanceUID/StudyInstanceUID",
+                            "give each row a UID column") from None
+    return out
+
+
+def _resize(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    mode = "bilinear" if len(shape) == 2 else "trilinear"
+    return torch.nn.functional.interpolate(x, size=shape, mode=mode, align_corners=False)[0, 0]\
+        .numpy()
+
+
+def _pacs_arrays(paths: list[Path], labels: dict[str, int], task: TaskConfig
+                 ) -> tuple[TensorDataset, list[tuple[str, str]]]:
+    xs, ys, skipped = [], [], []
+    for p in paths:
+        arr, meta = load_volume(p)
+        label = labels.get(meta["series_uid"], labels.get(meta["study_uid"]))
+        if label is None:
+            skipped.append((str(p), "series not in the label manifest"))
+            continue
+        if not 0 <= label < task.num_classes:
+            skipped.append((str(p), f"label {label} outside 0..{task.num_classes - 1}"))
+            continue
+        vol = zscore(arr)
+        samples = [vol] if task.spatial_dims == 3 else list(vol)
+        for s in samples:
+            xs.append(_resize(s, task.input_shape)[None])
+            ys.append(label)
+    if not xs:
+        return _empty(task), skipped
+    return (TensorDataset(torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)),
+            skipped)
+
+
+def _pacs_site(spec: DataSpec, task: TaskConfig) -> SiteData:
+    if spec.labels is None:
+        raise DataError(str(spec.root), "no label manifest", "set data.labels to a CSV")
+    labels = read_label_manifest(spec.labels)
+    by_id = {p.stem: p for p in sorted((spec.root / "volumes").glob("*.npz"))}
+    if not by_id:
+        raise DataError(str(spec.root), "no converted volumes in volumes/",
+                        "run `fedpacs site ingest` first")
+    mine = partition_ids(list(by_id), partition=spec.partition,
+                         num_partitions=spec.num_partitions, seed=spec.seed)
+    train_ids, val_ids = split_ids(mine, holdout_fraction=spec.val_fraction, seed=spec.seed + 7)
+    train, s1 = _pacs_arrays([by_id[i] for i in train_ids], labels, task)
+    val, s2 = _pacs_arrays([by_id[i] for i in val_ids], labels, task)
+    return SiteData(train, val, s1 + s2)
+
+
 # --------------------------------------------------------------------------- entry points
 def load_site_data(spec: DataSpec, task: TaskConfig) -> SiteData:
     """The training and validation sets of one site (its partition of the pool)."""
+    if spec.format == "pacs":
+        return _pacs_site(spec, task)
     if spec.format == "medmnist":
         data = read_medmnist(spec.root)
         tr = _medmnist_partition(len(data["train_labels"]), spec)
@@ -256,6 +342,8 @@ def load_site_data(spec: DataSpec, task: TaskConfig) -> SiteData:
 
 def load_holdout(spec: DataSpec, task: TaskConfig) -> TensorDataset:
     """The held-out split (never in any site's partition), for the server's evaluation."""
+    if spec.format == "pacs":
+        return _pacs_site(replace(spec, val_fraction=0.0), task).train
     if spec.format == "medmnist":
         data = read_medmnist(spec.root)
         return _medmnist_split(data, "test", np.arange(len(data["test_labels"])), task, spec.root)

@@ -123,6 +123,11 @@ TASK_PRESETS: dict[str, TaskConfig] = {
         in_channels=1, num_classes=2, input_shape=(28, 28, 28), width=16,
         class_names=("normal", "hyperplasia"),
     ),
+    # slices of series ingested from a site's PACS, labelled by a CSV manifest (0=MR, 1=CT)
+    "pacs-modality": TaskConfig(
+        name="pacs-modality", kind="classification", network="resnet18", spatial_dims=2,
+        in_channels=1, num_classes=2, input_shape=(64, 64), width=8, class_names=("MR", "CT"),
+    ),
 }
 
 

@@ -149,11 +149,20 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoR
         raise ConfigError("demo run config", problems)
     site_files = write_site_configs(work / "sites", task=opts.task, data=data, fmt=td.format,
                                     names=names, threads=opts.threads_per_site, seed=opts.seed)
+    echo(f"fedpacs demo: {opts.task}, {opts.sites} sites, {opts.rounds} rounds, data {data}")
+    return run_local_federation(work, dict(zip(names, site_files, strict=True)), cfg,
+                                timeout_s=opts.timeout_s, echo=echo)
+
+
+def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
+                         timeout_s: float, echo: Callable[[str], None] = print) -> DemoResult:
+    """Provision, start a SuperLink and one SuperNode per site file, run ``cfg``, tear down."""
+    names = list(sites)
+    run_dir = Path(cfg.run_dir)
     pki = provision(work / "pki", sites=names)
-    # each demo is a fresh federation: earlier node registrations and runs are not carried over
+    # each local federation is fresh: earlier node registrations and runs are not carried over
     for stale in ("superlink.db", "superlink.db-wal", "superlink.db-shm"):
         (work / "state" / stale).unlink(missing_ok=True)
-    echo(f"fedpacs demo: {opts.task}, {opts.sites} sites, {opts.rounds} rounds, data {data}")
     echo(f"  workdir {work} (logs in {work / 'logs'})")
     t0 = time.monotonic()
     fed = LocalFederation(work, pki, timeouts=Timeouts())
@@ -163,7 +172,7 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoR
              f"pid {fed.superlink.pid if fed.superlink else '?'}")
         for name in names:
             fed.register(pki.site(name))
-        for name, sf in zip(names, site_files, strict=True):
+        for name, sf in sites.items():
             proc = fed.start_supernode(pki.site(name), site_config=sf)
             echo(f"  SuperNode {name} pid {proc.pid} (site config {sf.name})")
         fed.wait_nodes_online(len(names))
@@ -171,23 +180,23 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoR
         run_id = fed.start_run(write_app(work / "app", cfg))
         echo(f"  run {run_id} started; streaming rounds (held-out = data never given to a site)")
         status, seen, next_status = "pending", 0, 0.0
-        deadline = time.monotonic() + opts.timeout_s
+        deadline = time.monotonic() + timeout_s
         while True:
             fed.procs.check_alive()
             rounds = read_rounds(run_dir)
             for r in rounds[seen:]:
-                echo(f"  [{time.monotonic() - t0:6.0f}s] {format_round(r, opts.rounds)}")
+                echo(f"  [{time.monotonic() - t0:6.0f}s] {format_round(r, cfg.rounds)}")
             seen = len(rounds)
             if time.monotonic() >= next_status:
                 status = fed.run_status(run_id)
                 next_status = time.monotonic() + 10
                 if status.startswith("finished"):
                     for r in read_rounds(run_dir)[seen:]:
-                        echo(f"  [{time.monotonic() - t0:6.0f}s] {format_round(r, opts.rounds)}")
+                        echo(f"  [{time.monotonic() - t0:6.0f}s] {format_round(r, cfg.rounds)}")
                     break
             if time.monotonic() >= deadline:
                 fed.stop_run(run_id)
-                raise DeadlineError(f"run {run_id} did not finish within {opts.timeout_s:.0f}s; "
+                raise DeadlineError(f"run {run_id} did not finish within {timeout_s:.0f}s; "
                                     f"logs in {work / 'logs'}")
             time.sleep(2)
         (work / "logs" / f"run-{run_id}.log").write_text(fed.logs(run_id), encoding="utf-8")

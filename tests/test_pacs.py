@@ -14,8 +14,9 @@ import pytest
 from pydicom.uid import generate_uid
 
 from fedpacs.client.dicom import build_volume, check_pixel_length
-from fedpacs.client.ingest import InstanceCache, import_folder, ingest, load_volume
+from fedpacs.client.ingest import InstanceCache, import_folder, ingest
 from fedpacs.client.pacs import CohortQuery, PacsConfig, store_files
+from fedpacs.common.datasets import load_volume
 from fedpacs.common.errors import ExitCode
 from fedpacs.deploy.cli import main
 from fedpacs.deploy.orthanc import OrthancServer, orthanc_available
