@@ -250,17 +250,25 @@ def load_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
         return z["array"], meta
 
 
-def read_label_manifest(path: Path) -> dict[str, int]:
-    """UID -> integer label from a CSV (SeriesInstanceUID or StudyInstanceUID, label)."""
+def read_label_manifest(path: Path) -> dict[str, int | Path]:
+    """UID -> label from a CSV keyed by SeriesInstanceUID (or StudyInstanceUID).
+
+    Classification: a ``label`` column of class indices. Segmentation: a ``mask`` column
+    naming a NIfTI mask on the series' grid (relative to the CSV's folder).
+    """
     try:
         with path.open(newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
     except OSError as exc:
         raise DataError(str(path), f"cannot read the label manifest ({exc.strerror})",
                         "set data.labels to the CSV of labels") from exc
-    out: dict[str, int] = {}
+    out: dict[str, int | Path] = {}
     for i, row in enumerate(rows, start=2):
         uid = (row.get("SeriesInstanceUID") or row.get("StudyInstanceUID") or "").strip()
+        if row.get("mask"):
+            mask = Path(str(row["mask"]).strip())
+            out[uid] = mask if mask.is_absolute() else path.parent / mask
+            continue
         try:
             out[uid] = int(str(row.get("label", "")).strip())
         except ValueError:
@@ -279,27 +287,62 @@ def _resize(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         .numpy()
 
 
-def _pacs_arrays(paths: list[Path], labels: dict[str, int], task: TaskConfig
+def read_mask(path: Path, volume_shape: tuple[int, ...], num_classes: int) -> np.ndarray:
+    """A NIfTI mask (x=column, y=row, z=slice) as a (slice, row, column) label array."""
+    mask = np.transpose(read_nifti(path)).astype(np.int64)
+    if mask.shape != volume_shape:
+        raise DataError(str(path), f"mask shape {mask.shape} (slice, row, column) != series "
+                        f"shape {volume_shape}", "export the mask on the series' own grid")
+    if mask.min() < 0 or mask.max() >= num_classes:
+        raise DataError(str(path), f"mask values {mask.min()}..{mask.max()} outside "
+                        f"0..{num_classes - 1}", "remap the mask labels")
+    return mask
+
+
+def _pacs_arrays(paths: list[Path], labels: dict[str, int | Path], task: TaskConfig
                  ) -> tuple[TensorDataset, list[tuple[str, str]]]:
-    xs, ys, skipped = [], [], []
+    xs: list[np.ndarray] = []
+    ys: list[Any] = []
+    skipped: list[tuple[str, str]] = []
     for p in paths:
         arr, meta = load_volume(p)
         label = labels.get(meta["series_uid"], labels.get(meta["study_uid"]))
         if label is None:
             skipped.append((str(p), "series not in the label manifest"))
             continue
-        if not 0 <= label < task.num_classes:
+        vol = zscore(arr)
+        if task.kind == "segmentation":
+            if not isinstance(label, Path):
+                skipped.append((str(p), "manifest gives a class, the task needs a mask"))
+                continue
+            try:
+                mask = read_mask(label, arr.shape, task.num_classes)
+            except DataError as err:
+                skipped.append((err.path, err.problem))
+                continue
+            pairs = [(vol, mask)] if task.spatial_dims == 3 else list(zip(vol, mask, strict=True))
+            for v, m in pairs:
+                xs.append(_resize(v, task.input_shape)[None])
+                ys.append(_resize_labels(m, task.input_shape)[None])
+            continue
+        if not isinstance(label, int) or not 0 <= label < task.num_classes:
             skipped.append((str(p), f"label {label} outside 0..{task.num_classes - 1}"))
             continue
-        vol = zscore(arr)
         samples = [vol] if task.spatial_dims == 3 else list(vol)
         for s in samples:
             xs.append(_resize(s, task.input_shape)[None])
             ys.append(label)
     if not xs:
         return _empty(task), skipped
-    return (TensorDataset(torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.long)),
-            skipped)
+    y = torch.from_numpy(np.stack(ys)) if task.kind == "segmentation" else torch.tensor(
+        ys, dtype=torch.long)
+    return TensorDataset(torch.from_numpy(np.stack(xs)), y), skipped
+
+
+def _resize_labels(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    out = torch.nn.functional.interpolate(x, size=shape, mode="nearest")[0, 0]
+    return out.numpy().astype(np.int64)
 
 
 def _pacs_site(spec: DataSpec, task: TaskConfig) -> SiteData:

@@ -210,3 +210,45 @@ def test_build_volume_sorts_by_position_not_name(data_dir: Path) -> None:
     assert vol.array.shape[0] == 32 and vol.origin[2] == pytest.approx(min(z)) or \
         np.dot(vol.origin, vol.direction[2]) == pytest.approx(min(z))
     assert InstanceCache  # imported API stays public
+
+
+def test_nifti_masks_label_ingested_series(tmp_path: Path, data_dir: Path) -> None:
+    """Segmentation labels for PACS series: a NIfTI mask per series on the series' grid."""
+    import nibabel as nib
+
+    from fedpacs.common.datasets import DataSpec, load_site_data
+    from fedpacs.common.tasks import TaskConfig
+
+    src = data_dir / "dicom_brainmr" / "Study1" / "13_HCropVolume"
+    s = import_folder(src, tmp_path / "cache")
+    assert s.converted == 1 and s.skipped == []
+    vol_path = next((tmp_path / "cache" / "volumes").glob("*.npz"))
+    arr, meta = load_volume(vol_path)
+    truth = (arr > np.median(arr)).astype(np.uint8)  # (slice, row, column)
+    nib.save(nib.Nifti1Image(np.transpose(truth), np.eye(4)), tmp_path / "mask.nii.gz")
+    (tmp_path / "labels.csv").write_text(f"SeriesInstanceUID,mask\n{meta['series_uid']},"
+                                         "mask.nii.gz\n")
+    task = TaskConfig(name="crop-seg", kind="segmentation", network="unet", spatial_dims=2,
+                      in_channels=1, num_classes=2, input_shape=tuple(arr.shape[1:]), width=4)
+    site = load_site_data(DataSpec("pacs", tmp_path / "cache", val_fraction=0.0,
+                                   labels=tmp_path / "labels.csv"), task)
+    assert len(site.train) == arr.shape[0]  # one sample per slice
+    ys = np.stack([site.train[i][1][0].numpy() for i in range(len(site.train))])
+    assert np.array_equal(ys, truth)
+    # a mask on the wrong grid is named, not silently resized
+    nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), np.uint8), np.eye(4)), tmp_path / "mask.nii.gz")
+    bad = load_site_data(DataSpec("pacs", tmp_path / "cache", val_fraction=0.0,
+                                  labels=tmp_path / "labels.csv"), task)
+    assert len(bad.train) == 0 and "mask shape" in bad.skipped[0][1]
+
+
+def test_window_and_resample_hand_computed() -> None:
+    from fedpacs.client.dicom import apply_window, resample, window_preset
+
+    hu = np.array([-1000.0, 0.0, 40.0, 80.0, 1000.0])
+    # brain window: centre 40, width 80 -> [0, 80] maps to [0, 1]
+    assert window_preset(hu, "brain").tolist() == pytest.approx([0, 0, 0.5, 1, 1])
+    assert apply_window(hu, 0, 2000).tolist() == pytest.approx([0, 0.5, 0.52, 0.54, 1])
+    vol = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    out = resample(vol, (2.0, 1.0, 1.0), (1.0, 1.0, 1.0), order=0)
+    assert out.shape == (4, 2, 2) and out[0].tolist() == out[1].tolist() == vol[0].tolist()
