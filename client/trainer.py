@@ -75,13 +75,31 @@ def load_data(site: SiteConfig, task: TaskConfig) -> SiteData:
     return data
 
 
-def train_round(site: SiteConfig, content: RecordDict) -> RecordDict:
-    """Load the global model from ``content``, train locally, reply with the new weights."""
+@dataclass(frozen=True)
+class OpenRound:
+    """What every round handler starts from: instructions, task, device, data, global model."""
+
+    ins: RoundInstructions
+    task: TaskConfig
+    device: torch.device
+    data: SiteData
+    model: torch.nn.Module
+
+
+def open_round(site: SiteConfig, content: RecordDict) -> OpenRound:
+    """Parse the round's instructions, load the site's data and the global weights."""
     ins = RoundInstructions.from_record(content.config_records[wire.CONFIG_KEY])
     task, device = prepare(site, ins.task)
     data = load_data(site, task)
     model = build_model(task)
     wire.load_arrays(model, content.array_records[wire.ARRAYS_KEY])
+    return OpenRound(ins, task, device, data, model)
+
+
+def train_round(site: SiteConfig, content: RecordDict) -> RecordDict:
+    """Load the global model from ``content``, train locally, reply with the new weights."""
+    r = open_round(site, content)
+    ins, task, device, data, model = r.ins, r.task, r.device, r.data, r.model
     seed = ins.seed * 1_000_003 + ins.server_round * 101 + site.data.partition
     res = train(model, data.train, task=task, device=device, seed=seed, params=TrainParams(
         epochs=ins.local_epochs, batch_size=ins.batch_size, lr=ins.lr,
@@ -97,11 +115,8 @@ def train_round(site: SiteConfig, content: RecordDict) -> RecordDict:
 
 def evaluate_round(site: SiteConfig, content: RecordDict) -> RecordDict:
     """Evaluate the global model in ``content`` on the site's validation split."""
-    ins = RoundInstructions.from_record(content.config_records[wire.CONFIG_KEY])
-    task, device = prepare(site, ins.task)
-    data = load_data(site, task)
-    model = build_model(task)
-    wire.load_arrays(model, content.array_records[wire.ARRAYS_KEY])
+    r = open_round(site, content)
+    ins, task, device, data, model = r.ins, r.task, r.device, r.data, r.model
     values = evaluate(model, data.val, task=task, device=device)
     log.info("site %s round %d: evaluated on %d samples: %s", site.name, ins.server_round,
              len(data.val), values)
