@@ -254,3 +254,52 @@ def test_window_and_resample_hand_computed() -> None:
     vol = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
     out = resample(vol, (2.0, 1.0, 1.0), (1.0, 1.0, 1.0), order=0)
     assert out.shape == (4, 2, 2) and out[0].tolist() == out[1].tolist() == vol[0].tolist()
+
+
+def test_multiframe_instance_matches_single_frame_series(tmp_path: Path, data_dir: Path) -> None:
+    """A real series re-packed as one multi-frame instance (frames in reverse order, with
+    per-frame plane positions) gives the same volume as the single-frame series."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    files = sorted((data_dir / "dicom_brainmr" / "Study1" / "13_HCropVolume").glob("*.dcm"))
+    single = build_volume(files)
+    slices = [pydicom.dcmread(f) for f in files]
+    slices.sort(key=lambda d: -float(np.dot(np.array(d.ImagePositionPatient, float),
+                                            single.direction[2])))
+    first = slices[0]
+    mf = Dataset()
+    for tag in ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows", "Columns",
+                "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+                "SamplesPerPixel", "PhotometricInterpretation"):
+        setattr(mf, tag, getattr(first, tag))
+    mf.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR
+    mf.SOPInstanceUID = generate_uid()
+    mf.NumberOfFrames = len(slices)
+    shared = Dataset()
+    ori, meas = Dataset(), Dataset()
+    ori.ImageOrientationPatient = first.ImageOrientationPatient
+    meas.PixelSpacing = first.PixelSpacing
+    shared.PlaneOrientationSequence = Sequence([ori])
+    shared.PixelMeasuresSequence = Sequence([meas])
+    mf.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for d in slices:
+        pos, group = Dataset(), Dataset()
+        pos.ImagePositionPatient = d.ImagePositionPatient
+        group.PlanePositionSequence = Sequence([pos])
+        frames.append(group)
+    mf.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    mf.PixelData = b"".join(d.PixelData for d in slices)
+    mf.file_meta = FileMetaDataset()
+    mf.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    mf.file_meta.MediaStorageSOPClassUID = mf.SOPClassUID
+    mf.file_meta.MediaStorageSOPInstanceUID = mf.SOPInstanceUID
+    out = tmp_path / "multiframe.dcm"
+    mf.save_as(out, enforce_file_format=True)
+    multi = build_volume([out])
+    assert multi.array.shape == single.array.shape
+    assert np.array_equal(multi.array, single.array)
+    assert multi.spacing == pytest.approx(single.spacing)
+    assert multi.origin == pytest.approx(single.origin)
