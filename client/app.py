@@ -28,10 +28,10 @@ def site_error_reply(msg: Message, err: FedpacsError) -> Message:
 
 
 def handle(msg: Message, context: Context,
-           work: Callable[[SiteConfig, RecordDict], RecordDict]) -> Message:
+           work: Callable[[SiteConfig, RecordDict, RecordDict], RecordDict]) -> Message:
     try:
         site = load_site_config(str(context.node_config.get(SITE_CONFIG_NODE_KEY, "")) or None)
-        return Message(content=work(site, msg.content), reply_to=msg)
+        return Message(content=work(site, msg.content, context.state), reply_to=msg)
     except FedpacsError as err:
         log.error("site refused message %s: %s", msg.metadata.message_type, err)
         return site_error_reply(msg, err)

@@ -10,15 +10,15 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedpacs.common import wire
 from fedpacs.common.config import SiteConfig
 from fedpacs.common.datasets import SiteData, load_site_data
 from fedpacs.common.engine import TrainParams, evaluate, train
 from fedpacs.common.errors import ConfigError, FieldError
-from fedpacs.common.models import build_model, pick_device
-from fedpacs.common.tasks import TaskConfig, get_task
+from fedpacs.common.models import build_model, norm_state_keys, pick_device
+from fedpacs.common.tasks import TaskConfig, task_with_network
 
 log = logging.getLogger("fedpacs.site")
 
@@ -34,6 +34,8 @@ class RoundInstructions:
     lr: float
     seed: int
     proximal_mu: float = 0.0
+    network: str = ""
+    fedbn: bool = False
 
     @classmethod
     def from_record(cls, cfg: ConfigRecord) -> RoundInstructions:
@@ -51,13 +53,15 @@ class RoundInstructions:
         out = {"task": get("task", str), "server_round": get("server-round", int),
                "local_epochs": get("local-epochs", int, 1), "batch_size": get("batch-size", int, 8),
                "lr": get("lr", float, 1e-3), "seed": get("seed", int, 0),
-               "proximal_mu": get("proximal-mu", float, 0.0)}
+               "proximal_mu": get("proximal-mu", float, 0.0), "network": get("network", str, ""),
+               "fedbn": get("fedbn", bool, False)}
         if errs:
             raise ConfigError("round config from server", errs)
         return cls(**out)  # type: ignore[arg-type]
 
 
-def prepare(site: SiteConfig, requested_task: str) -> tuple[TaskConfig, torch.device]:
+def prepare(site: SiteConfig, requested_task: str, network: str = ""
+            ) -> tuple[TaskConfig, torch.device]:
     """Check the run's task against the site's, set threads, pick the device."""
     if requested_task != site.task:
         raise ConfigError(site.source, [FieldError(
@@ -65,7 +69,7 @@ def prepare(site: SiteConfig, requested_task: str) -> tuple[TaskConfig, torch.de
             "join this site only to runs of its task, or change site.task if the data fits")])
     if site.compute.threads > 0:
         torch.set_num_threads(site.compute.threads)
-    return get_task(site.task), pick_device(site.compute.device)
+    return task_with_network(site.task, network), pick_device(site.compute.device)
 
 
 def load_data(site: SiteConfig, task: TaskConfig) -> SiteData:
@@ -86,24 +90,40 @@ class OpenRound:
     model: torch.nn.Module
 
 
-def open_round(site: SiteConfig, content: RecordDict) -> OpenRound:
-    """Parse the round's instructions, load the site's data and the global weights."""
+FEDBN_STATE_KEY = "fedbn-local"
+
+
+def open_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> OpenRound:
+    """Parse the round's instructions, load the site's data and the global weights (with
+    this site's own normalisation layers under FedBN, once it has trained)."""
     ins = RoundInstructions.from_record(content.config_records[wire.CONFIG_KEY])
-    task, device = prepare(site, ins.task)
+    task, device = prepare(site, ins.task, ins.network)
     data = load_data(site, task)
     model = build_model(task)
     wire.load_arrays(model, content.array_records[wire.ARRAYS_KEY])
+    if ins.fedbn and FEDBN_STATE_KEY in state.array_records:
+        local = state.array_records[FEDBN_STATE_KEY].to_torch_state_dict()
+        model.load_state_dict(local, strict=False)
     return OpenRound(ins, task, device, data, model)
 
 
-def train_round(site: SiteConfig, content: RecordDict) -> RecordDict:
+def keep_norm_layers(model: torch.nn.Module, state: RecordDict) -> None:
+    """FedBN: remember this site's normalisation layers for its next rounds."""
+    keys = norm_state_keys(model)
+    local = {k: v.detach().cpu() for k, v in model.state_dict().items() if k in keys}
+    state[FEDBN_STATE_KEY] = ArrayRecord(torch_state_dict=local)
+
+
+def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
     """Load the global model from ``content``, train locally, reply with the new weights."""
-    r = open_round(site, content)
+    r = open_round(site, content, state)
     ins, task, device, data, model = r.ins, r.task, r.device, r.data, r.model
     seed = ins.seed * 1_000_003 + ins.server_round * 101 + site.data.partition
     res = train(model, data.train, task=task, device=device, seed=seed, params=TrainParams(
         epochs=ins.local_epochs, batch_size=ins.batch_size, lr=ins.lr,
         proximal_mu=ins.proximal_mu))
+    if ins.fedbn:
+        keep_norm_layers(model, state)
     log.info("site %s round %d: trained on %d samples in %.1fs, loss %.4f",
              site.name, ins.server_round, res.num_examples, res.seconds, res.loss)
     metrics = MetricRecord({wire.NUM_EXAMPLES: res.num_examples, "train-loss": res.loss,
@@ -113,9 +133,9 @@ def train_round(site: SiteConfig, content: RecordDict) -> RecordDict:
                        wire.SITE_KEY: ConfigRecord({"name": site.name})})
 
 
-def evaluate_round(site: SiteConfig, content: RecordDict) -> RecordDict:
+def evaluate_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
     """Evaluate the global model in ``content`` on the site's validation split."""
-    r = open_round(site, content)
+    r = open_round(site, content, state)
     ins, task, device, data, model = r.ins, r.task, r.device, r.data, r.model
     values = evaluate(model, data.val, task=task, device=device)
     log.info("site %s round %d: evaluated on %d samples: %s", site.name, ins.server_round,

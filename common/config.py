@@ -18,7 +18,7 @@ from typing import Any
 
 from fedpacs.common.datasets import DATA_FORMATS, DataSpec
 from fedpacs.common.errors import ConfigError, FieldError
-from fedpacs.common.tasks import TASK_PRESETS
+from fedpacs.common.tasks import TASK_PRESETS, TaskConfig, task_with_network
 
 SITE_CONFIG_ENV = "FEDPACS_SITE_CONFIG"
 SITE_CONFIG_NODE_KEY = "site-config"  # key in the SuperNode's --node-config
@@ -273,6 +273,14 @@ class RunConfig:
     eval_root: str = ""
     eval_holdout_fraction: float = 0.2
     eval_seed: int = 0
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum
+    network: str = ""  # "" keeps the task preset's network
+    proximal_mu: float = 0.0  # FedProx
+    server_lr: float = 0.1  # FedAdam's server learning rate (eta)
+    trimmed_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
+    krum_malicious: int = 0  # Krum: tolerated malicious sites
+    fedbn: bool = False  # keep normalisation layers local to each site (FedBN)
+    metrics_port: int = 0  # Prometheus endpoint of the ServerApp; 0: off
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -280,7 +288,8 @@ class RunConfig:
     def site_view(self) -> dict[str, bool | int | float | str]:
         """What sites are told each round (no server paths)."""
         return {"task": self.task, "local-epochs": self.local_epochs,
-                "batch-size": self.batch_size, "lr": self.lr, "seed": self.seed}
+                "batch-size": self.batch_size, "lr": self.lr, "seed": self.seed,
+                "network": self.network, "fedbn": self.fedbn}
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any], *, source: str = "run config") -> RunConfig:
@@ -333,10 +342,36 @@ class RunConfig:
         if self.eval_format and self.eval_format not in DATA_FORMATS:
             errs.append(FieldError("eval-format", f"empty or one of {', '.join(DATA_FORMATS)}",
                                    repr(self.eval_format), "leave empty to skip server evaluation"))
+        strategies = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+        if self.strategy not in strategies:
+            errs.append(FieldError("strategy", f"one of {', '.join(strategies)}",
+                                   repr(self.strategy), "pick a strategy by name"))
+        if self.strategy == "fedprox" and not self.proximal_mu > 0:
+            errs.append(FieldError("proximal-mu", "> 0 with strategy fedprox",
+                                   str(self.proximal_mu), "e.g. proximal-mu = 0.01"))
+        if not 0 <= self.trimmed_beta < 0.5:
+            errs.append(FieldError("trimmed-beta", "in [0, 0.5)", str(self.trimmed_beta),
+                                   "e.g. trimmed-beta = 0.2"))
+        if self.strategy == "krum" and self.min_sites < 2 * self.krum_malicious + 3:
+            errs.append(FieldError("min-sites", f">= 2 * krum-malicious + 3 = "
+                                   f"{2 * self.krum_malicious + 3} for krum",
+                                   str(self.min_sites), "add sites or lower krum-malicious"))
+        if not 0 <= self.metrics_port < 65536:
+            errs.append(FieldError("metrics-port", "0 (off) or a TCP port",
+                                   str(self.metrics_port), "e.g. metrics-port = 9400"))
+        if self.task in TASK_PRESETS and self.network:
+            from fedpacs.common.tasks import validate_task_dict
+
+            d = TASK_PRESETS[self.task].to_dict() | {"network": self.network}
+            errs.extend(validate_task_dict(d, source_prefix=""))
         if self.eval_format and not Path(self.eval_root).exists():
             errs.append(FieldError("eval-root", "an existing path on the server",
                                    repr(self.eval_root), "fix the held-out data path"))
         return errs
+
+    def task_config(self) -> TaskConfig:
+        """The task preset, with the run's network if one was chosen."""
+        return task_with_network(self.task, self.network)
 
     def eval_spec(self) -> DataSpec | None:
         if not self.eval_format:

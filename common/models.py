@@ -102,6 +102,19 @@ def build_model(task: TaskConfig, *, seed: int = 0) -> nn.Module:
         return spec.builder(task)
 
 
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def norm_state_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of normalisation layers (weights, biases, running statistics): the
+    entries FedBN keeps local to each site."""
+    keys: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, NORM_LAYERS):
+            keys.update(f"{prefix}.{k}" if prefix else k for k in module.state_dict())
+    return keys
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU; ``cpu``/``cuda``/``cuda:N`` are taken as is."""
     if requested == "auto":

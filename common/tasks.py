@@ -131,6 +131,14 @@ TASK_PRESETS: dict[str, TaskConfig] = {
 }
 
 
+def task_with_network(name: str, network: str = "") -> TaskConfig:
+    """A preset, optionally with another registered network of the same kind."""
+    task = get_task(name)
+    if not network or network == task.network:
+        return task
+    return TaskConfig.from_dict(task.to_dict() | {"network": network}, source="run config")
+
+
 def get_task(name: str, *, field_name: str = "task") -> TaskConfig:
     """A preset by name, or a ConfigError listing the presets."""
     try:

@@ -12,36 +12,24 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from fedpacs.common import wire
 from fedpacs.common.config import RunConfig
 from fedpacs.common.datasets import load_holdout
 from fedpacs.common.engine import evaluate
 from fedpacs.common.models import build_model, pick_device
-from fedpacs.common.tasks import get_task
 from fedpacs.server.recorder import RoundRecorder
 from fedpacs.server.rundir import RunDirectory
+from fedpacs.server.strategies import make_strategy
 
 log = logging.getLogger("fedpacs.server")
 
 app = ServerApp()
 
 
-def make_strategy(cfg: RunConfig, recorder: RoundRecorder) -> FedAvg:
-    return FedAvg(
-        fraction_train=1.0, fraction_evaluate=1.0,
-        min_train_nodes=cfg.min_sites, min_evaluate_nodes=cfg.min_sites,
-        min_available_nodes=cfg.min_sites, weighted_by_key=wire.NUM_EXAMPLES,
-        arrayrecord_key=wire.ARRAYS_KEY, configrecord_key=wire.CONFIG_KEY,
-        train_metrics_aggr_fn=recorder.aggregate_train,
-        evaluate_metrics_aggr_fn=recorder.aggregate_evaluate,
-    )
-
-
 def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     """Run ``cfg.rounds`` rounds of FedAvg on ``grid``; returns the final model's path."""
-    task = get_task(cfg.task)
+    task = cfg.task_config()
     torch.manual_seed(cfg.seed)
     model = build_model(task, seed=cfg.seed)
     run_dir = RunDirectory(Path(cfg.run_dir), task=task, config=cfg.to_flat())
@@ -80,7 +68,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     final = run_dir.save_final(model, {
         "sites": dict(sorted(recorder.site_samples.items())),
         "num_rounds": cfg.rounds,
-        "strategy": "FedAvg",
+        "strategy": cfg.strategy,
+        "fedbn": cfg.fedbn,
     })
     run_dir.set_status("finished", round_=cfg.rounds, total=cfg.rounds)
     return final

@@ -69,3 +69,35 @@ def test_wrong_task_and_missing_config_reply_with_codes_only(tmp_path: Path,
     missing = handle(_message("breastmnist"), _context(str(tmp_path / "nope.toml")), train_round)
     assert missing.has_error() and missing.error.code == ExitCode.CONFIG
     assert "nope.toml" not in missing.error.reason
+
+
+def test_fedbn_keeps_the_site_norm_layers(tmp_path: Path, data_dir: Path) -> None:
+    import torch
+
+    from fedpacs.client.trainer import FEDBN_STATE_KEY, open_round
+    from fedpacs.common.config import load_site_config
+    from fedpacs.common.models import norm_state_keys
+
+    site = load_site_config(_site(tmp_path, data_dir))
+    msg = _message("breastmnist")
+    msg.content["config"]["fedbn"] = True
+    state = RecordDict()
+    reply = train_round(site, msg.content, state)
+    local = state.array_records[FEDBN_STATE_KEY].to_torch_state_dict()
+    model = build_model(TASK_PRESETS["breastmnist"])
+    assert set(local) == norm_state_keys(model) and any("bn" in k for k in local)
+    # next round: the global norm layers are replaced by this site's own
+    nxt = _message("breastmnist")
+    nxt.content["config"]["fedbn"] = True
+    r = open_round(site, nxt.content, state)
+    global_state = build_model(TASK_PRESETS["breastmnist"]).state_dict()
+    trained = reply["arrays"].to_torch_state_dict()
+    for k in local:
+        assert torch.equal(r.model.state_dict()[k], local[k].to(r.model.state_dict()[k].dtype))
+    k = next(k for k in local if k.endswith("running_mean"))
+    assert not torch.equal(r.model.state_dict()[k], global_state[k])
+    assert torch.equal(trained[k], local[k])
+    # without FedBN nothing is kept
+    plain = RecordDict()
+    train_round(site, _message("breastmnist").content, plain)
+    assert FEDBN_STATE_KEY not in plain.array_records

@@ -1,0 +1,98 @@
+"""Each strategy's aggregate of three hand-made updates, against answers computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedpacs.common.config import RunConfig
+from fedpacs.common.errors import ConfigError
+from fedpacs.server.recorder import RoundRecorder
+from fedpacs.server.strategies import STRATEGIES, make_strategy
+
+UPDATES = [(np.array([1.0, 2.0, 3.0]), 1), (np.array([2.0, 4.0, 6.0]), 1),
+           (np.array([10.0, 20.0, 30.0]), 2)]
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def _replies() -> list[Message]:
+    out = []
+    for i, (w, n) in enumerate(UPDATES):
+        content = RecordDict({"arrays": ArrayRecord(numpy_ndarrays=[w.astype(np.float32)]),
+                              "metrics": MetricRecord({"num-examples": n, "train-loss": 1.0}),
+                              "site": ConfigRecord({"name": f"s{i}"})})
+        out.append(Message(content=content, dst_node_id=i + 1, message_type=MessageType.TRAIN))
+    return out
+
+
+def _aggregate(name: str, **kw: object) -> np.ndarray:
+    cfg = RunConfig(strategy=name, min_sites=3, **kw)  # type: ignore[arg-type]
+    strategy = make_strategy(cfg, RoundRecorder())
+    arrays, _ = strategy.aggregate_train(1, _replies())
+    assert arrays is not None
+    return arrays.to_numpy_ndarrays()[0]
+
+
+def test_fedavg_weighted_mean() -> None:
+    # (1*[1,2,3] + 1*[2,4,6] + 2*[10,20,30]) / 4 = [23/4, 46/4, 69/4]
+    assert _aggregate("fedavg") == pytest.approx([5.75, 11.5, 17.25])
+
+
+def test_fedprox_aggregates_like_fedavg() -> None:
+    assert _aggregate("fedprox", proximal_mu=0.1) == pytest.approx([5.75, 11.5, 17.25])
+
+
+def test_fedmedian_is_elementwise_median() -> None:
+    assert _aggregate("fedmedian") == pytest.approx([2.0, 4.0, 6.0])
+
+
+def test_fedtrimmedavg_cuts_the_extremes() -> None:
+    # beta 0.34 of 3 updates cuts 1 at each end per element: only the middle one is left
+    assert _aggregate("fedtrimmedavg", trimmed_beta=0.34) == pytest.approx([2.0, 4.0, 6.0])
+
+
+def test_krum_picks_a_central_update_not_the_outlier() -> None:
+    # n=3, f=0: score = squared distance to the n-f-2 = 1 nearest other update.
+    # [1,2,3] and [2,4,6] are 14 apart; [10,20,30] is 14*64=896 from [2,4,6]: Krum keeps
+    # one of the first two (the first on a tie).
+    assert _aggregate("krum", krum_malicious=0) == pytest.approx([1.0, 2.0, 3.0])
+
+
+def test_fedadam_moves_from_the_current_model() -> None:
+    cfg = RunConfig(strategy="fedadam", min_sites=3, server_lr=0.1)
+    strategy = make_strategy(cfg, RoundRecorder())
+    # FedOpt needs the current global model before aggregating
+    keys = list(_replies()[0].content["arrays"].keys())
+    strategy.current_arrays = {keys[0]: np.zeros(3, dtype=np.float32)}  # type: ignore[attr-defined]
+    arrays, _ = strategy.aggregate_train(1, _replies())
+    assert arrays is not None
+    step = arrays.to_numpy_ndarrays()[0]
+    # first Adam step from 0 towards the positive mean delta: positive, bounded by eta/(1-b1)
+    assert np.all(step > 0) and np.all(step <= 1.0 + 1e-6)
+
+
+def test_every_strategy_is_registered_and_validated() -> None:
+    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg",
+                               "krum"}
+    with pytest.raises(ConfigError) as exc:
+        RunConfig.from_flat({"strategy": "fedsgd"})
+    assert "fedtrimmedavg" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        RunConfig.from_flat({"strategy": "fedprox"})
+    assert {e.field for e in exc.value.errors} == {"proximal-mu"}
+    with pytest.raises(ConfigError) as exc:
+        RunConfig.from_flat({"strategy": "krum", "krum-malicious": 1, "min-sites": 3})
+    assert {e.field for e in exc.value.errors} == {"min-sites"}
+    with pytest.raises(ConfigError) as exc:
+        RunConfig.from_flat({"task": "hippocampus", "network": "resnet18"})
+    assert {e.field for e in exc.value.errors} == {"network"}
+    assert RunConfig(task="hippocampus", network="segresnet").task_config().network == \
+        "segresnet"
