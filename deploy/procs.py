@@ -28,7 +28,12 @@ def tool(name: str) -> str:
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower processes: quiet, unbuffered, and with this Python's
+    scripts first on PATH (the SuperLink and SuperNode start ``flower-superexec`` and
+    ``flwr-serverapp``/``flwr-clientapp`` by name, also when no venv is activated)."""
     env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env.update(FLWR_QUIET_ENV)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})

@@ -50,3 +50,17 @@ def test_provision_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["provision", "init", "--dir", str(tmp_path), "--site", "site-a"]) == 0
     assert main(["provision", "add-site", "site-b", "--dir", str(tmp_path)]) == 0
     assert (tmp_path / "sites" / "site-b" / "site-b.pub").is_file()
+
+
+def test_child_env_finds_flower_scripts_without_an_activated_venv(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import sys
+
+    from fedpacs.deploy.procs import child_env
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = child_env()
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    found = shutil.which("flower-superexec", path=env["PATH"])
+    assert found is not None and Path(found).parent == Path(sys.executable).parent
