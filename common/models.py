@@ -6,12 +6,12 @@ so the global model and every local model share keys, shapes and initial weights
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from monai.networks import nets
 from torch import nn
 
 from fedpacs.common.errors import ConfigError, FieldError
@@ -22,65 +22,74 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered network: its task kind, supported dimensionality and builder."""
+    """A registered network: its task kind, dimensionality, MONAI class and arguments.
+
+    ``target`` and ``kwargs`` are the one definition of the network: :func:`build_model`
+    instantiates them, and a MONAI bundle export writes them as ``network_def``.
+    """
 
     kind: str
     spatial_dims: tuple[int, ...]
-    builder: Callable[[TaskConfig], nn.Module]
+    target: str
+    kwargs: Callable[[TaskConfig], dict[str, Any]]
     summary: str
 
+    def network_def(self, task: TaskConfig) -> dict[str, Any]:
+        return {"_target_": self.target, **self.kwargs(task)}
 
-def _resnet(layers: list[int]) -> Callable[[TaskConfig], nn.Module]:
-    def build(task: TaskConfig) -> nn.Module:
+    def build(self, task: TaskConfig) -> nn.Module:
+        module_name, _, cls_name = self.target.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        return cls(**self.kwargs(task))
+
+
+def _resnet(layers: list[int]) -> Callable[[TaskConfig], dict[str, Any]]:
+    def kwargs(task: TaskConfig) -> dict[str, Any]:
         w = task.width
-        return nets.ResNet(
-            block="basic", layers=layers, block_inplanes=[w, 2 * w, 4 * w, 8 * w],
-            spatial_dims=task.spatial_dims, n_input_channels=task.in_channels,
-            conv1_t_size=3, conv1_t_stride=1, no_max_pool=min(task.input_shape) < 64,
-            num_classes=task.num_classes,
-        )
+        return {"block": "basic", "layers": layers, "block_inplanes": [w, 2 * w, 4 * w, 8 * w],
+                "spatial_dims": task.spatial_dims, "n_input_channels": task.in_channels,
+                "conv1_t_size": 3, "conv1_t_stride": 1,
+                "no_max_pool": min(task.input_shape) < 64, "num_classes": task.num_classes}
 
-    return build
+    return kwargs
 
 
-def _densenet121(task: TaskConfig) -> nn.Module:
-    return nets.DenseNet121(
-        spatial_dims=task.spatial_dims, in_channels=task.in_channels,
-        out_channels=task.num_classes, init_features=2 * task.width, growth_rate=task.width,
-    )
+def _densenet121(task: TaskConfig) -> dict[str, Any]:
+    return {"spatial_dims": task.spatial_dims, "in_channels": task.in_channels,
+            "out_channels": task.num_classes, "init_features": 2 * task.width,
+            "growth_rate": task.width}
 
 
-def _unet(task: TaskConfig) -> nn.Module:
+def _unet(task: TaskConfig) -> dict[str, Any]:
     w = task.width
-    return nets.UNet(
-        spatial_dims=task.spatial_dims, in_channels=task.in_channels,
-        out_channels=task.num_classes, channels=(w, 2 * w, 4 * w, 8 * w), strides=(2, 2, 2),
-        num_res_units=0, norm="INSTANCE",
-    )
+    return {"spatial_dims": task.spatial_dims, "in_channels": task.in_channels,
+            "out_channels": task.num_classes, "channels": [w, 2 * w, 4 * w, 8 * w],
+            "strides": [2, 2, 2], "num_res_units": 0, "norm": "INSTANCE"}
 
 
-def _vnet(task: TaskConfig) -> nn.Module:
-    return nets.VNet(spatial_dims=task.spatial_dims, in_channels=task.in_channels,
-                     out_channels=task.num_classes, dropout_prob=0.0)
+def _vnet(task: TaskConfig) -> dict[str, Any]:
+    return {"spatial_dims": task.spatial_dims, "in_channels": task.in_channels,
+            "out_channels": task.num_classes, "dropout_prob": 0.0}
 
 
-def _segresnet(task: TaskConfig) -> nn.Module:
-    return nets.SegResNet(spatial_dims=task.spatial_dims, in_channels=task.in_channels,
-                          out_channels=task.num_classes, init_filters=task.width)
+def _segresnet(task: TaskConfig) -> dict[str, Any]:
+    return {"spatial_dims": task.spatial_dims, "in_channels": task.in_channels,
+            "out_channels": task.num_classes, "init_filters": task.width}
 
 
+NETS = "monai.networks.nets"
 MODELS: dict[str, ModelSpec] = {
-    "resnet18": ModelSpec("classification", (2, 3), _resnet([2, 2, 2, 2]),
+    "resnet18": ModelSpec("classification", (2, 3), f"{NETS}.ResNet", _resnet([2, 2, 2, 2]),
                           "ResNet-18 (He 2016), MONAI implementation"),
-    "resnet34": ModelSpec("classification", (2, 3), _resnet([3, 4, 6, 3]),
+    "resnet34": ModelSpec("classification", (2, 3), f"{NETS}.ResNet", _resnet([3, 4, 6, 3]),
                           "ResNet-34 (He 2016), MONAI implementation"),
-    "densenet121": ModelSpec("classification", (2, 3), _densenet121,
+    "densenet121": ModelSpec("classification", (2, 3), f"{NETS}.DenseNet121", _densenet121,
                              "DenseNet-121 (Huang 2017), MONAI implementation"),
-    "unet": ModelSpec("segmentation", (2, 3), _unet,
+    "unet": ModelSpec("segmentation", (2, 3), f"{NETS}.UNet", _unet,
                       "U-Net (Ronneberger 2015) / 3D U-Net (Cicek 2016), MONAI UNet"),
-    "vnet": ModelSpec("segmentation", (3,), _vnet,
+    "vnet": ModelSpec("segmentation", (3,), f"{NETS}.VNet", _vnet,
                       "V-Net (Milletari 2016); input sides must be multiples of 16"),
-    "segresnet": ModelSpec("segmentation", (2, 3), _segresnet,
+    "segresnet": ModelSpec("segmentation", (2, 3), f"{NETS}.SegResNet", _segresnet,
                            "SegResNet (Myronenko 2018), MONAI implementation"),
 }
 
@@ -99,7 +108,7 @@ def build_model(task: TaskConfig, *, seed: int = 0) -> nn.Module:
             "pick a network that matches the task")])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return spec.builder(task)
+        return spec.build(task)
 
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)

@@ -7,19 +7,26 @@ import logging
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
 
 from fedpacs.common.errors import EXIT_CODES, ConfigError, ExitCode, FedpacsError, FieldError
 
+if TYPE_CHECKING:
+    from fedpacs.common.registry_api import RegistryClient
+
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="fedpacs: federated training across hospitals' PACS.")
 site_cli = typer.Typer(no_args_is_help=True, help="Hospital side: check a site, run its daemon.")
 provision_cli = typer.Typer(no_args_is_help=True, help="CA, SuperLink TLS and site keys.")
+registry_cli = typer.Typer(no_args_is_help=True, help="Coordinator: serve the model registry.")
+models_cli = typer.Typer(no_args_is_help=True, help="Researcher: list, show and pull models.")
 cli.add_typer(site_cli, name="site")
 cli.add_typer(provision_cli, name="provision")
+cli.add_typer(registry_cli, name="registry")
+cli.add_typer(models_cli, name="models")
 
 
 @cli.command()
@@ -149,6 +156,119 @@ def site_start(
                                     root_certificates=root_certificates, auth_key=auth_key,
                                     runtime_port=runtime_port))
     raise typer.Exit(code)
+
+
+@registry_cli.command("add-token")
+def registry_add_token(
+    researcher: Annotated[str, typer.Argument(help="researcher name, e.g. alice@uni")],
+    tokens: Annotated[Path, typer.Option(help="token file (hashes only)")] = Path(
+        "registry/tokens.json"),
+) -> None:
+    """Create a researcher's bearer token (printed once; only its hash is stored)."""
+    from fedpacs.server.registry import TokenStore
+
+    typer.echo(TokenStore(tokens).add(researcher))
+
+
+@registry_cli.command("publish")
+def registry_publish(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    model_id: Annotated[str, typer.Option("--id", help="model id in the registry")],
+    root: Annotated[Path, typer.Option(help="registry folder")] = Path("registry/models"),
+) -> None:
+    """Add a finished run (final model + card) to the registry."""
+    from fedpacs.server.registry import Registry
+
+    if not (run_dir / "final" / "model_card.json").is_file():
+        raise ConfigError(str(run_dir), [FieldError(
+            "run_dir", "a finished run (final/model_card.json)", str(run_dir),
+            "wait for the run to finish or pick its run directory")])
+    typer.echo(str(Registry(root).publish(run_dir, model_id)))
+
+
+@registry_cli.command("serve")
+def registry_serve(
+    root: Annotated[Path, typer.Option(help="registry folder")] = Path("registry/models"),
+    tokens: Annotated[Path, typer.Option(help="token file")] = Path("registry/tokens.json"),
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8470,
+) -> None:
+    """Serve the registry's HTTP API (bearer tokens) until interrupted."""
+    import time
+
+    from fedpacs.server.registry import Registry, RegistryServer, TokenStore
+
+    with RegistryServer(Registry(root), TokenStore(tokens), host=host, port=port) as srv:
+        typer.echo(f"registry on {srv.url}/v1/models ({len(srv.registry.model_ids())} models)")
+        while True:
+            time.sleep(3600)
+
+
+def _client(url: str | None, token: str | None) -> RegistryClient:
+    import os
+
+    from fedpacs.common.registry_api import (
+        REGISTRY_TOKEN_ENV,
+        REGISTRY_URL_ENV,
+        RegistryClient,
+    )
+
+    url = url or os.environ.get(REGISTRY_URL_ENV, "")
+    token = token or os.environ.get(REGISTRY_TOKEN_ENV, "")
+    errs = []
+    if not url:
+        errs.append(FieldError("url", "the registry URL", "nothing",
+                               f"pass --url or set ${REGISTRY_URL_ENV}"))
+    if not token:
+        errs.append(FieldError("token", "your registry token", "nothing",
+                               f"pass --token or set ${REGISTRY_TOKEN_ENV}"))
+    if errs:
+        raise ConfigError("models", errs)
+    return RegistryClient(url, token)
+
+
+UrlOpt = Annotated[str | None, typer.Option(help="registry URL ($FEDPACS_REGISTRY_URL)")]
+TokenOpt = Annotated[str | None, typer.Option(help="bearer token ($FEDPACS_TOKEN)")]
+
+
+@models_cli.command("list")
+def models_list(url: UrlOpt = None, token: TokenOpt = None) -> None:
+    """List the registry's models with task, network, rounds and held-out metrics."""
+    client = _client(url, token)
+    for m in client.list():
+        held = m.get("heldout") or {}
+        key = "dice-mean" if "dice-mean" in held else "accuracy"
+        value = held.get(key)
+        typer.echo(f"{m['id']:30s} {m.get('task')!s:15s} {m.get('network')!s:12s} "
+                   f"rounds {m.get('rounds')}  {key} "
+                   f"{'-' if value is None else format(value, '.3f')}")
+
+
+@models_cli.command("show")
+def models_show(model_id: Annotated[str, typer.Argument()], url: UrlOpt = None,
+                token: TokenOpt = None) -> None:
+    """Print a model's card (JSON)."""
+    import json
+
+    client = _client(url, token)
+    typer.echo(json.dumps(client.show(model_id), indent=2))
+
+
+@models_cli.command("pull")
+def models_pull(
+    model_id: Annotated[str, typer.Argument()],
+    out: Annotated[Path, typer.Option(help="download folder")] = Path("models"),
+    bundle: Annotated[bool, typer.Option(help="also export a MONAI bundle")] = False,
+    url: UrlOpt = None, token: TokenOpt = None,
+) -> None:
+    """Download a model (hash-checked against its card); optionally as a MONAI bundle."""
+    from fedpacs.common.registry_api import export_bundle
+
+    client = _client(url, token)
+    path = client.pull(model_id, out / model_id)
+    typer.echo(f"{path}  (load: fedpacs.load_model('{path}'))")
+    if bundle:
+        typer.echo(f"MONAI bundle {export_bundle(path, out / model_id / 'bundle')}")
 
 
 @cli.command("exit-codes")
