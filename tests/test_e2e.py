@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -11,46 +13,70 @@ import torch
 
 import fedpacs
 from fedpacs.common.artifacts import sha256_file
-from fedpacs.common.datasets import DataSpec, load_holdout
+from fedpacs.common.datasets import DataSpec, load_holdout, load_site_data
 from fedpacs.common.engine import evaluate
 from fedpacs.common.tasks import TASK_PRESETS
+from fedpacs.deploy.cli import main
 from fedpacs.deploy.demo import DemoOptions, run_demo, write_site_configs
 from fedpacs.deploy.federation import LocalFederation
 from fedpacs.deploy.pki import provision
+from fedpacs.server.registry import Registry, RegistryServer, TokenStore
 
 pytestmark = pytest.mark.e2e
 
 
 def test_federated_run_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     lines: list[str] = []
-    res = run_demo(DemoOptions(task="breastmnist", sites=2, rounds=2, local_epochs=1,
+    res = run_demo(DemoOptions(task="hippocampus", sites=2, rounds=2, local_epochs=1,
                                workdir=tmp_path / "demo", data_dir=data_dir, timeout_s=900),
                    echo=lines.append)
     assert res.status == "finished:completed"
     assert [r["round"] for r in res.rounds] == [0, 1, 2]
-    # both authenticated sites trained every round, each on its own partition (546 = 273+273)
+    root = data_dir / "msd_hippocampus_udacity"
+    task = TASK_PRESETS["hippocampus"]
+    site_data = {f"site-{c}": load_site_data(DataSpec("nifti", root, partition=i,
+                                                      num_partitions=2), task)
+                 for i, c in enumerate("ab")}
+    expected = {k: len(d.train) for k, d in site_data.items()}
+    # disjoint partitions + the 52 held-out cases cover the 260 cases exactly
+    assert sum(len(d.train) + len(d.val) for d in site_data.values()) + 52 == 260
+    # both authenticated sites trained every round, each on its own partition
     for r in res.rounds[1:]:
-        assert {k: v["num-examples"] for k, v in r["train_sites"].items()} == {
-            "site-a": 273, "site-b": 273}
+        assert {k: v["num-examples"] for k, v in r["train_sites"].items()} == expected
         assert set(r["evaluate_sites"]) == {"site-a", "site-b"}
-    # per-round checkpoints exist and are loadable
+    dice = [r["heldout"]["dice-mean"] for r in res.rounds]
+    assert dice[0] < dice[1] < dice[2]  # held-out Dice rises round over round
+    # per-round checkpoints exist and match their recorded hashes
     for r in range(3):
         ckpt = res.run_dir / "rounds" / f"round-{r:03d}" / "model.pt"
         assert sha256_file(ckpt) == res.rounds[r]["model_sha256"]
-    # the researcher's one call, reproducing the reported held-out metric
-    model, card = fedpacs.load_model(str(res.final_model))
-    assert card["sites"] == {"site-a": 273, "site-b": 273} and card["num_rounds"] == 2
-    task = TASK_PRESETS["breastmnist"]
-    hold = load_holdout(DataSpec("medmnist", data_dir / "medmnist_breast" / "breastmnist.npz"),
-                        task)
-    again = evaluate(model, hold, task=task, device=torch.device("cpu"))
-    assert again["accuracy"] == pytest.approx(res.rounds[-1]["heldout"]["accuracy"], abs=1e-6)
-    assert res.rounds[-1]["heldout"]["loss"] < res.rounds[0]["heldout"]["loss"]
     card_file = json.loads((res.run_dir / "final" / "model_card.json").read_text())
     assert card_file["files"]["model.pt"]["sha256"] == sha256_file(res.final_model)
     assert any("round 2/2" in line for line in lines)
     log_dir = tmp_path / "demo" / "logs"
     assert (log_dir / "superlink.log").is_file() and (log_dir / "supernode-site-a.log").is_file()
+
+    # the researcher: pull the finished model with a token, load it, reproduce the Dice
+    registry = Registry(tmp_path / "registry")
+    registry.publish(res.run_dir, "hippo-e2e")
+    tokens = TokenStore(tmp_path / "tokens.json")
+    token = tokens.add("researcher")
+    with RegistryServer(registry, tokens) as srv:
+        assert main(["models", "pull", "hippo-e2e", "--out", str(tmp_path / "pulled"),
+                     "--url", srv.url, "--token", token]) == 0
+        base = f"{srv.url}/v1/models"
+        for url, tok, code in ((base, "not-a-token", 401),
+                               (f"{base}/..%2F..%2Ftokens.json/files/model.pt", token, 404),
+                               (f"{base}/hippo-e2e/files/..%2F..%2F..%2Ftokens.json", token, 404)):
+            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {tok}"})
+            with pytest.raises(urllib.error.HTTPError) as exc:
+                urllib.request.urlopen(req, timeout=10)
+            assert exc.value.code == code
+    model, card = fedpacs.load_model(str(tmp_path / "pulled" / "hippo-e2e" / "model.pt"))
+    assert card["sites"] == expected and card["num_rounds"] == 2
+    hold = load_holdout(DataSpec("nifti", root), task)
+    again = evaluate(model, hold, task=task, device=torch.device("cpu"))
+    assert again["dice-mean"] == pytest.approx(res.rounds[-1]["heldout"]["dice-mean"], abs=1e-5)
 
 
 def test_unregistered_supernode_is_refused(tmp_path: Path, data_dir: Path) -> None:
