@@ -12,6 +12,7 @@ from collections.abc import Callable
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpacs.client.metrics import site_metrics
 from fedpacs.client.trainer import evaluate_round, train_round
 from fedpacs.common.config import SITE_CONFIG_NODE_KEY, SiteConfig, load_site_config
 from fedpacs.common.errors import FedpacsError, describe
@@ -34,6 +35,7 @@ def handle(msg: Message, context: Context,
         return Message(content=work(site, msg.content, context.state), reply_to=msg)
     except FedpacsError as err:
         log.error("site refused message %s: %s", msg.metadata.message_type, err)
+        site_metrics().errors.labels(code=str(int(err.code))).inc()
         return site_error_reply(msg, err)
 
 

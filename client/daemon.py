@@ -7,11 +7,14 @@ config is invalid, so a hospital never joins a federation it cannot serve.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpacs.client.metrics import MULTIPROC_ENV, serve_multiprocess
 from fedpacs.common.config import SITE_CONFIG_NODE_KEY, SiteConfig, load_site_config
 from fedpacs.common.datasets import load_site_data
 from fedpacs.common.errors import AuthError, DataError
@@ -47,6 +50,8 @@ class DaemonOptions:
     auth_key: Path
     runtime_port: int = 9094
     max_wait_s: float | None = None
+    metrics_port: int = 0  # 0: no metrics endpoint
+    state_dir: Path | None = None  # where ClientApp processes write metrics (default: a tmp dir)
 
 
 def supernode_argv(opts: DaemonOptions, site_config: Path) -> list[str]:
@@ -73,7 +78,17 @@ def run_daemon(opts: DaemonOptions) -> int:
     argv = supernode_argv(opts, site_config)
     log.info("site %s: %d train / %d val samples; starting SuperNode", summary.site.name,
              summary.train, summary.val)
-    proc = subprocess.Popen(argv, env=child_env())
+    env = child_env()
+    if opts.metrics_port:
+        mdir = opts.state_dir or Path(tempfile.mkdtemp(prefix=f"fedpacs-{summary.site.name}-"))
+        mdir = mdir / "metrics"
+        if mdir.is_dir():
+            shutil.rmtree(mdir)  # multiprocess files from an earlier daemon are stale
+        serve_multiprocess(mdir, opts.metrics_port)
+        env[MULTIPROC_ENV] = str(mdir)
+        log.info("site %s: metrics on http://127.0.0.1:%d/metrics", summary.site.name,
+                 opts.metrics_port)
+    proc = subprocess.Popen(argv, env=env)
 
     def forward(signum: int, _frame: object) -> None:
         proc.send_signal(signum)

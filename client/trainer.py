@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedpacs.client.metrics import site_metrics
 from fedpacs.common import wire
 from fedpacs.common.config import SiteConfig
 from fedpacs.common.datasets import SiteData, load_site_data
@@ -124,6 +125,12 @@ def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> Rec
         proximal_mu=ins.proximal_mu))
     if ins.fedbn:
         keep_norm_layers(model, state)
+    m = site_metrics()
+    m.train_seconds.set(res.seconds)
+    m.train_samples.set(res.num_examples)
+    m.last_round.set(ins.server_round)
+    m.rounds.inc()
+    m.record_memory()
     log.info("site %s round %d: trained on %d samples in %.1fs, loss %.4f",
              site.name, ins.server_round, res.num_examples, res.seconds, res.loss)
     metrics = MetricRecord({wire.NUM_EXAMPLES: res.num_examples, "train-loss": res.loss,
@@ -138,6 +145,7 @@ def evaluate_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> 
     r = open_round(site, content, state)
     ins, task, device, data, model = r.ins, r.task, r.device, r.data, r.model
     values = evaluate(model, data.val, task=task, device=device)
+    site_metrics().val_samples.set(len(data.val))
     log.info("site %s round %d: evaluated on %d samples: %s", site.name, ins.server_round,
              len(data.val), values)
     metrics = MetricRecord({wire.NUM_EXAMPLES: len(data.val),

@@ -25,7 +25,12 @@ registry_cli = typer.Typer(no_args_is_help=True, help="Coordinator: serve the mo
 models_cli = typer.Typer(no_args_is_help=True, help="Researcher: list, show and pull models.")
 cli.add_typer(site_cli, name="site")
 cli.add_typer(provision_cli, name="provision")
+federation_cli = typer.Typer(no_args_is_help=True,
+                             help="Coordinator: bring a local federation up or down.")
+run_cli = typer.Typer(no_args_is_help=True, help="Coordinator: start, watch and stop runs.")
 cli.add_typer(registry_cli, name="registry")
+cli.add_typer(federation_cli, name="federation")
+cli.add_typer(run_cli, name="run")
 cli.add_typer(models_cli, name="models")
 
 
@@ -148,14 +153,130 @@ def site_start(
     config: Annotated[Path | None, typer.Option(
         help="site TOML (default: $FEDPACS_SITE_CONFIG)")] = None,
     runtime_port: Annotated[int, typer.Option(help="local SuperNode runtime port")] = 9094,
+    metrics_port: Annotated[int, typer.Option(
+        help="serve Prometheus metrics on 127.0.0.1:PORT (0: off)")] = 0,
+    state_dir: Annotated[Path | None, typer.Option(help="site state folder (metrics)")] = None,
+    max_wait: Annotated[float | None, typer.Option(
+        help="give up connecting to the SuperLink after this many seconds")] = None,
 ) -> None:
     """Validate the site config, then run this hospital's SuperNode (the site daemon)."""
     from fedpacs.client.daemon import DaemonOptions, run_daemon
 
     code = run_daemon(DaemonOptions(config=config, superlink=superlink,
                                     root_certificates=root_certificates, auth_key=auth_key,
-                                    runtime_port=runtime_port))
+                                    runtime_port=runtime_port, metrics_port=metrics_port,
+                                    state_dir=state_dir, max_wait_s=max_wait))
     raise typer.Exit(code)
+
+
+WorkdirOpt = Annotated[Path, typer.Option(help="the federation's folder")]
+
+
+@federation_cli.command("up")
+def federation_up_cmd(
+    workdir: WorkdirOpt = Path("runs/federation"),
+    task: Annotated[str, typer.Option(help="preset whose data the sites get")] = "hippocampus",
+    sites: Annotated[int, typer.Option(help="number of sites (disjoint partitions)")] = 3,
+    data_dir: Annotated[Path | None, typer.Option(help="shared data folder")] = None,
+    site_config: Annotated[list[Path] | None, typer.Option(
+        help="use these site files instead of generated ones (repeat)")] = None,
+) -> None:
+    """Start a SuperLink (TLS, node auth) and one site daemon per site, in the background."""
+    from fedpacs.deploy.demo import DEMO_DATA, resolve_data_dir, site_names, write_site_configs
+    from fedpacs.deploy.procs import free_port
+    from fedpacs.server.coordinator import federation_up
+
+    if site_config:
+        files = {p.stem: p for p in site_config}
+    else:
+        if task not in DEMO_DATA:
+            raise ConfigError("federation up", [FieldError(
+                "task", f"one of {', '.join(DEMO_DATA)}", repr(task), "pick a preset")])
+        td = DEMO_DATA[task]
+        names = site_names(sites)
+        paths = write_site_configs(workdir.resolve() / "sites", task=task,
+                                   data=resolve_data_dir(data_dir) / td.relpath, fmt=td.format,
+                                   names=names, threads=1, seed=0)
+        files = dict(zip(names, paths, strict=True))
+    state = federation_up(workdir, files, metrics_ports={n: free_port() for n in files})
+    typer.echo(f"SuperLink 127.0.0.1:{state.port} (pid {state.superlink_pid})")
+    for name, pid in state.site_pids.items():
+        typer.echo(f"site {name}: daemon pid {pid}, metrics {state.metrics.get(name, '-')}")
+
+
+@federation_cli.command("down")
+def federation_down_cmd(workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Stop the federation's processes by PID."""
+    from fedpacs.server.coordinator import federation_down
+
+    typer.echo(f"stopped pids {federation_down(workdir)}")
+
+
+@run_cli.command("start")
+def run_start(
+    workdir: WorkdirOpt = Path("runs/federation"),
+    task: Annotated[str, typer.Option(help="task preset")] = "hippocampus",
+    network: Annotated[str, typer.Option(help="network (default: the preset's)")] = "",
+    strategy: Annotated[str, typer.Option(
+        help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum")] = "fedavg",
+    rounds: Annotated[int, typer.Option()] = 3,
+    min_sites: Annotated[int, typer.Option(help="sites needed per round")] = 2,
+    round_timeout: Annotated[float, typer.Option(help="seconds to wait for sites per round")
+                             ] = 900.0,
+    local_epochs: Annotated[int, typer.Option()] = 1,
+    lr: Annotated[float | None, typer.Option(help="local learning rate")] = None,
+    proximal_mu: Annotated[float, typer.Option(help="FedProx mu")] = 0.0,
+    fedbn: Annotated[bool, typer.Option(help="keep normalisation layers local")] = False,
+    heldout: Annotated[bool, typer.Option(
+        help="evaluate on the preset's held-out split at the server")] = True,
+    data_dir: Annotated[Path | None, typer.Option(help="shared data folder")] = None,
+) -> None:
+    """Validate a run against the federation, then start it; prints the run id."""
+    from fedpacs.common.config import RunConfig
+    from fedpacs.deploy.demo import DEMO_DATA, resolve_data_dir
+    from fedpacs.server.coordinator import start_run
+
+    td = DEMO_DATA.get(task)
+    eval_fmt, eval_root = "", ""
+    if heldout and td is not None:
+        eval_fmt, eval_root = td.format, str(resolve_data_dir(data_dir) / td.relpath)
+    cfg = RunConfig(task=task, network=network, strategy=strategy, rounds=rounds,
+                    min_sites=min_sites, round_timeout_s=round_timeout,
+                    local_epochs=local_epochs, lr=lr if lr is not None else (td.lr if td else 1e-3),
+                    batch_size=td.batch_size if td else 8, proximal_mu=proximal_mu, fedbn=fedbn,
+                    eval_format=eval_fmt, eval_root=eval_root)
+    run_id, run_dir = start_run(workdir, cfg)
+    typer.echo(f"run {run_id} started; run directory {run_dir}")
+
+
+@run_cli.command("status")
+def run_status_cmd(run_id: Annotated[int, typer.Argument()],
+                   workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Status, round progress and latest metrics of a run (JSON)."""
+    import json
+
+    from fedpacs.server.coordinator import run_status
+
+    typer.echo(json.dumps(run_status(workdir, run_id), indent=2, default=str))
+
+
+@run_cli.command("stop")
+def run_stop_cmd(run_id: Annotated[int, typer.Argument()],
+                 workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Stop a run."""
+    from fedpacs.server.coordinator import stop_run
+
+    stop_run(workdir, run_id)
+    typer.echo(f"run {run_id} stopped")
+
+
+@run_cli.command("logs")
+def run_logs_cmd(run_id: Annotated[int, typer.Argument()],
+                 workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Print the run's logs (ServerApp side)."""
+    from fedpacs.server.coordinator import run_logs
+
+    typer.echo(run_logs(workdir, run_id))
 
 
 @registry_cli.command("add-token")

@@ -20,6 +20,7 @@ from fedpacs.common.config import RunConfig, load_site_config
 from fedpacs.common.errors import ConfigError, DeadlineError, FieldError, ProcessError
 from fedpacs.deploy.federation import LocalFederation, Timeouts, write_app
 from fedpacs.deploy.pki import provision
+from fedpacs.deploy.procs import free_port
 
 DATA_DIR_ENV = "FEDPACS_DATA_DIR"
 
@@ -64,6 +65,7 @@ class DemoResult:
     rounds: list[dict[str, Any]]
     status: str
     seconds: float
+    metrics_urls: dict[str, str]
 
 
 def resolve_data_dir(flag: Path | None) -> Path:
@@ -129,7 +131,9 @@ def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
         return []
 
 
-def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoResult:
+def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print,
+             on_round: Callable[[dict[str, Any], dict[str, str]], None] | None = None,
+             ) -> DemoResult:
     if opts.task not in DEMO_DATA:
         raise ConfigError("demo", [FieldError("task", f"one of {', '.join(DEMO_DATA)}",
                                               repr(opts.task), "choose a demo task")])
@@ -151,13 +155,24 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print) -> DemoR
                                     names=names, threads=opts.threads_per_site, seed=opts.seed)
     echo(f"fedpacs demo: {opts.task}, {opts.sites} sites, {opts.rounds} rounds, data {data}")
     return run_local_federation(work, dict(zip(names, site_files, strict=True)), cfg,
-                                timeout_s=opts.timeout_s, echo=echo)
+                                timeout_s=opts.timeout_s, echo=echo, on_round=on_round)
 
 
 def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
-                         timeout_s: float, echo: Callable[[str], None] = print) -> DemoResult:
-    """Provision, start a SuperLink and one SuperNode per site file, run ``cfg``, tear down."""
+                         timeout_s: float, echo: Callable[[str], None] = print,
+                         on_round: Callable[[dict[str, Any], dict[str, str]], None] | None = None,
+                         ) -> DemoResult:
+    """Provision, start a SuperLink and one site daemon per site file, run ``cfg`` (with a
+    Prometheus endpoint for the server and each site), tear everything down.
+
+    ``on_round(record, metrics_urls)`` is called as each round's record appears.
+    """
     names = list(sites)
+    site_ports = {name: free_port() for name in names}
+    if not cfg.metrics_port:
+        cfg = replace(cfg, metrics_port=free_port())
+    metrics_urls = {"server": f"http://127.0.0.1:{cfg.metrics_port}/metrics"} | {
+        name: f"http://127.0.0.1:{p}/metrics" for name, p in site_ports.items()}
     run_dir = Path(cfg.run_dir)
     pki = provision(work / "pki", sites=names)
     # each local federation is fresh: earlier node registrations and runs are not carried over
@@ -173,12 +188,15 @@ def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
         for name in names:
             fed.register(pki.site(name))
         for name, sf in sites.items():
-            proc = fed.start_supernode(pki.site(name), site_config=sf)
-            echo(f"  SuperNode {name} pid {proc.pid} (site config {sf.name})")
+            proc = fed.start_supernode(pki.site(name), site_config=sf,
+                                       metrics_port=site_ports[name])
+            echo(f"  site daemon {name} pid {proc.pid} (site config {sf.name}, metrics "
+                 f"{metrics_urls[name]})")
         fed.wait_nodes_online(len(names))
         echo(f"  {len(names)} authenticated SuperNodes online after {time.monotonic() - t0:.0f}s")
         run_id = fed.start_run(write_app(work / "app", cfg))
-        echo(f"  run {run_id} started; streaming rounds (held-out = data never given to a site)")
+        echo(f"  run {run_id} started; server metrics {metrics_urls['server']}; streaming "
+             "rounds (held-out = data never given to a site)")
         status, seen, next_status = "pending", 0, 0.0
         deadline = time.monotonic() + timeout_s
         while True:
@@ -186,6 +204,8 @@ def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
             rounds = read_rounds(run_dir)
             for r in rounds[seen:]:
                 echo(f"  [{time.monotonic() - t0:6.0f}s] {format_round(r, cfg.rounds)}")
+                if on_round:
+                    on_round(r, metrics_urls)
             seen = len(rounds)
             if time.monotonic() >= next_status:
                 status = fed.run_status(run_id)
@@ -211,7 +231,8 @@ def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
          f"m, card = fedpacs.load_model('{final}')\")")
     echo(f"  model card    {run_dir / 'final' / 'model_card.json'}")
     echo(f"  metrics       {run_dir / 'metrics.json'}")
-    return DemoResult(run_id, run_dir, final, read_rounds(run_dir), status, seconds)
+    return DemoResult(run_id, run_dir, final, read_rounds(run_dir), status, seconds,
+                      metrics_urls)
 
 
 def with_defaults(opts: DemoOptions, **kw: Any) -> DemoOptions:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedpacs.common.config import SITE_CONFIG_NODE_KEY, RunConfig
+from fedpacs.common.config import RunConfig
 from fedpacs.common.errors import DeadlineError, ProcessError
 from fedpacs.deploy.pki import Pki, SiteKeys
 from fedpacs.deploy.procs import Proc, ProcessSet, child_env, free_port, port_open, tool, wait_until
@@ -153,17 +153,21 @@ class LocalFederation:
 
     # ---------------------------------------------------------------- SuperNodes
     def start_supernode(self, site: SiteKeys, *, site_config: Path,
-                        max_wait_s: float | None = None) -> Proc:
+                        max_wait_s: float | None = None, metrics_port: int = 0) -> Proc:
+        """Start the site daemon (``fedpacs site start``), which validates the site config
+        and runs the site's SuperNode (and serves its metrics when ``metrics_port``)."""
         argv = [
-            tool("flower-supernode"),
+            tool("fedpacs"), "site", "start",
+            "--config", str(site_config.resolve()),
             "--superlink", self.address,
             "--root-certificates", str(self.pki.ca_cert),
-            "--auth-supernode-private-key", str(site.private_key),
-            "--node-config", f'{SITE_CONFIG_NODE_KEY}="{site_config.resolve()}"',
-            "--port", str(free_port(self.host)),
+            "--auth-key", str(site.private_key),
+            "--runtime-port", str(free_port(self.host)),
+            "--state-dir", str(self.workdir / "site-state" / site.name),
+            "--metrics-port", str(metrics_port),
         ]
         if max_wait_s is not None:
-            argv += ["--max-wait-time", str(max_wait_s)]
+            argv += ["--max-wait", str(max_wait_s)]
         proc = self.procs.start(f"supernode-{site.name}", argv, env=self.env(), cwd=self.workdir)
         self.nodes[site.name] = proc
         return proc

@@ -18,6 +18,7 @@ from fedpacs.common.config import RunConfig
 from fedpacs.common.datasets import load_holdout
 from fedpacs.common.engine import evaluate
 from fedpacs.common.models import build_model, pick_device
+from fedpacs.server.metrics import ServerMetrics
 from fedpacs.server.recorder import RoundRecorder
 from fedpacs.server.rundir import RunDirectory
 from fedpacs.server.strategies import make_strategy
@@ -37,6 +38,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     holdout = load_holdout(spec, task) if spec else None
     device = pick_device("auto")
     recorder = RoundRecorder()
+    metrics = ServerMetrics()
+    if cfg.metrics_port:
+        metrics.serve(cfg.metrics_port)
+    metrics.rounds_total.set(cfg.rounds)
+    clock = {"last": time.monotonic()}
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         wire.load_arrays(model, arrays)
@@ -47,6 +53,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             server_metrics["num-examples"] = float(len(holdout))
             record["heldout"] = server_metrics
         record["time"] = time.time()
+        if server_round > 0:  # metrics first: a reader of metrics.json then sees them too
+            update_metrics(metrics, record, arrays, connected=len(list(grid.get_node_ids())),
+                           seconds=time.monotonic() - clock["last"], server_round=server_round)
+        clock["last"] = time.monotonic()
         run_dir.save_round(server_round, model, record)
         run_dir.set_status("running", round_=server_round, total=cfg.rounds)
         log.info("round %d/%d done: %s", server_round, cfg.rounds, server_metrics)
@@ -73,6 +83,26 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     })
     run_dir.set_status("finished", round_=cfg.rounds, total=cfg.rounds)
     return final
+
+
+def update_metrics(m: ServerMetrics, record: dict[str, Any], arrays: ArrayRecord, *,
+                   connected: int, seconds: float, server_round: int) -> None:
+    """Publish one finished round's record as Prometheus series."""
+    participating = len(record.get("train_sites", {}))
+    m.round.set(server_round)
+    m.round_seconds.set(seconds)
+    m.participating.set(participating)
+    m.dropped.set(max(connected - participating, 0))
+    m.bytes_in.inc(record.get("train_bytes_in", 0))
+    m.bytes_out.inc(arrays.count_bytes() * (participating
+                                            + len(record.get("evaluate_sites", {}))))
+    if "train-loss" in record.get("train", {}):
+        m.train_loss.set(record["train"]["train-loss"])
+    for k, v in (record.get("heldout") or {}).items():
+        m.heldout.labels(metric=k).set(v)
+    for k, v in (record.get("evaluate") or {}).items():
+        if k.startswith("val-"):
+            m.federated.labels(metric=k[4:]).set(v)
 
 
 @app.main()

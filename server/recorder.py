@@ -38,6 +38,8 @@ class RoundRecorder:
         agg = aggregate_metricrecords(records, key)
         self.pending[phase] = dict(agg.items())
         self.pending[f"{phase}_sites"] = sites
+        self.pending[f"{phase}_bytes_in"] = sum(ar.count_bytes() for r in records
+                                                for ar in r.array_records.values())
         if phase == "train":
             for name, m in sites.items():
                 self.site_samples[name] = int(m.get(wire.NUM_EXAMPLES, 0))

@@ -25,11 +25,31 @@ from fedpacs.server.registry import Registry, RegistryServer, TokenStore
 pytestmark = pytest.mark.e2e
 
 
+def scrape_metrics(url: str) -> dict[str, float]:
+    """Prometheus text exposition -> {'name{label="v"}': value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items())
+                              if k not in ("pid",))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
 def test_federated_run_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     lines: list[str] = []
+    scrapes: list[dict[str, dict[str, float]]] = []
+
+    def scrape(record: dict[str, object], urls: dict[str, str]) -> None:
+        scrapes.append({name: scrape_metrics(url) for name, url in urls.items()})
+
     res = run_demo(DemoOptions(task="hippocampus", sites=2, rounds=2, local_epochs=1,
                                workdir=tmp_path / "demo", data_dir=data_dir, timeout_s=900),
-                   echo=lines.append)
+                   echo=lines.append, on_round=scrape)
     assert res.status == "finished:completed"
     assert [r["round"] for r in res.rounds] == [0, 1, 2]
     root = data_dir / "msd_hippocampus_udacity"
@@ -44,6 +64,21 @@ def test_federated_run_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     for r in res.rounds[1:]:
         assert {k: v["num-examples"] for k, v in r["train_sites"].items()} == expected
         assert set(r["evaluate_sites"]) == {"site-a", "site-b"}
+    # both metrics endpoints, scraped with a real HTTP client after rounds 0, 1 and 2
+    assert len(scrapes) == 3
+    server = [s["server"] for s in scrapes]
+    assert [s["fedpacs_round"] for s in server] == [0.0, 1.0, 2.0]
+    assert server[1]["fedpacs_sites_participating"] == 2 and server[1]["fedpacs_sites_dropped"] == 0
+    bytes_in = [s["fedpacs_update_bytes_in_total"] for s in server]
+    assert 0 < bytes_in[1] < bytes_in[2]
+    assert server[1]['fedpacs_heldout_metric{metric="dice-mean"}'] != \
+        server[2]['fedpacs_heldout_metric{metric="dice-mean"}']
+    assert server[2]["fedpacs_aggregate_train_loss"] < server[1]["fedpacs_aggregate_train_loss"]
+    site = [s["site-a"] for s in scrapes]
+    assert [s.get("fedpacs_site_rounds_total", 0.0) for s in site] == [0.0, 1.0, 2.0]
+    assert site[2]["fedpacs_site_train_samples"] == expected["site-a"]
+    assert site[2]["fedpacs_site_last_round"] == 2 and site[2]["fedpacs_site_train_seconds"] > 0
+    assert site[2]["fedpacs_site_peak_memory_bytes"] > 50e6
     dice = [r["heldout"]["dice-mean"] for r in res.rounds]
     assert dice[0] < dice[1] < dice[2]  # held-out Dice rises round over round
     # per-round checkpoints exist and match their recorded hashes

@@ -1,0 +1,41 @@
+"""Prometheus metrics of the aggregation server (the ServerApp process of a run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+
+@dataclass
+class ServerMetrics:
+    """One run's series; served on 127.0.0.1:``port`` when :meth:`serve` is called."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.round = Gauge("fedpacs_round", "Last completed federated round", registry=r)
+        self.rounds_total = Gauge("fedpacs_rounds_total", "Rounds in this run", registry=r)
+        self.round_seconds = Gauge("fedpacs_round_duration_seconds",
+                                   "Wall time of the last round", registry=r)
+        self.participating = Gauge("fedpacs_sites_participating",
+                                   "Sites whose update was aggregated in the last round",
+                                   registry=r)
+        self.dropped = Gauge("fedpacs_sites_dropped",
+                             "Connected sites without an update in the last round", registry=r)
+        self.bytes_in = Counter("fedpacs_update_bytes_in", "Bytes of model updates received",
+                                registry=r)
+        self.bytes_out = Counter("fedpacs_model_bytes_out",
+                                 "Bytes of global model sent to sites", registry=r)
+        self.train_loss = Gauge("fedpacs_aggregate_train_loss",
+                                "Sample-weighted mean training loss of the last round",
+                                registry=r)
+        self.heldout = Gauge("fedpacs_heldout_metric", "Global model on the held-out split",
+                             ["metric"], registry=r)
+        self.federated = Gauge("fedpacs_federated_eval_metric",
+                               "Sample-weighted mean of the sites' validation metrics",
+                               ["metric"], registry=r)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        start_http_server(port, addr=host, registry=self.registry)

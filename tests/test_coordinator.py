@@ -1,0 +1,83 @@
+"""The coordinator's CLI against a real federation: start a run and watch its status
+change, refuse bad configs before anything starts, stop another run mid-way."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from fedpacs.common.errors import ExitCode
+from fedpacs.deploy.cli import main
+from fedpacs.server.coordinator import process_alive
+
+pytestmark = pytest.mark.e2e
+
+
+def _run_id(out: str) -> int:
+    m = re.search(r"run (\d+) started", out)
+    assert m, out
+    return int(m.group(1))
+
+
+def _status(work: Path, run_id: int, capsys: pytest.CaptureFixture[str]) -> dict[str, object]:
+    assert main(["run", "status", str(run_id), "--workdir", str(work)]) == 0
+    return dict(json.loads(capsys.readouterr().out))
+
+
+def test_start_watch_stop(tmp_path: Path, data_dir: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "fed"
+    assert main(["federation", "up", "--workdir", str(work), "--task", "breastmnist",
+                 "--sites", "2", "--data-dir", str(data_dir)]) == 0
+    capsys.readouterr()
+    state = json.loads((work / "federation.json").read_text())
+    try:
+        base = ["run", "start", "--workdir", str(work), "--task", "breastmnist",
+                "--data-dir", str(data_dir), "--local-epochs", "1"]
+        # refused, with the field named, before anything starts
+        assert main([*base, "--min-sites", "3"]) == ExitCode.CONFIG
+        assert "min-sites" in capsys.readouterr().err
+        assert main([*base, "--strategy", "fedsgd", "--network", "unet"]) == ExitCode.CONFIG
+        err = capsys.readouterr().err
+        assert "strategy" in err and "network" in err
+        assert not (work / "runs").exists()
+
+        assert main([*base, "--rounds", "2", "--strategy", "fedmedian"]) == 0
+        run_a = _run_id(capsys.readouterr().out)
+        seen: list[str] = []
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            st = _status(work, run_a, capsys)
+            seen.append(str(st["status"]))
+            if seen[-1].startswith("finished"):
+                break
+            time.sleep(2)
+        assert seen[-1] == "finished:completed" and len(set(seen)) >= 2, seen
+        assert st["round"] == 2 and st["latest"]["heldout"]["accuracy"] > 0  # type: ignore[index]
+        assert main(["run", "logs", str(run_a), "--workdir", str(work)]) == 0
+        assert "fedmedian" in capsys.readouterr().out.lower()
+
+        assert main([*base, "--rounds", "50"]) == 0
+        run_b = _run_id(capsys.readouterr().out)
+        while time.monotonic() < deadline:
+            st = _status(work, run_b, capsys)
+            if isinstance(st.get("round"), int) and st["round"] >= 1:  # type: ignore[operator]
+                break
+            time.sleep(2)
+        assert main(["run", "stop", str(run_b), "--workdir", str(work)]) == 0
+        capsys.readouterr()
+        while time.monotonic() < deadline:
+            st = _status(work, run_b, capsys)
+            if str(st["status"]).startswith("finished"):
+                break
+            time.sleep(2)
+        assert st["status"] == "finished:stopped" and st["round"] < 50  # type: ignore[operator]
+    finally:
+        assert main(["federation", "down", "--workdir", str(work)]) == 0
+    for pid in [state["superlink_pid"], *state["site_pids"].values()]:
+        assert not process_alive(pid)
+    assert not (work / "federation.json").exists()
