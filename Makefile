@@ -12,7 +12,8 @@ setup: $(VENV)/.installed
 
 # A real PACS for the tests: Debian's Orthanc (+ DICOMweb plugin) and dcmtk.
 system-deps:
-	@command -v Orthanc >/dev/null && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
+	@{ command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null && \
+	  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
 	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    --no-install-recommends orthanc orthanc-dicomweb dcmtk )
 

@@ -16,12 +16,21 @@ from fedpacs.client.pacs import PacsConfig
 from fedpacs.common.errors import ProcessError
 from fedpacs.deploy.procs import ProcessSet, child_env, free_port, port_open, wait_until
 
-ORTHANC_BIN = "Orthanc"
+ORTHANC_NAME = "Orthanc"
+ORTHANC_PATHS = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")  # Debian installs it in /usr/sbin
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc/plugins")
 
 
+def orthanc_binary() -> str | None:
+    """The Orthanc executable: on PATH, else where Debian puts it (sbin is often off PATH)."""
+    found = shutil.which(ORTHANC_NAME)
+    if found:
+        return found
+    return next((p for p in ORTHANC_PATHS if Path(p).is_file()), None)
+
+
 def orthanc_available() -> bool:
-    return shutil.which(ORTHANC_BIN) is not None
+    return orthanc_binary() is not None
 
 
 @dataclass
@@ -62,13 +71,14 @@ class OrthancServer:
         }
 
     def start(self, *, timeout_s: float = 60.0) -> OrthancServer:
-        if not orthanc_available():
-            raise ProcessError("Orthanc is not installed. Fix: apt-get install orthanc "
-                               "orthanc-dicomweb (.ci/run does this)")
+        binary = orthanc_binary()
+        if binary is None:
+            raise ProcessError("Orthanc is not installed. Fix: `make system-deps` (apt-get "
+                               "install orthanc orthanc-dicomweb dcmtk)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(self.config(), indent=2))
-        self.procs.start("orthanc", [ORTHANC_BIN, str(cfg)], env=child_env(), cwd=self.workdir)
+        self.procs.start("orthanc", [binary, str(cfg)], env=child_env(), cwd=self.workdir)
         wait_until(f"Orthanc on DICOM port {self.dicom_port} and HTTP {self.http_port}",
                    lambda: port_open("127.0.0.1", self.dicom_port)
                    and port_open("127.0.0.1", self.http_port),
