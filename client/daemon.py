@@ -7,18 +7,17 @@ config is invalid, so a hospital never joins a federation it cannot serve.
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpacs.client.metrics import MULTIPROC_ENV, serve_multiprocess
 from fedpacs.common.config import SITE_CONFIG_NODE_KEY, SiteConfig, load_site_config
 from fedpacs.common.datasets import load_site_data
 from fedpacs.common.errors import AuthError, DataError
 from fedpacs.common.tasks import get_task
+from fedpacs.common.telemetry import MULTIPROC_ENV, fresh_dir, serve_multiprocess
 from fedpacs.deploy.procs import child_env, tool
 
 log = logging.getLogger("fedpacs.site")
@@ -81,9 +80,7 @@ def run_daemon(opts: DaemonOptions) -> int:
     env = child_env()
     if opts.metrics_port:
         mdir = opts.state_dir or Path(tempfile.mkdtemp(prefix=f"fedpacs-{summary.site.name}-"))
-        mdir = mdir / "metrics"
-        if mdir.is_dir():
-            shutil.rmtree(mdir)  # multiprocess files from an earlier daemon are stale
+        mdir = fresh_dir(mdir / "metrics")
         serve_multiprocess(mdir, opts.metrics_port)
         env[MULTIPROC_ENV] = str(mdir)
         log.info("site %s: metrics on http://127.0.0.1:%d/metrics", summary.site.name,

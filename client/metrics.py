@@ -5,14 +5,10 @@ to that folder and the daemon serves their combination."""
 from __future__ import annotations
 
 import functools
-import os
 import resource
 from dataclasses import dataclass
-from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from prometheus_client import Counter, Gauge
 
 
 @dataclass(frozen=True)
@@ -48,18 +44,3 @@ def site_metrics() -> SiteMetrics:
         errors=Counter("fedpacs_site_errors", "Messages refused by this site, by code",
                        ["code"]),
     )
-
-
-def serve_multiprocess(directory: Path, port: int, host: str = "127.0.0.1") -> None:
-    """Serve what the site's ClientApp processes wrote to ``directory`` (daemon side)."""
-    from prometheus_client import multiprocess
-
-    directory.mkdir(parents=True, exist_ok=True)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(directory))
-    start_http_server(port, addr=host, registry=registry)
-
-
-def multiproc_dir() -> Path | None:
-    d = os.environ.get(MULTIPROC_ENV)
-    return Path(d) if d else None

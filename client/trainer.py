@@ -37,6 +37,7 @@ class RoundInstructions:
     proximal_mu: float = 0.0
     network: str = ""
     fedbn: bool = False
+    xval_model: str = ""
 
     @classmethod
     def from_record(cls, cfg: ConfigRecord) -> RoundInstructions:
@@ -55,7 +56,8 @@ class RoundInstructions:
                "local_epochs": get("local-epochs", int, 1), "batch_size": get("batch-size", int, 8),
                "lr": get("lr", float, 1e-3), "seed": get("seed", int, 0),
                "proximal_mu": get("proximal-mu", float, 0.0), "network": get("network", str, ""),
-               "fedbn": get("fedbn", bool, False)}
+               "fedbn": get("fedbn", bool, False),
+               "xval_model": get(wire.XVAL_MODEL_KEY, str, "")}
         if errs:
             raise ConfigError("round config from server", errs)
         return cls(**out)  # type: ignore[arg-type]
@@ -151,6 +153,7 @@ def evaluate_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> 
     metrics = MetricRecord({wire.NUM_EXAMPLES: len(data.val),
                             **{f"val-{k}": float(v) for k, v in values.items()}})
     return RecordDict({wire.METRICS_KEY: metrics,
-                       wire.SITE_KEY: ConfigRecord({"name": site.name})})
+                       wire.SITE_KEY: ConfigRecord({"name": site.name,
+                                                    wire.XVAL_MODEL_KEY: ins.xval_model})})
 
 

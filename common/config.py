@@ -281,6 +281,7 @@ class RunConfig:
     krum_malicious: int = 0  # Krum: tolerated malicious sites
     fedbn: bool = False  # keep normalisation layers local to each site (FedBN)
     metrics_port: int = 0  # Prometheus endpoint of the ServerApp; 0: off
+    cross_site: bool = True  # NxN validation of the global and each local model at the end
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}

@@ -19,6 +19,8 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
+# Which model a cross-site validation message carries (echoed in the site's reply).
+XVAL_MODEL_KEY = "xval-model"
 # The weighting key FedAvg reads from each reply's MetricRecord.
 NUM_EXAMPLES = "num-examples"
 

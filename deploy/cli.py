@@ -199,7 +199,8 @@ def federation_up_cmd(
                                    names=names, threads=1, seed=0)
         files = dict(zip(names, paths, strict=True))
     state = federation_up(workdir, files, metrics_ports={n: free_port() for n in files})
-    typer.echo(f"SuperLink 127.0.0.1:{state.port} (pid {state.superlink_pid})")
+    typer.echo(f"SuperLink 127.0.0.1:{state.port} (pid {state.superlink_pid}), server metrics "
+               f"{state.metrics['server']}")
     for name, pid in state.site_pids.items():
         typer.echo(f"site {name}: daemon pid {pid}, metrics {state.metrics.get(name, '-')}")
 
@@ -268,6 +269,14 @@ def run_stop_cmd(run_id: Annotated[int, typer.Argument()],
 
     stop_run(workdir, run_id)
     typer.echo(f"run {run_id} stopped")
+
+
+@run_cli.command("report")
+def run_report_cmd(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """(Re)write a run's report: PNG plots per round, per site, cross-site, and HTML."""
+    from fedpacs.server.report import write_report
+
+    typer.echo(str(write_report(run_dir)))
 
 
 @run_cli.command("logs")
@@ -390,6 +399,26 @@ def models_pull(
     typer.echo(f"{path}  (load: fedpacs.load_model('{path}'))")
     if bundle:
         typer.echo(f"MONAI bundle {export_bundle(path, out / model_id / 'bundle')}")
+
+
+metrics_cli = typer.Typer(no_args_is_help=True, help="Prometheus exporter for a metrics folder.")
+cli.add_typer(metrics_cli, name="metrics")
+
+
+@metrics_cli.command("serve")
+def metrics_serve(
+    directory: Annotated[Path, typer.Option("--dir", help="PROMETHEUS_MULTIPROC_DIR to serve")],
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")],
+) -> None:
+    """Serve the metrics that ServerApp/ClientApp processes wrote to a folder."""
+    import time
+
+    from fedpacs.common.telemetry import serve_multiprocess
+
+    serve_multiprocess(directory, port)
+    typer.echo(f"metrics of {directory} on http://127.0.0.1:{port}/metrics")
+    while True:
+        time.sleep(3600)
 
 
 @cli.command("exit-codes")

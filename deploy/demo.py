@@ -18,6 +18,7 @@ from typing import Any
 
 from fedpacs.common.config import RunConfig, load_site_config
 from fedpacs.common.errors import ConfigError, DeadlineError, FieldError, ProcessError
+from fedpacs.common.telemetry import serve_multiprocess
 from fedpacs.deploy.federation import LocalFederation, Timeouts, write_app
 from fedpacs.deploy.pki import provision
 from fedpacs.deploy.procs import free_port
@@ -181,8 +182,10 @@ def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
     echo(f"  workdir {work} (logs in {work / 'logs'})")
     t0 = time.monotonic()
     fed = LocalFederation(work, pki, timeouts=Timeouts())
+    exporter = None
     try:
-        fed.start_superlink()
+        fed.start_superlink(metrics_dir=work / "server-metrics")
+        exporter, _ = serve_multiprocess(work / "server-metrics", cfg.metrics_port)
         echo(f"  SuperLink up on https://{fed.address} (TLS, SuperNode auth), "
              f"pid {fed.superlink.pid if fed.superlink else '?'}")
         for name in names:
@@ -222,6 +225,9 @@ def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
         (work / "logs" / f"run-{run_id}.log").write_text(fed.logs(run_id), encoding="utf-8")
     finally:
         fed.stop()
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
     seconds = time.monotonic() - t0
     final = run_dir / "final" / "model.pt"
     if status != "finished:completed" or not final.is_file():

@@ -12,6 +12,7 @@ from typing import Any
 
 from fedpacs.common.config import RunConfig
 from fedpacs.common.errors import DeadlineError, ProcessError
+from fedpacs.common.telemetry import MULTIPROC_ENV, fresh_dir
 from fedpacs.deploy.pki import Pki, SiteKeys
 from fedpacs.deploy.procs import Proc, ProcessSet, child_env, free_port, port_open, tool, wait_until
 
@@ -95,7 +96,9 @@ class LocalFederation:
         return child_env({"FLWR_HOME": str(self.flwr_home)})
 
     # ---------------------------------------------------------------- SuperLink
-    def start_superlink(self) -> Proc:
+    def start_superlink(self, *, metrics_dir: Path | None = None) -> Proc:
+        """Start the SuperLink; with ``metrics_dir``, its ServerApps write Prometheus values
+        there (see fedpacs.common.telemetry) for an exporter that outlives them."""
         state = self.workdir / "state"
         state.mkdir(parents=True, exist_ok=True)
         argv = [
@@ -109,7 +112,10 @@ class LocalFederation:
             "--host", self.host, "--port", str(self.port),
         ]
         write_flwr_home(self.flwr_home, address=self.address, ca_cert=self.pki.ca_cert)
-        self.superlink = self.procs.start("superlink", argv, env=self.env(), cwd=self.workdir)
+        env = self.env()
+        if metrics_dir is not None:
+            env[MULTIPROC_ENV] = str(fresh_dir(metrics_dir))
+        self.superlink = self.procs.start("superlink", argv, env=env, cwd=self.workdir)
         wait_until(f"SuperLink listening on {self.address}",
                    lambda: port_open(self.host, self.port),
                    timeout_s=self.timeouts.superlink_start,

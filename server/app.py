@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 
 from fedpacs.common import wire
@@ -18,8 +26,11 @@ from fedpacs.common.config import RunConfig
 from fedpacs.common.datasets import load_holdout
 from fedpacs.common.engine import evaluate
 from fedpacs.common.models import build_model, pick_device
+from fedpacs.common.telemetry import multiprocess_dir
+from fedpacs.common.wire import XVAL_MODEL_KEY
 from fedpacs.server.metrics import ServerMetrics
-from fedpacs.server.recorder import RoundRecorder
+from fedpacs.server.recorder import RoundRecorder, metric_dict, site_name
+from fedpacs.server.report import write_report
 from fedpacs.server.rundir import RunDirectory
 from fedpacs.server.strategies import make_strategy
 
@@ -39,9 +50,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     device = pick_device("auto")
     recorder = RoundRecorder()
     metrics = ServerMetrics()
-    if cfg.metrics_port:
+    if cfg.metrics_port and multiprocess_dir() is None:  # no exporter: serve from here
         metrics.serve(cfg.metrics_port)
     metrics.rounds_total.set(cfg.rounds)
+    metrics.round.set(0)
     clock = {"last": time.monotonic()}
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -75,14 +87,49 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
                            error=type(exc).__name__)
         raise
     wire.load_arrays(model, result.arrays)
+    cross = (cross_site_validation(grid, {"global": result.arrays, **recorder.local_models},
+                                   cfg, timeout_s=cfg.round_timeout_s)
+             if cfg.cross_site and recorder.local_models else {})
     final = run_dir.save_final(model, {
+        "cross_site": cross,
         "sites": dict(sorted(recorder.site_samples.items())),
         "num_rounds": cfg.rounds,
         "strategy": cfg.strategy,
         "fedbn": cfg.fedbn,
     })
+    write_report(run_dir.root)
     run_dir.set_status("finished", round_=cfg.rounds, total=cfg.rounds)
     return final
+
+
+def cross_site_validation(grid: Grid, models: dict[str, ArrayRecord], cfg: RunConfig, *,
+                          timeout_s: float) -> dict[str, dict[str, dict[str, float]]]:
+    """Every model (the global one and each site's last local one) evaluated on every
+    site's validation split: ``matrix[model][site] = metrics``."""
+    nodes = sorted(grid.get_node_ids())
+    messages = []
+    for name, arrays in models.items():
+        config = ConfigRecord({**cfg.site_view(), "fedbn": False,
+                               "server-round": cfg.rounds + 1, XVAL_MODEL_KEY: name})
+        for node in nodes:
+            content = RecordDict({wire.ARRAYS_KEY: arrays, wire.CONFIG_KEY: config})
+            messages.append(Message(content=content, dst_node_id=node,
+                                    message_type=MessageType.EVALUATE))
+    replies = grid.send_and_receive(messages, timeout=timeout_s)
+    matrix: dict[str, dict[str, dict[str, float]]] = {name: {} for name in models}
+    for reply in replies:
+        if reply.has_error():
+            log.warning("cross-site validation: node %s replied %s", reply.metadata.src_node_id,
+                        reply.error.reason)
+            continue
+        site_rec = reply.content.config_records.get(wire.SITE_KEY)
+        name = str(site_rec.get(XVAL_MODEL_KEY, "")) if site_rec is not None else ""
+        if name not in matrix:
+            continue
+        site = site_name(reply.content, int(reply.metadata.src_node_id))
+        metrics = metric_dict(reply.content)
+        matrix[name][site] = {k[4:] if k.startswith("val-") else k: v for k, v in metrics.items()}
+    return matrix
 
 
 def update_metrics(m: ServerMetrics, record: dict[str, Any], arrays: ArrayRecord, *,

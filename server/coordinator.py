@@ -19,6 +19,7 @@ from fedpacs.common.config import RunConfig, load_site_config
 from fedpacs.common.errors import ConfigError, FieldError, ProcessError
 from fedpacs.deploy.federation import LocalFederation, write_app
 from fedpacs.deploy.pki import Pki, provision
+from fedpacs.deploy.procs import child_env, free_port, tool
 
 STATE_FILE = "federation.json"
 
@@ -32,6 +33,7 @@ class FederationState:
     site_configs: dict[str, str]
     metrics: dict[str, str] = field(default_factory=dict)
     runs: dict[str, str] = field(default_factory=dict)  # run id -> run directory
+    exporter_pid: int = 0
 
     @classmethod
     def load(cls, workdir: Path) -> FederationState:
@@ -66,8 +68,12 @@ def federation_up(workdir: Path, sites: dict[str, Path], *, metrics_ports: dict[
     for stale in ("superlink.db", "superlink.db-wal", "superlink.db-shm"):
         (work / "state" / stale).unlink(missing_ok=True)
     fed = LocalFederation(work, pki)
+    server_port = free_port()
     try:
-        fed.start_superlink()
+        fed.start_superlink(metrics_dir=work / "server-metrics")
+        exporter = fed.procs.start("metrics-exporter", [
+            tool("fedpacs"), "metrics", "serve", "--dir", str(work / "server-metrics"),
+            "--port", str(server_port)], env=child_env())
         for name in sites:
             fed.register(pki.site(name))
         for name, cfg in sites.items():
@@ -82,7 +88,9 @@ def federation_up(workdir: Path, sites: dict[str, Path], *, metrics_ports: dict[
         workdir=str(work), port=fed.port, superlink_pid=fed.superlink.pid,
         site_pids={n: p.pid for n, p in fed.nodes.items()},
         site_configs={n: str(p.resolve()) for n, p in sites.items()},
-        metrics={n: f"http://127.0.0.1:{p}/metrics" for n, p in metrics_ports.items() if p})
+        metrics={"server": f"http://127.0.0.1:{server_port}/metrics"} | {
+            n: f"http://127.0.0.1:{p}/metrics" for n, p in metrics_ports.items() if p},
+        exporter_pid=exporter.pid)
     state.save()
     return state
 
@@ -90,7 +98,8 @@ def federation_up(workdir: Path, sites: dict[str, Path], *, metrics_ports: dict[
 def federation_down(workdir: Path, *, grace_s: float = 10.0) -> list[int]:
     """Stop every process of the federation by PID (process group); returns the PIDs."""
     state = FederationState.load(workdir)
-    pids = [*state.site_pids.values(), state.superlink_pid]
+    pids = [*state.site_pids.values(), state.superlink_pid, state.exporter_pid]
+    pids = [p for p in pids if p]
     for pid in pids:
         _kill_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s

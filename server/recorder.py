@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedpacs.common import wire
@@ -32,6 +32,8 @@ class RoundRecorder:
 
     pending: dict[str, Any] = field(default_factory=dict)
     site_samples: dict[str, int] = field(default_factory=dict)
+    # each site's latest local model (its last train reply), for cross-site validation
+    local_models: dict[str, ArrayRecord] = field(default_factory=dict)
 
     def _collect(self, phase: str, records: list[RecordDict], key: str) -> MetricRecord:
         sites = {site_name(r, i): metric_dict(r) for i, r in enumerate(records)}
@@ -41,8 +43,9 @@ class RoundRecorder:
         self.pending[f"{phase}_bytes_in"] = sum(ar.count_bytes() for r in records
                                                 for ar in r.array_records.values())
         if phase == "train":
-            for name, m in sites.items():
+            for i, (name, m) in enumerate(sites.items()):
                 self.site_samples[name] = int(m.get(wire.NUM_EXAMPLES, 0))
+                self.local_models[name] = next(iter(records[i].array_records.values()))
         return agg
 
     def aggregate_train(self, records: list[RecordDict], key: str) -> MetricRecord:

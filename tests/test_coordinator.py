@@ -13,6 +13,7 @@ import pytest
 from fedpacs.common.errors import ExitCode
 from fedpacs.deploy.cli import main
 from fedpacs.server.coordinator import process_alive
+from tests.test_e2e import scrape_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -58,6 +59,10 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
             time.sleep(2)
         assert seen[-1] == "finished:completed" and len(set(seen)) >= 2, seen
         assert st["round"] == 2 and st["latest"]["heldout"]["accuracy"] > 0  # type: ignore[index]
+        server = scrape_metrics(state["metrics"]["server"])
+        assert server["fedpacs_round"] == 2 and server["fedpacs_rounds_total"] == 2
+        site_a = scrape_metrics(state["metrics"]["site-a"])
+        assert site_a["fedpacs_site_rounds_total"] == 2
         assert main(["run", "logs", str(run_a), "--workdir", str(work)]) == 0
         assert "fedmedian" in capsys.readouterr().out.lower()
 

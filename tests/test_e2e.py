@@ -87,6 +87,18 @@ def test_federated_run_end_to_end(tmp_path: Path, data_dir: Path) -> None:
         assert sha256_file(ckpt) == res.rounds[r]["model_sha256"]
     card_file = json.loads((res.run_dir / "final" / "model_card.json").read_text())
     assert card_file["files"]["model.pt"]["sha256"] == sha256_file(res.final_model)
+    # NxN cross-site validation: the global and each local model on each site's data
+    cross = card_file["cross_site"]
+    assert set(cross) == {"global", "site-a", "site-b"}
+    assert all(set(row) == {"site-a", "site-b"} for row in cross.values())
+    for s in ("site-a", "site-b"):  # the global row is the last round's evaluation again
+        assert cross["global"][s]["dice-mean"] == pytest.approx(
+            res.rounds[-1]["evaluate_sites"][s]["val-dice-mean"], abs=1e-6)
+        assert 0 < cross[s][s]["dice-mean"] <= 1
+    report = (res.run_dir / "report" / "index.html").read_text()
+    assert "cross_site.png" in report and "rounds.png" in report
+    for png in ("rounds.png", "sites.png", "cross_site.png"):
+        assert (res.run_dir / "report" / png).read_bytes()[:4] == b"\x89PNG"
     assert any("round 2/2" in line for line in lines)
     log_dir = tmp_path / "demo" / "logs"
     assert (log_dir / "superlink.log").is_file() and (log_dir / "supernode-site-a.log").is_file()
