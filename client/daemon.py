@@ -34,7 +34,7 @@ class SiteSummary:
 def check_site(config_path: Path | None) -> SiteSummary:
     """Parse the site config and load its data once: counts plus skipped files with reasons."""
     site = load_site_config(config_path)
-    data = load_site_data(site.data, get_task(site.task))
+    data = load_site_data(site.data, site.custom_task or get_task(site.task))
     if len(data.train) == 0:
         raise DataError(str(site.data.root), "no usable training samples in this site's "
                         "partition", "check data.root, data.partition and the skipped files")

@@ -6,6 +6,7 @@ carry an exit code and an exception type; details (file names) stay in the site'
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class RoundInstructions:
     network: str = ""
     fedbn: bool = False
     xval_model: str = ""
+    task_json: str = ""
 
     @classmethod
     def from_record(cls, cfg: ConfigRecord) -> RoundInstructions:
@@ -57,13 +59,14 @@ class RoundInstructions:
                "lr": get("lr", float, 1e-3), "seed": get("seed", int, 0),
                "proximal_mu": get("proximal-mu", float, 0.0), "network": get("network", str, ""),
                "fedbn": get("fedbn", bool, False),
-               "xval_model": get(wire.XVAL_MODEL_KEY, str, "")}
+               "xval_model": get(wire.XVAL_MODEL_KEY, str, ""),
+               "task_json": get("task-json", str, "")}
         if errs:
             raise ConfigError("round config from server", errs)
         return cls(**out)  # type: ignore[arg-type]
 
 
-def prepare(site: SiteConfig, requested_task: str, network: str = ""
+def prepare(site: SiteConfig, requested_task: str, network: str = "", task_json: str = ""
             ) -> tuple[TaskConfig, torch.device]:
     """Check the run's task against the site's, set threads, pick the device."""
     if requested_task != site.task:
@@ -72,7 +75,23 @@ def prepare(site: SiteConfig, requested_task: str, network: str = ""
             "join this site only to runs of its task, or change site.task if the data fits")])
     if site.compute.threads > 0:
         torch.set_num_threads(site.compute.threads)
-    return task_with_network(site.task, network), pick_device(site.compute.device)
+    return resolve_task(site, network, task_json), pick_device(site.compute.device)
+
+
+def resolve_task(site: SiteConfig, network: str, task_json: str) -> TaskConfig:
+    """The run's task as this site will train it: a preset, or the custom task the run
+    carries, which must equal the one the site declared in its [task] table."""
+    if not task_json:
+        return task_with_network(site.task, network)
+    run_task = TaskConfig.from_dict(json.loads(task_json), source="run task")
+    if site.custom_task is None or site.custom_task.to_dict() != run_task.to_dict():
+        raise ConfigError(site.source, [FieldError(
+            "[task]", f"the run's custom task {run_task.to_dict()}",
+            str(site.custom_task.to_dict() if site.custom_task else None),
+            "declare the same [task] table in the site config")])
+    if network:
+        return TaskConfig.from_dict(run_task.to_dict() | {"network": network})
+    return run_task
 
 
 def load_data(site: SiteConfig, task: TaskConfig) -> SiteData:
@@ -100,7 +119,7 @@ def open_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> Open
     """Parse the round's instructions, load the site's data and the global weights (with
     this site's own normalisation layers under FedBN, once it has trained)."""
     ins = RoundInstructions.from_record(content.config_records[wire.CONFIG_KEY])
-    task, device = prepare(site, ins.task, ins.network)
+    task, device = prepare(site, ins.task, ins.network, ins.task_json)
     data = load_data(site, task)
     model = build_model(task)
     wire.load_arrays(model, content.array_records[wire.ARRAYS_KEY])

@@ -10,6 +10,7 @@ the named default below.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import asdict, dataclass, fields
@@ -18,7 +19,12 @@ from typing import Any
 
 from fedpacs.common.datasets import DATA_FORMATS, DataSpec
 from fedpacs.common.errors import ConfigError, FieldError
-from fedpacs.common.tasks import TASK_PRESETS, TaskConfig, task_with_network
+from fedpacs.common.tasks import (
+    TASK_PRESETS,
+    TaskConfig,
+    task_with_network,
+    validate_task_dict,
+)
 
 SITE_CONFIG_ENV = "FEDPACS_SITE_CONFIG"
 SITE_CONFIG_NODE_KEY = "site-config"  # key in the SuperNode's --node-config
@@ -56,6 +62,7 @@ class SiteConfig:
     compute: ComputeConfig
     source: str = "<memory>"
     ingest: IngestConfig | None = None
+    custom_task: TaskConfig | None = None  # from a [task] table, for tasks not in the presets
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -88,7 +95,7 @@ def _check_unknown(sec: dict[str, Any], allowed: set[str], prefix: str,
 def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> SiteConfig:
     """Build a SiteConfig from a parsed TOML mapping; collects all problems before failing."""
     errs: list[FieldError] = []
-    _check_unknown(raw, {"site", "data", "compute", "pacs", "cohort"}, "", errs)
+    _check_unknown(raw, {"site", "data", "compute", "pacs", "cohort", "task"}, "", errs)
     site = _section(raw, "site", errs)
     data = _section(raw, "data", errs)
     comp = _section(raw, "compute", errs)
@@ -102,8 +109,20 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
         errs.append(FieldError("site.name", "a non-empty string", _type_name(name),
                                'set name = "hospital-a"'))
     task = site.get("task")
-    if task not in TASK_PRESETS:
-        errs.append(FieldError("site.task", f"one of {', '.join(sorted(TASK_PRESETS))}",
+    custom: TaskConfig | None = None
+    if "task" in raw:
+        task_errs = validate_task_dict(raw["task"], source_prefix="task.") if isinstance(
+            raw["task"], dict) else [FieldError("[task]", "a table", _type_name(raw["task"]),
+                                                "write [task] as a table")]
+        errs.extend(task_errs)
+        if not task_errs:
+            custom = TaskConfig.from_dict(raw["task"], source=f"{source} [task]")
+            if custom.name != task:
+                errs.append(FieldError("task.name", f"the site's task {task!r}",
+                                       repr(custom.name), "make [task] name = site.task"))
+    elif task not in TASK_PRESETS:
+        errs.append(FieldError("site.task", f"one of {', '.join(sorted(TASK_PRESETS))} "
+                               "(or define it in a [task] table)",
                                _type_name(task), "set the task this site's data serves"))
     fmt = data.get("format")
     if fmt not in DATA_FORMATS:
@@ -180,7 +199,7 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
         data=DataSpec(format=fmt, root=root, partition=partition, num_partitions=num_parts,
                       holdout_fraction=holdout, val_fraction=val, seed=seed, labels=labels),
         compute=ComputeConfig(device=str(device), threads=threads), source=source,
-        ingest=ingest,
+        ingest=ingest, custom_task=custom,
     )
 
 
@@ -282,6 +301,7 @@ class RunConfig:
     fedbn: bool = False  # keep normalisation layers local to each site (FedBN)
     metrics_port: int = 0  # Prometheus endpoint of the ServerApp; 0: off
     cross_site: bool = True  # NxN validation of the global and each local model at the end
+    task_json: str = ""  # a custom task (TaskConfig as JSON) when `task` is not a preset
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -290,7 +310,7 @@ class RunConfig:
         """What sites are told each round (no server paths)."""
         return {"task": self.task, "local-epochs": self.local_epochs,
                 "batch-size": self.batch_size, "lr": self.lr, "seed": self.seed,
-                "network": self.network, "fedbn": self.fedbn}
+                "network": self.network, "fedbn": self.fedbn, "task-json": self.task_json}
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any], *, source: str = "run config") -> RunConfig:
@@ -328,9 +348,22 @@ class RunConfig:
 
     def validate(self) -> list[FieldError]:
         errs: list[FieldError] = []
-        if self.task not in TASK_PRESETS:
+        if self.task_json:
+            try:
+                custom = json.loads(self.task_json)
+                task_errs = validate_task_dict(custom, source_prefix="task-json.") if \
+                    isinstance(custom, dict) else [FieldError(
+                        "task-json", "a JSON object", type(custom).__name__, "use --task-file")]
+            except json.JSONDecodeError as exc:
+                task_errs = [FieldError("task-json", "valid JSON", str(exc), "use --task-file")]
+                custom = {}
+            errs.extend(task_errs)
+            if not task_errs and custom.get("name") != self.task:
+                errs.append(FieldError("task", f"the custom task's name {custom.get('name')!r}",
+                                       repr(self.task), "use the name from the task file"))
+        elif self.task not in TASK_PRESETS:
             errs.append(FieldError("task", f"one of {', '.join(sorted(TASK_PRESETS))}",
-                                   repr(self.task), "choose a task preset"))
+                                   repr(self.task), "choose a task preset or a --task-file"))
         for name, lo in (("rounds", 1), ("local_epochs", 1), ("batch_size", 1), ("min_sites", 1)):
             if getattr(self, name) < lo:
                 errs.append(FieldError(name.replace("_", "-"), f">= {lo}",
@@ -360,9 +393,7 @@ class RunConfig:
         if not 0 <= self.metrics_port < 65536:
             errs.append(FieldError("metrics-port", "0 (off) or a TCP port",
                                    str(self.metrics_port), "e.g. metrics-port = 9400"))
-        if self.task in TASK_PRESETS and self.network:
-            from fedpacs.common.tasks import validate_task_dict
-
+        if self.task in TASK_PRESETS and self.network and not self.task_json:
             d = TASK_PRESETS[self.task].to_dict() | {"network": self.network}
             errs.extend(validate_task_dict(d, source_prefix=""))
         if self.eval_format and not Path(self.eval_root).exists():
@@ -371,7 +402,11 @@ class RunConfig:
         return errs
 
     def task_config(self) -> TaskConfig:
-        """The task preset, with the run's network if one was chosen."""
+        """The task preset (or custom task), with the run's network if one was chosen."""
+        if self.task_json:
+            base = TaskConfig.from_dict(json.loads(self.task_json), source="task-json")
+            return TaskConfig.from_dict(base.to_dict() | {"network": self.network}) \
+                if self.network else base
         return task_with_network(self.task, self.network)
 
     def eval_spec(self) -> DataSpec | None:

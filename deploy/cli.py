@@ -231,6 +231,8 @@ def run_start(
     heldout: Annotated[bool, typer.Option(
         help="evaluate on the preset's held-out split at the server")] = True,
     data_dir: Annotated[Path | None, typer.Option(help="shared data folder")] = None,
+    task_file: Annotated[Path | None, typer.Option(
+        help="a custom task (TOML with the TaskConfig fields) instead of a preset")] = None,
 ) -> None:
     """Validate a run against the federation, then start it; prints the run id."""
     from fedpacs.common.config import RunConfig
@@ -241,7 +243,18 @@ def run_start(
     eval_fmt, eval_root = "", ""
     if heldout and td is not None:
         eval_fmt, eval_root = td.format, str(resolve_data_dir(data_dir) / td.relpath)
-    cfg = RunConfig(task=task, network=network, strategy=strategy, rounds=rounds,
+    task_json = ""
+    if task_file is not None:
+        import json
+
+        from fedpacs.common.config import read_toml
+        from fedpacs.common.tasks import TaskConfig
+
+        custom = TaskConfig.from_dict(read_toml(task_file), source=str(task_file))
+        task, task_json = custom.name, json.dumps(custom.to_dict())
+        td = None
+    cfg = RunConfig(task=task, task_json=task_json, network=network, strategy=strategy,
+                    rounds=rounds,
                     min_sites=min_sites, round_timeout_s=round_timeout,
                     local_epochs=local_epochs, lr=lr if lr is not None else (td.lr if td else 1e-3),
                     batch_size=td.batch_size if td else 8, proximal_mu=proximal_mu, fedbn=fedbn,

@@ -101,3 +101,38 @@ def test_fedbn_keeps_the_site_norm_layers(tmp_path: Path, data_dir: Path) -> Non
     plain = RecordDict()
     train_round(site, _message("breastmnist").content, plain)
     assert FEDBN_STATE_KEY not in plain.array_records
+
+
+def test_custom_task_travels_and_must_match_the_site(tmp_path: Path, data_dir: Path) -> None:
+    import json
+
+    import pytest as _pytest
+
+    from fedpacs.common.errors import ConfigError
+    from fedpacs.common.tasks import TaskConfig
+
+    custom = TaskConfig(name="breast-tiny", kind="classification", network="resnet18",
+                        spatial_dims=2, in_channels=1, num_classes=2, input_shape=(28, 28),
+                        width=4)
+    cfg = RunConfig(task="breast-tiny", task_json=json.dumps(custom.to_dict()), local_epochs=1,
+                    batch_size=64)
+    assert cfg.validate() == [] and cfg.task_config() == custom
+    table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in custom.to_dict().items())
+    site = tmp_path / "site.toml"
+    site.write_text(f'[site]\nname = "site-x"\ntask = "breast-tiny"\n[data]\nformat = '
+                    f'"medmnist"\nroot = "{data_dir}/medmnist_breast/breastmnist.npz"\n'
+                    f"num_partitions = 4\n[task]\n{table}\n")
+    model = build_model(custom)
+    content = RecordDict({"arrays": wire.model_to_arrays(model), "config": ConfigRecord(
+        {**cfg.site_view(), "server-round": 1})})
+    msg = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+    reply = handle(msg, _context(str(site)), train_round)
+    assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 137
+    wire.load_arrays(build_model(custom), reply.content["arrays"])
+    # a site whose [task] differs is refused, by code only
+    site.write_text(site.read_text().replace("width = 4", "width = 8"))
+    other = handle(msg, _context(str(site)), train_round)
+    assert other.has_error() and other.error.code == ExitCode.CONFIG
+    with _pytest.raises(ConfigError) as exc:
+        RunConfig.from_flat({"task": "x", "task-json": '{"name": "y"}'})
+    assert any(e.field.startswith("task-json.") for e in exc.value.errors)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from fedpacs.common.errors import ExitCode
 from fedpacs.deploy.cli import main
+from fedpacs.deploy.procs import child_env, tool
 from fedpacs.server.coordinator import process_alive
 from tests.test_e2e import scrape_metrics
 
@@ -32,9 +34,12 @@ def _status(work: Path, run_id: int, capsys: pytest.CaptureFixture[str]) -> dict
 def test_start_watch_stop(tmp_path: Path, data_dir: Path,
                           capsys: pytest.CaptureFixture[str]) -> None:
     work = tmp_path / "fed"
-    assert main(["federation", "up", "--workdir", str(work), "--task", "breastmnist",
-                 "--sites", "2", "--data-dir", str(data_dir)]) == 0
-    capsys.readouterr()
+    # `federation up` detaches its processes and exits, so it runs as its own process here
+    up = subprocess.run([tool("fedpacs"), "federation", "up", "--workdir", str(work), "--task",
+                         "breastmnist", "--sites", "2", "--data-dir", str(data_dir)],
+                        capture_output=True, text=True, timeout=300, env=child_env())
+    assert up.returncode == 0, up.stderr
+    assert "server metrics http://127.0.0.1:" in up.stdout
     state = json.loads((work / "federation.json").read_text())
     try:
         base = ["run", "start", "--workdir", str(work), "--task", "breastmnist",
