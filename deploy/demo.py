@@ -176,12 +176,10 @@ def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
         name: f"http://127.0.0.1:{p}/metrics" for name, p in site_ports.items()}
     run_dir = Path(cfg.run_dir)
     pki = provision(work / "pki", sites=names)
-    # each local federation is fresh: earlier node registrations and runs are not carried over
-    for stale in ("superlink.db", "superlink.db-wal", "superlink.db-shm"):
-        (work / "state" / stale).unlink(missing_ok=True)
     echo(f"  workdir {work} (logs in {work / 'logs'})")
     t0 = time.monotonic()
     fed = LocalFederation(work, pki, timeouts=Timeouts())
+    fed.reset_state()
     exporter = None
     try:
         fed.start_superlink(metrics_dir=work / "server-metrics")

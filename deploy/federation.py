@@ -96,6 +96,11 @@ class LocalFederation:
         return child_env({"FLWR_HOME": str(self.flwr_home)})
 
     # ---------------------------------------------------------------- SuperLink
+    def reset_state(self) -> None:
+        """Forget earlier node registrations and runs: a fresh federation each start."""
+        for stale in ("superlink.db", "superlink.db-wal", "superlink.db-shm"):
+            (self.workdir / "state" / stale).unlink(missing_ok=True)
+
     def start_superlink(self, *, metrics_dir: Path | None = None) -> Proc:
         """Start the SuperLink; with ``metrics_dir``, its ServerApps write Prometheus values
         there (see fedpacs.common.telemetry) for an exporter that outlives them."""

@@ -65,9 +65,8 @@ def federation_up(workdir: Path, sites: dict[str, Path], *, metrics_ports: dict[
         load_site_config(cfg)  # refuse bad site files before starting anything
     work = workdir.resolve()
     pki = provision(work / "pki", sites=list(sites))
-    for stale in ("superlink.db", "superlink.db-wal", "superlink.db-shm"):
-        (work / "state" / stale).unlink(missing_ok=True)
     fed = LocalFederation(work, pki)
+    fed.reset_state()
     server_port = free_port()
     try:
         fed.start_superlink(metrics_dir=work / "server-metrics")
