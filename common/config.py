@@ -302,6 +302,7 @@ class RunConfig:
     metrics_port: int = 0  # Prometheus endpoint of the ServerApp; 0: off
     cross_site: bool = True  # NxN validation of the global and each local model at the end
     task_json: str = ""  # a custom task (TaskConfig as JSON) when `task` is not a preset
+    signing_key: str = ""  # server-side Ed25519 key: sign the run's artifacts at the end
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}

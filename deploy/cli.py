@@ -76,6 +76,17 @@ def provision_init(
                    f"public {keys.public_key} (register at the SuperLink)")
 
 
+@provision_cli.command("signing-key")
+def provision_signing_key(
+    out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
+) -> None:
+    """Create the coordinator's Ed25519 key that signs global-model artifacts."""
+    from fedpacs.common.signing import generate_signing_key
+
+    pub = generate_signing_key(out / "signing.key")
+    typer.echo(f"private {out / 'signing.key'} (server only), public {pub} (give to researchers)")
+
+
 @provision_cli.command("add-site")
 def provision_add_site(
     name: Annotated[str, typer.Argument(help="site name, e.g. hospital-d")],
@@ -372,6 +383,22 @@ def _client(url: str | None, token: str | None) -> RegistryClient:
 
 UrlOpt = Annotated[str | None, typer.Option(help="registry URL ($FEDPACS_REGISTRY_URL)")]
 TokenOpt = Annotated[str | None, typer.Option(help="bearer token ($FEDPACS_TOKEN)")]
+
+
+@models_cli.command("verify")
+def models_verify(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (or a pulled copy of one)")],
+    public_key: Annotated[Path, typer.Option(help="the coordinator's signing.pub")],
+) -> None:
+    """Check a run's signed manifest: the signature and every artifact's SHA-256."""
+    from fedpacs.common.signing import verify_run
+
+    result = verify_run(run_dir, public_key)
+    for problem in result.problems:
+        typer.echo(f"FAIL {problem}", err=True)
+    if not result.ok:
+        raise typer.Exit(int(ExitCode.AUTH))
+    typer.echo(f"OK: signature valid, {result.checked} artifacts match the signed manifest")
 
 
 @models_cli.command("list")

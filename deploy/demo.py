@@ -176,6 +176,8 @@ def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
         name: f"http://127.0.0.1:{p}/metrics" for name, p in site_ports.items()}
     run_dir = Path(cfg.run_dir)
     pki = provision(work / "pki", sites=names)
+    if not cfg.signing_key:
+        cfg = replace(cfg, signing_key=str(pki.signing_key))
     echo(f"  workdir {work} (logs in {work / 'logs'})")
     t0 = time.monotonic()
     fed = LocalFederation(work, pki, timeouts=Timeouts())
@@ -235,6 +237,8 @@ def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
          f"m, card = fedpacs.load_model('{final}')\")")
     echo(f"  model card    {run_dir / 'final' / 'model_card.json'}")
     echo(f"  metrics       {run_dir / 'metrics.json'}")
+    echo(f"  report        {run_dir / 'report' / 'index.html'}")
+    echo(f"  signed        fedpacs models verify {run_dir} --public-key {pki.signing_pub}")
     return DemoResult(run_id, run_dir, final, read_rounds(run_dir), status, seconds,
                       metrics_urls)
 

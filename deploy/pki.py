@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpacs.common.errors import AuthError, ConfigError, FieldError
+from fedpacs.common.signing import generate_signing_key
 
 SITE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 CERT_DAYS = 825
@@ -58,6 +59,14 @@ class Pki:
     @property
     def server_key(self) -> Path:
         return self.root / "superlink.key"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.root / "signing.key"
+
+    @property
+    def signing_pub(self) -> Path:
+        return self.root / "signing.pub"
 
     def site(self, name: str) -> SiteKeys:
         d = self.root / "sites" / name
@@ -169,7 +178,8 @@ def create_site_key(pki: Pki, name: str) -> SiteKeys:
 
 def provision(root: Path, *, sites: list[str], hosts: list[str] | None = None,
               force: bool = False) -> Pki:
-    """Create what is missing (or everything, with ``force``): CA, SuperLink cert, site keys."""
+    """Create what is missing (or everything, with ``force``): CA, SuperLink cert, site keys,
+    and the coordinator's Ed25519 key that signs model artifacts."""
     for s in sites:
         check_site_name(s)
     pki = Pki(root)
@@ -179,6 +189,8 @@ def provision(root: Path, *, sites: list[str], hosts: list[str] | None = None,
         force = True  # a new CA invalidates the old server certificate
     if force or not pki.server_cert.is_file():
         issue_server_cert(pki, hosts=["localhost", "127.0.0.1", *(hosts or [])])
+    if force or not pki.signing_key.is_file():
+        generate_signing_key(pki.signing_key)
     for s in sites:
         keys = pki.site(s)
         if force or not keys.private_key.is_file():

@@ -26,6 +26,7 @@ from fedpacs.common.config import RunConfig
 from fedpacs.common.datasets import load_holdout
 from fedpacs.common.engine import evaluate
 from fedpacs.common.models import build_model, pick_device
+from fedpacs.common.signing import sign_run
 from fedpacs.common.telemetry import multiprocess_dir
 from fedpacs.common.wire import XVAL_MODEL_KEY
 from fedpacs.server.metrics import ServerMetrics
@@ -98,6 +99,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         "fedbn": cfg.fedbn,
     })
     write_report(run_dir.root)
+    if cfg.signing_key:
+        sign_run(run_dir.root, Path(cfg.signing_key))
     run_dir.set_status("finished", round_=cfg.rounds, total=cfg.rounds)
     return final
 

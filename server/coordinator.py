@@ -143,7 +143,8 @@ def start_run(workdir: Path, cfg: RunConfig) -> tuple[int, Path]:
         raise ConfigError("run config", errs)
     stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000:06d}"
     run_dir = Path(state.workdir) / "runs" / stamp
-    cfg = replace(cfg, run_dir=str(run_dir))
+    cfg = replace(cfg, run_dir=str(run_dir),
+                  signing_key=cfg.signing_key or str(Pki(Path(state.workdir) / "pki").signing_key))
     fed = state.federation()
     run_id = fed.start_run(write_app(Path(state.workdir) / "apps" / stamp, cfg))
     state = FederationState.load(workdir)  # re-read: another command may have written

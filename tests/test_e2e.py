@@ -15,6 +15,7 @@ import fedpacs
 from fedpacs.common.artifacts import sha256_file
 from fedpacs.common.datasets import DataSpec, load_holdout, load_site_data
 from fedpacs.common.engine import evaluate
+from fedpacs.common.signing import verify_run
 from fedpacs.common.tasks import TASK_PRESETS
 from fedpacs.deploy.cli import main
 from fedpacs.deploy.demo import DemoOptions, run_demo, write_site_configs
@@ -95,6 +96,9 @@ def test_federated_run_end_to_end(tmp_path: Path, data_dir: Path) -> None:
         assert cross["global"][s]["dice-mean"] == pytest.approx(
             res.rounds[-1]["evaluate_sites"][s]["val-dice-mean"], abs=1e-6)
         assert 0 < cross[s][s]["dice-mean"] <= 1
+    # the artifacts are signed with the coordinator's key, and verify
+    check = verify_run(res.run_dir, tmp_path / "demo" / "pki" / "signing.pub")
+    assert check.ok and check.checked == 3 + 2 * 3, check.problems
     report = (res.run_dir / "report" / "index.html").read_text()
     assert "cross_site.png" in report and "rounds.png" in report
     for png in ("rounds.png", "sites.png", "cross_site.png"):
