@@ -110,6 +110,7 @@ class OpenRound:
     device: torch.device
     data: SiteData
     model: torch.nn.Module
+    fedbn_restored: int = 0  # normalisation entries taken from this site's own state
 
 
 FEDBN_STATE_KEY = "fedbn-local"
@@ -123,10 +124,12 @@ def open_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> Open
     data = load_data(site, task)
     model = build_model(task)
     wire.load_arrays(model, content.array_records[wire.ARRAYS_KEY])
+    restored = 0
     if ins.fedbn and FEDBN_STATE_KEY in state.array_records:
         local = state.array_records[FEDBN_STATE_KEY].to_torch_state_dict()
         model.load_state_dict(local, strict=False)
-    return OpenRound(ins, task, device, data, model)
+        restored = len(local)
+    return OpenRound(ins, task, device, data, model, restored)
 
 
 def keep_norm_layers(model: torch.nn.Module, state: RecordDict) -> None:
@@ -169,7 +172,7 @@ def evaluate_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> 
     site_metrics().val_samples.set(len(data.val))
     log.info("site %s round %d: evaluated on %d samples: %s", site.name, ins.server_round,
              len(data.val), values)
-    metrics = MetricRecord({wire.NUM_EXAMPLES: len(data.val),
+    metrics = MetricRecord({wire.NUM_EXAMPLES: len(data.val), "fedbn-restored": r.fedbn_restored,
                             **{f"val-{k}": float(v) for k, v in values.items()}})
     return RecordDict({wire.METRICS_KEY: metrics,
                        wire.SITE_KEY: ConfigRecord({"name": site.name,

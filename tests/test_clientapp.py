@@ -90,6 +90,7 @@ def test_fedbn_keeps_the_site_norm_layers(tmp_path: Path, data_dir: Path) -> Non
     nxt = _message("breastmnist")
     nxt.content["config"]["fedbn"] = True
     r = open_round(site, nxt.content, state)
+    assert r.fedbn_restored == len(local)
     global_state = build_model(TASK_PRESETS["breastmnist"]).state_dict()
     trained = reply["arrays"].to_torch_state_dict()
     for k in local:

@@ -52,7 +52,7 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
         assert "strategy" in err and "network" in err
         assert not (work / "runs").exists()
 
-        assert main([*base, "--rounds", "2", "--strategy", "fedmedian"]) == 0
+        assert main([*base, "--rounds", "2", "--strategy", "fedmedian", "--fedbn"]) == 0
         run_a = _run_id(capsys.readouterr().out)
         seen: list[str] = []
         deadline = time.monotonic() + 600
@@ -64,6 +64,9 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
             time.sleep(2)
         assert seen[-1] == "finished:completed" and len(set(seen)) >= 2, seen
         assert st["round"] == 2 and st["latest"]["heldout"]["accuracy"] > 0  # type: ignore[index]
+        # FedBN across real ClientApp processes: in round 2 every site evaluated with the
+        # normalisation layers it kept in its SuperNode state after training
+        assert st["latest"]["evaluate"]["fedbn-restored"] > 0  # type: ignore[index]
         server = scrape_metrics(state["metrics"]["server"])
         assert server["fedpacs_round"] == 2 and server["fedpacs_rounds_total"] == 2
         site_a = scrape_metrics(state["metrics"]["site-a"])
