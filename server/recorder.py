@@ -45,7 +45,9 @@ class RoundRecorder:
         if phase == "train":
             for i, (name, m) in enumerate(sites.items()):
                 self.site_samples[name] = int(m.get(wire.NUM_EXAMPLES, 0))
-                self.local_models[name] = next(iter(records[i].array_records.values()))
+                local = next(iter(records[i].array_records.values()), None)
+                if local is not None:
+                    self.local_models[name] = local
         return agg
 
     def aggregate_train(self, records: list[RecordDict], key: str) -> MetricRecord:

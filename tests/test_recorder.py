@@ -25,3 +25,14 @@ def test_weighted_mean_and_per_site_values() -> None:
                                   "b": {"num-examples": 30, "train-loss": 3.0}}
     assert rec.site_samples == {"a": 10, "b": 30}
     assert rec.flush() == {}
+
+
+def test_keeps_each_sites_last_local_model() -> None:
+    from flwr.app import ArrayRecord
+
+    rec = RoundRecorder()
+    with_arrays = _reply("a", 10, 1.0)
+    with_arrays["arrays"] = ArrayRecord(numpy_ndarrays=[np.ones(2, dtype=np.float32)])
+    rec.aggregate_train([with_arrays, _reply("b", 30, 3.0)], "num-examples")
+    assert set(rec.local_models) == {"a"}
+    assert rec.local_models["a"].to_numpy_ndarrays()[0].tolist() == [1.0, 1.0]
