@@ -15,6 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from fedpacs.common.datasets import resize
 from fedpacs.common.errors import DataError
 
 # (center, width) in HU for CT; the clinical presets radiologists use.
@@ -108,17 +109,11 @@ def window_preset(arr: np.ndarray, preset: str) -> np.ndarray:
 def resample(arr: np.ndarray, spacing: tuple[float, ...], target: tuple[float, ...],
              *, order: int = 1) -> np.ndarray:
     """Resample to ``target`` spacing (mm) with trilinear (order 1) or nearest (order 0)."""
-    import torch
-
     shape = tuple(max(1, int(round(n * s / t))) for n, s, t in
                   zip(arr.shape, spacing, target, strict=True))
     if shape == arr.shape:
         return arr.copy()
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
-    mode = "nearest" if order == 0 else ("trilinear" if arr.ndim == 3 else "bilinear")
-    kw = {} if order == 0 else {"align_corners": False}
-    out = torch.nn.functional.interpolate(x, size=shape, mode=mode, **kw)
-    return out[0, 0].numpy()
+    return resize(arr, shape, nearest=order == 0)
 
 
 def _frames(ds: Dataset, path: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:

@@ -280,8 +280,13 @@ def read_label_manifest(path: Path) -> dict[str, int | Path]:
     return out
 
 
-def _resize(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def resize(arr: np.ndarray, shape: tuple[int, ...], *, nearest: bool = False) -> np.ndarray:
+    """Interpolate a 2D/3D array to ``shape``: (bi/tri)linear, or nearest for label maps
+    (then the dtype is kept)."""
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    if nearest:
+        out = torch.nn.functional.interpolate(x, size=shape, mode="nearest")
+        return out[0, 0].numpy().astype(arr.dtype)
     mode = "bilinear" if len(shape) == 2 else "trilinear"
     return torch.nn.functional.interpolate(x, size=shape, mode=mode, align_corners=False)[0, 0]\
         .numpy()
@@ -322,15 +327,15 @@ def _pacs_arrays(paths: list[Path], labels: dict[str, int | Path], task: TaskCon
                 continue
             pairs = [(vol, mask)] if task.spatial_dims == 3 else list(zip(vol, mask, strict=True))
             for v, m in pairs:
-                xs.append(_resize(v, task.input_shape)[None])
-                ys.append(_resize_labels(m, task.input_shape)[None])
+                xs.append(resize(v, task.input_shape)[None])
+                ys.append(resize(m, task.input_shape, nearest=True)[None])
             continue
         if not isinstance(label, int) or not 0 <= label < task.num_classes:
             skipped.append((str(p), f"label {label} outside 0..{task.num_classes - 1}"))
             continue
         samples = [vol] if task.spatial_dims == 3 else list(vol)
         for s in samples:
-            xs.append(_resize(s, task.input_shape)[None])
+            xs.append(resize(s, task.input_shape)[None])
             ys.append(label)
     if not xs:
         return _empty(task), skipped
@@ -338,11 +343,6 @@ def _pacs_arrays(paths: list[Path], labels: dict[str, int | Path], task: TaskCon
         ys, dtype=torch.long)
     return TensorDataset(torch.from_numpy(np.stack(xs)), y), skipped
 
-
-def _resize_labels(arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
-    out = torch.nn.functional.interpolate(x, size=shape, mode="nearest")[0, 0]
-    return out.numpy().astype(np.int64)
 
 
 def _pacs_site(spec: DataSpec, task: TaskConfig) -> SiteData:

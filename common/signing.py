@@ -26,14 +26,20 @@ SIGNATURE = "final/MANIFEST.sig"
 MANIFEST_FORMAT = "fedpacs-manifest/1"
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write key material readable by the owner only (created with mode 600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
 def generate_signing_key(private_path: Path) -> Path:
     """A new Ed25519 key: private PEM (mode 600) and ``<name>.pub`` PEM; returns the .pub."""
     key = Ed25519PrivateKey.generate()
-    private_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
+    write_private(private_path, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
     pub = private_path.with_suffix(".pub")
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))

@@ -242,6 +242,3 @@ def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
     return DemoResult(run_id, run_dir, final, read_rounds(run_dir), status, seconds,
                       metrics_urls)
 
-
-def with_defaults(opts: DemoOptions, **kw: Any) -> DemoOptions:
-    return replace(opts, **{k: v for k, v in kw.items() if v is not None})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedpacs.common.errors import AuthError, ConfigError, FieldError
-from fedpacs.common.signing import generate_signing_key
+from fedpacs.common.signing import generate_signing_key, write_private
 
 SITE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 CERT_DAYS = 825
@@ -78,13 +77,6 @@ class Pki:
             if d.is_dir() else []
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-
-
 def _write_public(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
@@ -109,7 +101,7 @@ def create_ca(pki: Pki, *, common_name: str = "fedpacs federation CA") -> None:
                                      encipher_only=False, decipher_only=False), critical=True)
         .sign(key, hashes.SHA256())
     )
-    _write_private(pki.ca_key, key.private_bytes(serialization.Encoding.PEM,
+    write_private(pki.ca_key, key.private_bytes(serialization.Encoding.PEM,
                                                  serialization.PrivateFormat.PKCS8,
                                                  serialization.NoEncryption()))
     _write_public(pki.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
@@ -148,7 +140,7 @@ def issue_server_cert(pki: Pki, *, hosts: list[str]) -> None:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    _write_private(pki.server_key, key.private_bytes(serialization.Encoding.PEM,
+    write_private(pki.server_key, key.private_bytes(serialization.Encoding.PEM,
                                                      serialization.PrivateFormat.PKCS8,
                                                      serialization.NoEncryption()))
     _write_public(pki.server_cert, cert.public_bytes(serialization.Encoding.PEM))
@@ -166,7 +158,7 @@ def create_site_key(pki: Pki, name: str) -> SiteKeys:
     check_site_name(name)
     site = pki.site(name)
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(site.private_key, key.private_bytes(serialization.Encoding.PEM,
+    write_private(site.private_key, key.private_bytes(serialization.Encoding.PEM,
                                                        serialization.PrivateFormat.OpenSSH,
                                                        serialization.NoEncryption()))
     _write_public(site.public_key, key.public_key().public_bytes(

@@ -172,8 +172,9 @@ def make_handler(registry: Registry, tokens: TokenStore) -> type[BaseHTTPRequest
                 self._json(HTTPStatus.NOT_FOUND, {"error": "no such file"})
                 return
             log.info("researcher %s pulled %s/%s", who, model_id, parts[4])
-            self._send(HTTPStatus.OK, path.read_bytes(), "application/octet-stream",
-                       {"X-Content-SHA256": hashlib.sha256(path.read_bytes()).hexdigest()})
+            data = path.read_bytes()
+            self._send(HTTPStatus.OK, data, "application/octet-stream",
+                       {"X-Content-SHA256": hashlib.sha256(data).hexdigest()})
 
     return Handler
 
