@@ -41,6 +41,7 @@ lint: setup
 bench: setup system-deps
 	$(PY) bench/train_step.py
 	$(PY) bench/ingest.py
+	$(PY) bench/secagg.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -2,24 +2,45 @@
 
 The site's config file is named by the SuperNode's ``--node-config site-config=...``; it
 is read here, on the site, and never travels from the server.
+
+Train messages come in two forms:
+
+* plain (``secagg = false``): the global model as a named ArrayRecord; the reply carries
+  this site's weights, which the server sees;
+* SecAgg+ (the default): Flower's ``secaggplus_mod`` runs the key exchange, calls the
+  training handler with the legacy ``fitins`` records, then quantises and masks the reply
+  so that only the sum over sites can be unmasked by the server.
+
+Torch, MONAI and the data code are imported inside the handlers: the SecAgg+ key-exchange
+stages, which never train, then start in about a second.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from flwr.app import Context, Error, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import LocalDpMod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedpacs.client.metrics import site_metrics
-from fedpacs.client.trainer import evaluate_round, train_round
-from fedpacs.common.config import SITE_CONFIG_NODE_KEY, SiteConfig, load_site_config
-from fedpacs.common.errors import FedpacsError, describe
+from fedpacs.common.errors import ConfigError, FedpacsError, FieldError, describe
+
+if TYPE_CHECKING:
+    from fedpacs.common.config import SiteConfig
 
 log = logging.getLogger("fedpacs.site")
 
-app = ClientApp()
+SECAGG_CONFIG_KEY = RECORD_KEY_CONFIGS  # the config record SecAgg+ messages carry
+LEGACY_FITINS_ARRAYS = "fitins.parameters"  # the global model in a SecAgg+ train message
+
+Work = Callable[["SiteConfig", RecordDict, RecordDict], RecordDict]
 
 
 def site_error_reply(msg: Message, err: FedpacsError) -> Message:
@@ -28,10 +49,15 @@ def site_error_reply(msg: Message, err: FedpacsError) -> Message:
     return Message(error=Error(code=int(err.code), reason=reason), reply_to=msg)
 
 
-def handle(msg: Message, context: Context,
-           work: Callable[[SiteConfig, RecordDict, RecordDict], RecordDict]) -> Message:
+def load_site(context: Context) -> SiteConfig:
+    from fedpacs.common.config import SITE_CONFIG_NODE_KEY, load_site_config
+
+    return load_site_config(str(context.node_config.get(SITE_CONFIG_NODE_KEY, "")) or None)
+
+
+def handle(msg: Message, context: Context, work: Work) -> Message:
     try:
-        site = load_site_config(str(context.node_config.get(SITE_CONFIG_NODE_KEY, "")) or None)
+        site = load_site(context)
         return Message(content=work(site, msg.content, context.state), reply_to=msg)
     except FedpacsError as err:
         log.error("site refused message %s: %s", msg.metadata.message_type, err)
@@ -39,11 +65,122 @@ def handle(msg: Message, context: Context,
         return site_error_reply(msg, err)
 
 
+def is_secagg(msg: Message) -> bool:
+    return SECAGG_CONFIG_KEY in msg.content.config_records
+
+
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable
+                           ) -> Message:
+    """Runs Flower's SecAgg+ protocol on SecAgg+ messages. A site whose config says
+    ``require_secagg = true`` refuses a plain train message (its weights would be seen)."""
+    if is_secagg(msg):
+        return _secagg(msg, context, call_next)
+    if msg.metadata.message_type == "train":
+        try:
+            site = load_site(context)
+            if site.require_secagg:
+                raise ConfigError(site.source, [FieldError(
+                    "security.require_secagg", "a SecAgg+ run (secagg = true)",
+                    "a plain train message (secagg = false)",
+                    "ask the coordinator to start the run with SecAgg+, or set "
+                    "require_secagg = false in this site's [security] table")])
+        except FedpacsError as err:
+            log.error("site refused a plain train message: %s", err)
+            site_metrics().errors.labels(code=str(int(err.code))).inc()
+            return site_error_reply(msg, err)
+    return call_next(msg, context)
+
+
+class _Refused(Exception):
+    def __init__(self, reply: Message) -> None:
+        super().__init__("site refused the round")
+        self.reply = reply
+
+
+def _secagg(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ mod; when the site refuses to train (an error reply, already
+    logged with its reason) that reply goes back as it is: the site drops out of this
+    round and the server unmasks the others from their shares."""
+    def train_or_refuse(m: Message, c: Context) -> Message:
+        out = call_next(m, c)
+        if out.has_error():
+            raise _Refused(out)
+        return out
+
+    try:
+        return secaggplus_mod(msg, context, train_or_refuse)
+    except _Refused as refused:
+        return refused.reply
+
+
+app = ClientApp(mods=[secure_aggregation_mod])
+
+
+def train_work(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
+    """One round of local training, for either message form."""
+    from fedpacs.client.secure import from_fitins, to_fitres
+    from fedpacs.client.trainer import train_round
+
+    if LEGACY_FITINS_ARRAYS in content.array_records:
+        reply = train_round(site, from_fitins(content), state)
+        return to_fitres(reply, content)
+    return train_round(site, content, state)
+
+
+def with_local_dp(msg: Message, context: Context, inner: ClientAppCallable) -> Message:
+    """Flower's LocalDpMod around the training handler when the run asks for it
+    (``dp-clip > 0``): the update is clipped to that L2 norm and Gaussian noise added."""
+    cfg = _round_config(msg)
+    clip = _number(cfg.get("dp-clip", 0.0))
+    if clip <= 0:
+        return inner(msg, context)
+    eps, delta = _number(cfg.get("dp-epsilon", 1.0)), _number(cfg.get("dp-delta", 1e-5))
+    log.info("local DP on this update: clip %.3g, epsilon %.3g, delta %.3g", clip, eps, delta)
+    scalars = {k for rec in msg.content.array_records.values() for k in rec.keys()
+               if rec[k].numpy().ndim == 0}  # (legacy records carry no shape metadata)
+    out = LocalDpMod(clip, clip, eps, delta)(msg, context, _float_arrays(inner))
+    return _reshape(out, lambda k, a: a.reshape(()) if k in scalars else a)
+
+
+def _round_config(msg: Message) -> dict[str, object]:
+    from fedpacs.common import wire
+
+    for key in (wire.CONFIG_KEY, "fitins.config"):
+        if key in msg.content.config_records:
+            return dict(msg.content.config_records[key])
+    return {}
+
+
+def _number(v: object) -> float:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+
+
+def _float_arrays(inner: ClientAppCallable) -> ClientAppCallable:
+    """Integer buffers (BatchNorm's step counters) as float and 0-d entries as 1-element
+    vectors, so that LocalDpMod's in-place clipping and noise reach every entry (it
+    cannot scale a 0-d difference in place); the server casts integers back."""
+    def call(msg: Message, context: Context) -> Message:
+        return _reshape(inner(msg, context), lambda k, a: (
+            a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float32)).reshape(
+            a.shape or (1,)))
+    return call
+
+
+def _reshape(out: Message, fn: Callable[[str, np.ndarray], np.ndarray]) -> Message:
+    if out.has_error():
+        return out
+    for key, rec in list(out.content.array_records.items()):
+        out.content[key] = ArrayRecord({k: Array(fn(k, rec[k].numpy())) for k in rec.keys()})
+    return out
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return handle(msg, context, train_round)
+    return with_local_dp(msg, context, lambda m, c: handle(m, c, train_work))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    from fedpacs.client.trainer import evaluate_round
+
     return handle(msg, context, evaluate_round)

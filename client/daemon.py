@@ -7,15 +7,17 @@ config is invalid, so a hospital never joins a federation it cannot serve.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpacs.client.gate import TRUST_ENV, install_gate
 from fedpacs.common.config import SITE_CONFIG_NODE_KEY, SiteConfig, load_site_config
 from fedpacs.common.datasets import load_site_data
-from fedpacs.common.errors import AuthError, DataError
+from fedpacs.common.errors import AuthError, ConfigError, DataError, FieldError
 from fedpacs.common.tasks import get_task
 from fedpacs.common.telemetry import MULTIPROC_ENV, fresh_dir, serve_multiprocess
 from fedpacs.deploy.procs import child_env, tool
@@ -70,6 +72,25 @@ def supernode_argv(opts: DaemonOptions, site_config: Path) -> list[str]:
     return argv
 
 
+def gate_env(site: SiteConfig, state: Path, path: str) -> dict[str, str]:
+    """PATH and trust settings that put the app gate in front of every ClientApp."""
+    sec = site.security
+    if sec.allow_unsigned_apps:
+        log.warning("site %s: security.allow_unsigned_apps = true: apps are NOT checked "
+                    "against a signature (development only)", site.name)
+        return {}
+    if not sec.trusted_app_keys:
+        raise ConfigError(site.source, [FieldError(
+            "security.trusted_app_keys", "at least one public key the site trusts to sign apps",
+            "none", "add the coordinator's signing.pub (or, for development only, set "
+            "allow_unsigned_apps = true)")])
+    gate = install_gate(state / "gate-bin")
+    log.info("site %s: runs only apps signed by %s", site.name,
+             ", ".join(str(k) for k in sec.trusted_app_keys))
+    return {"PATH": f"{gate}{os.pathsep}{path}",
+            TRUST_ENV: os.pathsep.join(str(k) for k in sec.trusted_app_keys)}
+
+
 def run_daemon(opts: DaemonOptions) -> int:
     """Validate, then run the SuperNode in the foreground until it exits or is signalled."""
     summary = check_site(opts.config)
@@ -78,9 +99,10 @@ def run_daemon(opts: DaemonOptions) -> int:
     log.info("site %s: %d train / %d val samples; starting SuperNode", summary.site.name,
              summary.train, summary.val)
     env = child_env()
+    state = opts.state_dir or Path(tempfile.mkdtemp(prefix=f"fedpacs-{summary.site.name}-"))
+    env.update(gate_env(summary.site, state, env["PATH"]))
     if opts.metrics_port:
-        mdir = opts.state_dir or Path(tempfile.mkdtemp(prefix=f"fedpacs-{summary.site.name}-"))
-        mdir = fresh_dir(mdir / "metrics")
+        mdir = fresh_dir(state / "metrics")
         serve_multiprocess(mdir, opts.metrics_port)
         env[MULTIPROC_ENV] = str(mdir)
         log.info("site %s: metrics on http://127.0.0.1:%d/metrics", summary.site.name,

@@ -123,7 +123,7 @@ def open_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> Open
     task, device = prepare(site, ins.task, ins.network, ins.task_json)
     data = load_data(site, task)
     model = build_model(task)
-    wire.load_arrays(model, content.array_records[wire.ARRAYS_KEY])
+    wire.load_arrays(model, wire.named_arrays(model, content.array_records[wire.ARRAYS_KEY]))
     restored = 0
     if ins.fedbn and FEDBN_STATE_KEY in state.array_records:
         local = state.array_records[FEDBN_STATE_KEY].to_torch_state_dict()

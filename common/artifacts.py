@@ -6,7 +6,6 @@ The file is a plain ``torch.save`` of a dict of tensors and JSON-like values, so
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from fedpacs.common.errors import DataError
+from fedpacs.common.hashing import sha256_file
 from fedpacs.common.models import build_model, pick_device
 from fedpacs.common.tasks import TaskConfig
 
@@ -39,14 +39,6 @@ def write_json(path: Path, value: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(clean_json(value), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(path)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_model(path: Path, *, model: nn.Module, task: TaskConfig, card: dict[str, Any]) -> str:

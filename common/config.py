@@ -27,6 +27,8 @@ from fedpacs.common.tasks import (
 )
 
 SITE_CONFIG_ENV = "FEDPACS_SITE_CONFIG"
+# Strategies that work on the sum of the updates alone (FedProx's term is on the site).
+SECAGG_STRATEGIES = ("fedavg", "fedprox")
 SITE_CONFIG_NODE_KEY = "site-config"  # key in the SuperNode's --node-config
 
 DEFAULT_THREADS = 0  # 0: let torch decide
@@ -53,6 +55,21 @@ class IngestConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """[security]: what this site accepts from the federation.
+
+    * ``require_secagg``: train only in SecAgg+ runs, so no plain update ever leaves.
+    * ``trusted_app_keys``: Ed25519 public keys (OpenSSH) whose signature an app must carry
+      before this site runs it (checked by the site daemon's app gate).
+    * ``allow_unsigned_apps``: run apps without a signature check (development only).
+    """
+
+    require_secagg: bool = True
+    trusted_app_keys: tuple[Path, ...] = ()
+    allow_unsigned_apps: bool = False
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     """One hospital's site daemon settings."""
 
@@ -63,6 +80,11 @@ class SiteConfig:
     source: str = "<memory>"
     ingest: IngestConfig | None = None
     custom_task: TaskConfig | None = None  # from a [task] table, for tasks not in the presets
+    security: SecurityConfig = SecurityConfig()
+
+    @property
+    def require_secagg(self) -> bool:
+        return self.security.require_secagg
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -95,7 +117,8 @@ def _check_unknown(sec: dict[str, Any], allowed: set[str], prefix: str,
 def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> SiteConfig:
     """Build a SiteConfig from a parsed TOML mapping; collects all problems before failing."""
     errs: list[FieldError] = []
-    _check_unknown(raw, {"site", "data", "compute", "pacs", "cohort", "task"}, "", errs)
+    _check_unknown(raw, {"site", "data", "compute", "pacs", "cohort", "task", "security"}, "",
+                   errs)
     site = _section(raw, "site", errs)
     data = _section(raw, "data", errs)
     comp = _section(raw, "compute", errs)
@@ -191,6 +214,7 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
         errs.append(FieldError("compute.device", "auto, cpu, cuda or cuda:N", _type_name(device),
                                'set device = "auto"'))
     ingest = parse_ingest(raw, base_dir, errs) if "pacs" in raw else None
+    security = parse_security(_section(raw, "security", errs), base_dir, errs)
     if errs:
         raise ConfigError(source, errs)
     assert root is not None and isinstance(name, str) and isinstance(task, str)
@@ -200,7 +224,38 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
                       holdout_fraction=holdout, val_fraction=val, seed=seed, labels=labels),
         compute=ComputeConfig(device=str(device), threads=threads), source=source,
         ingest=ingest, custom_task=custom,
+        security=security,
     )
+
+
+def parse_security(sec: dict[str, Any], base_dir: Path, errs: list[FieldError]
+                   ) -> SecurityConfig:
+    """The [security] table; appends problems to ``errs``."""
+    _check_unknown(sec, {f.name for f in fields(SecurityConfig)}, "security.", errs)
+    flags: dict[str, bool] = {}
+    for key, default in (("require_secagg", True), ("allow_unsigned_apps", False)):
+        v = sec.get(key, default)
+        if not isinstance(v, bool):
+            errs.append(FieldError(f"security.{key}", "true or false", _type_name(v),
+                                   f"set {key} = {str(default).lower()}"))
+            v = default
+        flags[key] = v
+    raw_keys = sec.get("trusted_app_keys", [])
+    keys: list[Path] = []
+    if not isinstance(raw_keys, list) or not all(isinstance(k, str) for k in raw_keys):
+        errs.append(FieldError("security.trusted_app_keys", "a list of public key paths",
+                               _type_name(raw_keys),
+                               'e.g. trusted_app_keys = ["keys/coordinator.pub"]'))
+        raw_keys = []
+    for k in raw_keys:
+        path = Path(os.path.expandvars(k)).expanduser()
+        path = path if path.is_absolute() else (base_dir / path).resolve()
+        if not path.is_file():
+            errs.append(FieldError("security.trusted_app_keys", "existing public key files",
+                                   str(path), "copy the coordinator's app-signing .pub here"))
+        keys.append(path)
+    return SecurityConfig(require_secagg=flags["require_secagg"], trusted_app_keys=tuple(keys),
+                          allow_unsigned_apps=flags["allow_unsigned_apps"])
 
 
 def parse_ingest(raw: dict[str, Any], base_dir: Path, errs: list[FieldError]) -> IngestConfig:
@@ -303,6 +358,18 @@ class RunConfig:
     cross_site: bool = True  # NxN validation of the global and each local model at the end
     task_json: str = ""  # a custom task (TaskConfig as JSON) when `task` is not a preset
     signing_key: str = ""  # server-side Ed25519 key: sign the run's artifacts at the end
+    # Secure aggregation (SecAgg+): the server only ever sees the sum of the sites' updates.
+    secagg: bool = True
+    secagg_threshold: float = 0.66  # fraction of a site's key shares needed to unmask it
+    secagg_clip: float = 8.0  # |weight * num_examples / max_weight| must stay below this
+    secagg_max_weight: float = 10000.0  # largest num_examples a site may report
+    # Server-side checks: an update (or aggregate) further than this L2 distance from the
+    # round's global model is dropped; 0 turns the bound off. Shapes/dtypes/NaN always checked.
+    max_update_norm: float = 0.0
+    # Local differential privacy (Flower's LocalDpMod on each site's train reply); 0: off.
+    dp_clip: float = 0.0  # L2 bound on a site's update (also the sensitivity)
+    dp_epsilon: float = 1.0
+    dp_delta: float = 1e-5
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -311,7 +378,10 @@ class RunConfig:
         """What sites are told each round (no server paths)."""
         return {"task": self.task, "local-epochs": self.local_epochs,
                 "batch-size": self.batch_size, "lr": self.lr, "seed": self.seed,
-                "network": self.network, "fedbn": self.fedbn, "task-json": self.task_json}
+                "network": self.network, "fedbn": self.fedbn, "task-json": self.task_json,
+                "secagg": self.secagg, "secagg-clip": self.secagg_clip,
+                "secagg-max-weight": self.secagg_max_weight, "dp-clip": self.dp_clip,
+                "dp-epsilon": self.dp_epsilon, "dp-delta": self.dp_delta}
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any], *, source: str = "run config") -> RunConfig:
@@ -391,6 +461,31 @@ class RunConfig:
             errs.append(FieldError("min-sites", f">= 2 * krum-malicious + 3 = "
                                    f"{2 * self.krum_malicious + 3} for krum",
                                    str(self.min_sites), "add sites or lower krum-malicious"))
+        if self.secagg and self.strategy not in SECAGG_STRATEGIES:
+            errs.append(FieldError("strategy", f"one of {', '.join(SECAGG_STRATEGIES)} with "
+                                   "secagg (the server sees only the sum of the updates)",
+                                   repr(self.strategy), "set secagg = false (--no-secagg) to use "
+                                   "a strategy that needs each site's update"))
+        if self.secagg and self.min_sites < 3:
+            errs.append(FieldError("min-sites", ">= 3 with secagg", str(self.min_sites),
+                                   "add sites or set secagg = false (--no-secagg)"))
+        if not 0 < self.secagg_threshold <= 1:
+            errs.append(FieldError("secagg-threshold", "in (0, 1]", str(self.secagg_threshold),
+                                   "e.g. 0.66: a site's mask is rebuilt from 2 of 3 shares"))
+        for name in ("secagg_clip", "secagg_max_weight"):
+            if not getattr(self, name) > 0:
+                errs.append(FieldError(name.replace("_", "-"), "> 0", str(getattr(self, name)),
+                                       "use the default"))
+        if self.max_update_norm < 0:
+            errs.append(FieldError("max-update-norm", ">= 0 (0: off)", str(self.max_update_norm),
+                                   "e.g. max-update-norm = 50"))
+        if self.dp_clip < 0:
+            errs.append(FieldError("dp-clip", ">= 0 (0: off)", str(self.dp_clip),
+                                   "e.g. dp-clip = 10"))
+        if self.dp_clip > 0 and not (self.dp_epsilon > 0 and 0 < self.dp_delta < 1):
+            errs.append(FieldError("dp-epsilon/dp-delta", "epsilon > 0 and 0 < delta < 1",
+                                   f"{self.dp_epsilon}/{self.dp_delta}",
+                                   "e.g. dp-epsilon = 1, dp-delta = 1e-5"))
         if not 0 <= self.metrics_port < 65536:
             errs.append(FieldError("metrics-port", "0 (off) or a TCP port",
                                    str(self.metrics_port), "e.g. metrics-port = 9400"))

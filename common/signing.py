@@ -8,18 +8,24 @@ of that manifest. Anyone with the public key can check that nothing was changed.
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import hashlib
+import io
 import json
 import os
-from collections.abc import Mapping
+import tomllib
+import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomli_w
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedpacs.common.artifacts import sha256_file
 from fedpacs.common.errors import AuthError
+from fedpacs.common.hashing import sha256_file
 
 MANIFEST = "final/MANIFEST.json"
 SIGNATURE = "final/MANIFEST.sig"
@@ -120,3 +126,86 @@ def verify_run(run_dir: Path, public_key: Path) -> Verification:
         elif sha256_file(path) != digest:
             problems.append(f"{rel}: SHA-256 differs from the signed manifest (file changed)")
     return Verification(not problems, problems, len(files))
+
+
+# --------------------------------------------------------------------------- signed apps
+APP_SIGNATURE = "fedpacs-app.sig.json"  # inside the app folder, so it travels in the FAB
+APP_SIGNATURE_FORMAT = "fedpacs-app-signature/1"
+FAB_MANIFEST = ".info/CONTENT"  # written by `flwr build` itself
+
+
+def key_id(key: Ed25519PublicKey) -> str:
+    """A short, stable name for a public key: SHA-256 of its raw bytes, 16 hex digits."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def sign_app(app_dir: Path, private_key: Path) -> Path:
+    """Sign every file of a Flower app folder; writes ``fedpacs-app.sig.json`` there."""
+    key = _load_private(private_key)
+    _normalise_pyproject(app_dir / "pyproject.toml")
+    files = {p.relative_to(app_dir).as_posix(): sha256_file(p)
+             for p in sorted(app_dir.rglob("*")) if p.is_file() and p.name != APP_SIGNATURE}
+    payload = {"format": APP_SIGNATURE_FORMAT, "files": files,
+               "key_id": key_id(key.public_key()),
+               "signed_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    out = app_dir / APP_SIGNATURE
+    out.write_text(json.dumps({**payload, "signature": base64.b64encode(
+        key.sign(_canonical(payload))).decode()}, indent=1, sort_keys=True))
+    return out
+
+
+def _normalise_pyproject(path: Path) -> None:
+    """Write pyproject.toml as ``flwr build`` puts it in the bundle (re-serialised, without
+    [tool.flwr.federations]), so that the signed hash is the one the site sees."""
+    if not path.is_file():
+        return
+    config = tomllib.loads(path.read_text(encoding="utf-8"))
+    config.get("tool", {}).get("flwr", {}).pop("federations", None)
+    path.write_bytes(tomli_w.dumps(config).encode("utf-8"))
+
+
+def verify_app_files(files: Mapping[str, bytes], trusted: Sequence[Path]) -> str:
+    """Check an app's files (path -> bytes) against its signature and this site's trusted
+    keys; returns the signer's key id or raises AuthError saying what is wrong."""
+    keys = {key_id(k): k for k in (_load_public(p) for p in trusted)}
+    if APP_SIGNATURE not in files:
+        raise AuthError(f"the app is not signed (no {APP_SIGNATURE}). Fix: start runs with "
+                        "`fedpacs run start`, which signs the app with the coordinator's key")
+    try:
+        doc = json.loads(files[APP_SIGNATURE])
+        sig = base64.b64decode(doc.pop("signature"))
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise AuthError(f"{APP_SIGNATURE}: unreadable ({exc}); the app was not signed by "
+                        "fedpacs") from exc
+    signer = str(doc.get("key_id", ""))
+    if signer not in keys:
+        raise AuthError(f"the app is signed by key {signer!r}, which this site does not trust "
+                        f"(trusted: {', '.join(sorted(keys)) or 'none'}). Fix: add the "
+                        "coordinator's signing.pub to security.trusted_app_keys, if you trust it")
+    try:
+        keys[signer].verify(sig, _canonical(doc))
+    except InvalidSignature as exc:
+        raise AuthError(f"{APP_SIGNATURE}: the signature does not match its file list "
+                        "(the signature file was edited)") from exc
+    signed: dict[str, str] = dict(doc.get("files", {}))
+    present = {k: v for k, v in files.items() if k not in (APP_SIGNATURE, FAB_MANIFEST)}
+    problems = [f"{k}: not in the signed app (added after signing)"
+                for k in sorted(set(present) - set(signed))]
+    problems += [f"{k}: signed but missing" for k in sorted(set(signed) - set(present))]
+    problems += [f"{k}: changed after signing (SHA-256 differs)" for k in sorted(present)
+                 if k in signed and hashlib.sha256(present[k]).hexdigest() != signed[k]]
+    if problems:
+        raise AuthError("the app differs from what the coordinator signed: "
+                        + "; ".join(problems))
+    return signer
+
+
+def verify_fab(fab: bytes, trusted: Sequence[Path]) -> str:
+    """:func:`verify_app_files` over a Flower App Bundle (a zip)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab)) as z:
+            files = {n: z.read(n) for n in z.namelist() if not n.endswith("/")}
+    except zipfile.BadZipFile as exc:
+        raise AuthError(f"the app bundle is not a zip file ({exc})") from exc
+    return verify_app_files(files, trusted)

@@ -94,3 +94,53 @@ def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
     with torch.no_grad():
         for k, ref in state.items():
             ref.copy_(torch.from_numpy(np.asarray(update[k])).to(dtype=ref.dtype))
+
+
+def positional(arrays: ArrayRecord) -> bool:
+    """True for a SecAgg+ (legacy) record: entries named "0", "1", ... in state_dict order."""
+    return list(arrays.keys()) == [str(i) for i in range(len(arrays))]
+
+
+def named_arrays(model: nn.Module, arrays: ArrayRecord) -> ArrayRecord:
+    """``arrays`` keyed by the model's state_dict names; a positional (legacy) record is
+    renamed in order after its length is checked."""
+    if not positional(arrays) or len(arrays) == 0:
+        return arrays
+    names = list(model.state_dict())
+    if len(names) != len(arrays):
+        raise UpdateError([FieldError("arrays", f"{len(names)} arrays (one per state entry)",
+                                      f"{len(arrays)}", "build the model from the same "
+                                      "task/network on both sides")])
+    return ArrayRecord({n: arrays[str(i)] for i, n in enumerate(names)})
+
+
+def to_numpy_list(arrays: ArrayRecord) -> list[np.ndarray]:
+    """The record's arrays in order (the legacy Parameters layout)."""
+    return [arrays[k].numpy() for k in arrays.keys()]
+
+
+def from_numpy_list(model: nn.Module, values: list[np.ndarray]) -> ArrayRecord:
+    """A named ArrayRecord from arrays in state_dict order (e.g. a SecAgg+ aggregate),
+    checked against the model and cast back to its dtypes (rounding integer buffers)."""
+    names = list(model.state_dict())
+    if len(names) != len(values):
+        raise UpdateError([FieldError("aggregate", f"{len(names)} arrays", str(len(values)),
+                                      "build the model from the same task/network")])
+    errors = check_state(model.state_dict(), dict(zip(names, values, strict=True)))
+    if errors:
+        raise UpdateError(errors)
+    out = {}
+    for (name, ref), v in zip(model.state_dict().items(), values, strict=True):
+        t = torch.from_numpy(np.asarray(v))
+        out[name] = (t.round() if not ref.is_floating_point() else t).to(dtype=ref.dtype)
+    return ArrayRecord(torch_state_dict=out)
+
+
+def update_norm(update: dict[str, np.ndarray], reference: dict[str, torch.Tensor]) -> float:
+    """L2 distance between an update and the reference state over floating-point entries."""
+    total = 0.0
+    for k, ref in reference.items():
+        if ref.is_floating_point() and k in update:
+            d = np.asarray(update[k], dtype=np.float64) - ref.detach().cpu().double().numpy()
+            total += float(np.sum(d * d))
+    return float(np.sqrt(total))

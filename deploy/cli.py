@@ -48,13 +48,21 @@ def demo(
     timeout: Annotated[float, typer.Option(help="deadline for the whole run, seconds")] = 1800.0,
     classification: Annotated[bool, typer.Option(
         "--classification", help="run the MedMNIST (BreastMNIST) classification task")] = False,
+    secagg: Annotated[bool, typer.Option(
+        help="secure aggregation (SecAgg+): the server sees only the sum of the updates")
+                      ] = True,
+    dp_clip: Annotated[float, typer.Option(
+        help="local differential privacy: clip each update to this L2 norm and add noise "
+             "(0: off)")] = 0.0,
 ) -> None:
-    """Run a whole federation on loopback (TLS, authenticated SuperNodes) with real data."""
+    """Run a whole federation on loopback (TLS, authenticated SuperNodes, signed app,
+    SecAgg+) with real data."""
     from fedpacs.deploy.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(task="breastmnist" if classification else task, sites=sites,
                          rounds=rounds, local_epochs=local_epochs, workdir=workdir,
-                         data_dir=data_dir, timeout_s=timeout), echo=typer.echo)
+                         data_dir=data_dir, timeout_s=timeout, secagg=secagg, dp_clip=dp_clip),
+             echo=typer.echo)
 
 
 @provision_cli.command("init")
@@ -97,6 +105,31 @@ def provision_add_site(
 
     keys = create_site_key(Pki(out), name)
     typer.echo(f"site {name}: private {keys.private_key}, public {keys.public_key}")
+
+
+@provision_cli.command("revoke-site")
+def provision_revoke_site(
+    name: Annotated[str, typer.Argument(help="site name")],
+    out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
+) -> None:
+    """Retire one site's key (kept under revoked/ and logged); others are untouched. On a
+    running federation use `fedpacs federation revoke`, which also unregisters the node."""
+    from fedpacs.deploy.pki import Pki, revoke_site_key
+
+    typer.echo(f"site {name}: key revoked, moved to {revoke_site_key(Pki(out), name)}")
+
+
+@provision_cli.command("rotate-site")
+def provision_rotate_site(
+    name: Annotated[str, typer.Argument(help="site name")],
+    out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
+) -> None:
+    """Revoke one site's key and issue it a new one; others are untouched."""
+    from fedpacs.deploy.pki import Pki, rotate_site_key
+
+    keys = rotate_site_key(Pki(out), name)
+    typer.echo(f"site {name}: new private {keys.private_key}, public {keys.public_key} "
+               "(register the public key at the SuperLink)")
 
 
 @site_cli.command("check")
@@ -191,6 +224,8 @@ def federation_up_cmd(
     data_dir: Annotated[Path | None, typer.Option(help="shared data folder")] = None,
     site_config: Annotated[list[Path] | None, typer.Option(
         help="use these site files instead of generated ones (repeat)")] = None,
+    require_secagg: Annotated[bool, typer.Option(
+        help="generated sites train only in SecAgg+ runs")] = True,
 ) -> None:
     """Start a SuperLink (TLS, node auth) and one site daemon per site, in the background."""
     from fedpacs.deploy.demo import DEMO_DATA, resolve_data_dir, site_names, write_site_configs
@@ -203,17 +238,39 @@ def federation_up_cmd(
         if task not in DEMO_DATA:
             raise ConfigError("federation up", [FieldError(
                 "task", f"one of {', '.join(DEMO_DATA)}", repr(task), "pick a preset")])
+        from fedpacs.deploy.pki import provision
+
         td = DEMO_DATA[task]
         names = site_names(sites)
+        pki = provision(workdir.resolve() / "pki", sites=names)
         paths = write_site_configs(workdir.resolve() / "sites", task=task,
                                    data=resolve_data_dir(data_dir) / td.relpath, fmt=td.format,
-                                   names=names, threads=1, seed=0)
+                                   names=names, threads=1, seed=0,
+                                   trusted_keys=[pki.signing_pub], require_secagg=require_secagg)
         files = dict(zip(names, paths, strict=True))
     state = federation_up(workdir, files, metrics_ports={n: free_port() for n in files})
     typer.echo(f"SuperLink 127.0.0.1:{state.port} (pid {state.superlink_pid}), server metrics "
                f"{state.metrics['server']}")
     for name, pid in state.site_pids.items():
         typer.echo(f"site {name}: daemon pid {pid}, metrics {state.metrics.get(name, '-')}")
+
+
+@federation_cli.command("revoke")
+def federation_revoke_cmd(name: Annotated[str, typer.Argument(help="site name")],
+                          workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Revoke one site: unregister its key at the SuperLink, stop its daemon, retire the key."""
+    from fedpacs.server.coordinator import revoke_site
+
+    typer.echo(f"site {name}: node {revoke_site(workdir, name)} unregistered, key revoked")
+
+
+@federation_cli.command("rotate")
+def federation_rotate_cmd(name: Annotated[str, typer.Argument(help="site name")],
+                          workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Give one site a new key: revoke the old, register the new, restart its daemon."""
+    from fedpacs.server.coordinator import rotate_site
+
+    typer.echo(f"site {name}: new key registered, daemon pid {rotate_site(workdir, name)}")
 
 
 @federation_cli.command("down")
@@ -232,7 +289,7 @@ def run_start(
     strategy: Annotated[str, typer.Option(
         help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum")] = "fedavg",
     rounds: Annotated[int, typer.Option()] = 3,
-    min_sites: Annotated[int, typer.Option(help="sites needed per round")] = 2,
+    min_sites: Annotated[int, typer.Option(help="sites needed per round")] = 3,
     round_timeout: Annotated[float, typer.Option(help="seconds to wait for sites per round")
                              ] = 900.0,
     local_epochs: Annotated[int, typer.Option()] = 1,
@@ -244,6 +301,19 @@ def run_start(
     data_dir: Annotated[Path | None, typer.Option(help="shared data folder")] = None,
     task_file: Annotated[Path | None, typer.Option(
         help="a custom task (TOML with the TaskConfig fields) instead of a preset")] = None,
+    secagg: Annotated[bool, typer.Option(
+        help="SecAgg+: the server sees only the sum of the updates (fedavg/fedprox)")] = True,
+    secagg_clip: Annotated[float, typer.Option(
+        help="SecAgg+ clipping range of weight * num_examples / max-weight")] = 8.0,
+    secagg_max_weight: Annotated[float, typer.Option(
+        help="SecAgg+: the largest number of examples one site may report")] = 10000.0,
+    max_update_norm: Annotated[float, typer.Option(
+        help="drop an update (or aggregate) further than this L2 distance from the global "
+             "model (0: off)")] = 0.0,
+    dp_clip: Annotated[float, typer.Option(
+        help="local DP: clip each site's update to this L2 norm and add noise (0: off)")] = 0.0,
+    dp_epsilon: Annotated[float, typer.Option(help="local DP epsilon")] = 1.0,
+    dp_delta: Annotated[float, typer.Option(help="local DP delta")] = 1e-5,
 ) -> None:
     """Validate a run against the federation, then start it; prints the run id."""
     from fedpacs.common.config import RunConfig
@@ -269,7 +339,10 @@ def run_start(
                     min_sites=min_sites, round_timeout_s=round_timeout,
                     local_epochs=local_epochs, lr=lr if lr is not None else (td.lr if td else 1e-3),
                     batch_size=td.batch_size if td else 8, proximal_mu=proximal_mu, fedbn=fedbn,
-                    eval_format=eval_fmt, eval_root=eval_root)
+                    eval_format=eval_fmt, eval_root=eval_root, secagg=secagg,
+                    secagg_clip=secagg_clip, secagg_max_weight=secagg_max_weight,
+                    max_update_norm=max_update_norm, dp_clip=dp_clip, dp_epsilon=dp_epsilon,
+                    dp_delta=dp_delta)
     run_id, run_dir = start_run(workdir, cfg)
     typer.echo(f"run {run_id} started; run directory {run_dir}")
 

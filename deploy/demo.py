@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ class DemoOptions:
     threads_per_site: int = 1
     timeout_s: float = 1800.0
     seed: int = 0
+    secagg: bool = True  # SecAgg+: the server sees only the sum of the sites' updates
+    dp_clip: float = 0.0  # > 0: local differential privacy on each site's update
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,16 @@ def site_names(n: int) -> list[str]:
 
 
 def write_site_configs(folder: Path, *, task: str, data: Path, fmt: str, names: list[str],
-                       threads: int, seed: int) -> list[Path]:
-    """One site file per site: same data set, disjoint partitions (the server never sees it)."""
+                       threads: int, seed: int, trusted_keys: Sequence[Path] = (),
+                       require_secagg: bool = True) -> list[Path]:
+    """One site file per site: same data set, disjoint partitions (the server never sees it).
+    Each site runs only apps signed by ``trusted_keys`` (none: unsigned apps allowed) and,
+    with ``require_secagg``, trains only in SecAgg+ runs."""
     folder.mkdir(parents=True, exist_ok=True)
+    keys = ", ".join(f'"{k.resolve()}"' for k in trusted_keys)
+    security = (f"[security]\nrequire_secagg = {str(require_secagg).lower()}\n"
+                + (f"trusted_app_keys = [{keys}]\n" if trusted_keys
+                   else "allow_unsigned_apps = true\n"))
     paths = []
     for i, name in enumerate(names):
         p = folder / f"{name}.toml"
@@ -100,7 +109,8 @@ def write_site_configs(folder: Path, *, task: str, data: Path, fmt: str, names: 
             f'[site]\nname = "{name}"\ntask = "{task}"\n\n'
             f'[data]\nformat = "{fmt}"\nroot = "{data}"\npartition = {i}\n'
             f"num_partitions = {len(names)}\nholdout_fraction = 0.2\nseed = {seed}\n\n"
-            f'[compute]\ndevice = "auto"\nthreads = {threads}\n', encoding="utf-8")
+            f'[compute]\ndevice = "auto"\nthreads = {threads}\n\n{security}',
+            encoding="utf-8")
         load_site_config(p)  # fail here, before any process starts
         paths.append(p)
     return paths
@@ -122,6 +132,12 @@ def format_round(r: dict[str, Any], total: int) -> str:
     if sites:
         parts.append("sites " + " ".join(f"{k}:{int(v.get('num-examples', 0))}"
                                          for k, v in sorted(sites.items())))
+    sec = r.get("secagg")
+    if sec:
+        parts.append(f"SecAgg+ sum of {sec['sites_summed']}"
+                     + (f" ({sec['sites_dropped']} dropped)" if sec["sites_dropped"] else ""))
+    for site, reason in (r.get("rejected") or {}).items():
+        parts.append(f"REJECTED {site}: {reason[:120]}")
     return "  ".join(parts)
 
 
@@ -148,13 +164,18 @@ def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print,
     cfg = RunConfig(task=opts.task, rounds=opts.rounds,
                     local_epochs=opts.local_epochs or td.local_epochs, batch_size=td.batch_size,
                     lr=td.lr, min_sites=opts.sites, seed=opts.seed, run_dir=str(run_dir),
-                    eval_format=td.format, eval_root=str(data), eval_seed=opts.seed)
+                    eval_format=td.format, eval_root=str(data), eval_seed=opts.seed,
+                    secagg=opts.secagg, dp_clip=opts.dp_clip)
     problems = cfg.validate()
     if problems:
         raise ConfigError("demo run config", problems)
+    pki = provision(work / "pki", sites=names)
     site_files = write_site_configs(work / "sites", task=opts.task, data=data, fmt=td.format,
-                                    names=names, threads=opts.threads_per_site, seed=opts.seed)
-    echo(f"fedpacs demo: {opts.task}, {opts.sites} sites, {opts.rounds} rounds, data {data}")
+                                    names=names, threads=opts.threads_per_site, seed=opts.seed,
+                                    trusted_keys=[pki.signing_pub], require_secagg=opts.secagg)
+    privacy = "SecAgg+" if opts.secagg else "plain FedAvg (secure aggregation off)"
+    echo(f"fedpacs demo: {opts.task}, {opts.sites} sites, {opts.rounds} rounds, {privacy}, "
+         f"data {data}")
     return run_local_federation(work, dict(zip(names, site_files, strict=True)), cfg,
                                 timeout_s=opts.timeout_s, echo=echo, on_round=on_round)
 

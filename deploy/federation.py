@@ -12,8 +12,9 @@ from typing import Any
 
 from fedpacs.common.config import RunConfig
 from fedpacs.common.errors import DeadlineError, ProcessError
+from fedpacs.common.signing import sign_app
 from fedpacs.common.telemetry import MULTIPROC_ENV, fresh_dir
-from fedpacs.deploy.pki import Pki, SiteKeys
+from fedpacs.deploy.pki import Pki, SiteKeys, create_site_key, revoke_site_key
 from fedpacs.deploy.procs import Proc, ProcessSet, child_env, free_port, port_open, tool, wait_until
 
 CONNECTION = "fedpacs"
@@ -151,13 +152,51 @@ class LocalFederation:
         except json.JSONDecodeError as exc:
             raise ProcessError(f"`flwr {' '.join(args)}` printed no JSON: {out[-500:]}") from exc
 
+    @property
+    def node_ids_file(self) -> Path:
+        return self.workdir / "state" / "node-ids.json"
+
+    def node_ids(self) -> dict[str, int]:
+        """Site name -> node id of its registered key (as registered by this federation)."""
+        f = self.node_ids_file
+        return {k: int(v) for k, v in json.loads(f.read_text()).items()} if f.is_file() else {}
+
     def register(self, site: SiteKeys) -> dict[str, Any]:
         """Register a site's public key so its SuperNode may connect."""
-        return dict(self.flwr_json("supernode", "register", str(site.public_key), CONNECTION,
-                                   "--name", site.name))
+        res = dict(self.flwr_json("supernode", "register", str(site.public_key), CONNECTION,
+                                  "--name", site.name))
+        ids = self.node_ids() | {site.name: int(res["node-id"])}
+        self.node_ids_file.parent.mkdir(parents=True, exist_ok=True)
+        self.node_ids_file.write_text(json.dumps(ids, indent=1))
+        return res
 
     def unregister(self, node_id: int) -> None:
         self.flwr("supernode", "unregister", str(node_id), CONNECTION)
+
+    def revoke(self, name: str) -> int:
+        """Revoke one site: the SuperLink forgets its key (its SuperNode is refused from
+        now on), its daemon is stopped and its key files are retired. Returns the node id."""
+        ids = self.node_ids()
+        if name not in ids:
+            raise ProcessError(f"site {name!r} was not registered by this federation "
+                               f"(registered: {', '.join(sorted(ids)) or 'none'})")
+        node_id = ids.pop(name)
+        self.unregister(node_id)
+        self.node_ids_file.write_text(json.dumps(ids, indent=1))
+        proc = self.nodes.pop(name, None)
+        if proc is not None:
+            self.procs.stop(proc, grace_s=self.timeouts.stop_grace)
+            self.procs.procs.remove(proc)
+        revoke_site_key(self.pki, name)
+        return node_id
+
+    def rotate(self, name: str) -> SiteKeys:
+        """Revoke one site's key and register a new one for it; returns the new keys (the
+        site restarts its daemon with the new private key)."""
+        self.revoke(name)
+        keys = create_site_key(self.pki, name)
+        self.register(keys)
+        return keys
 
     def list_nodes(self) -> list[dict[str, Any]]:
         return list(self.flwr_json("supernode", "list", CONNECTION).get("nodes", []))
@@ -192,7 +231,10 @@ class LocalFederation:
                    interval_s=1.0, alive=self.procs.check_alive)
 
     # ---------------------------------------------------------------- runs
-    def start_run(self, app_dir: Path) -> int:
+    def start_run(self, app_dir: Path, *, sign: bool = True) -> int:
+        """Sign the app with the coordinator's key (sites refuse unsigned apps), run it."""
+        if sign:
+            sign_app(app_dir, self.pki.signing_key)
         res = self.flwr_json("run", str(app_dir), CONNECTION)
         if not res.get("success"):
             raise ProcessError(f"flwr run refused the app: {res}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -190,3 +191,41 @@ def provision(root: Path, *, sites: list[str], hosts: list[str] | None = None,
         elif pki.ca_cert.is_file():
             shutil.copyfile(pki.ca_cert, keys.ca_cert)
     return pki
+
+
+REVOKED_FILE = "revoked.json"
+
+
+def revoked(pki: Pki) -> list[dict[str, str]]:
+    """The revocation log: every site key taken out of service, newest last."""
+    path = pki.root / REVOKED_FILE
+    return list(json.loads(path.read_text())) if path.is_file() else []
+
+
+def revoke_site_key(pki: Pki, name: str) -> Path:
+    """Take one site's key out of service: its files move to ``revoked/NAME-STAMP/`` and
+    the revocation log records its public key. Other sites are untouched. (A running
+    SuperLink must also forget the node: see LocalFederation.revoke.)"""
+    check_site_name(name)
+    site = pki.site(name)
+    if not site.public_key.is_file():
+        raise ConfigError(str(pki.root), [FieldError(
+            "site", f"a provisioned site ({', '.join(pki.site_names()) or 'none'})",
+            repr(name), "check the name; `fedpacs provision add-site NAME` creates keys")])
+    stamp = _now().strftime("%Y%m%dT%H%M%S%f")
+    dest = pki.root / "revoked" / f"{name}-{stamp}"
+    dest.mkdir(parents=True)
+    public = site.public_key.read_text().strip()
+    for f in (site.private_key, site.public_key):
+        if f.is_file():
+            shutil.move(str(f), dest / f.name)
+    log = revoked(pki) + [{"site": name, "public_key": public, "revoked_at": _now().isoformat(),
+                           "moved_to": str(dest)}]
+    (pki.root / REVOKED_FILE).write_text(json.dumps(log, indent=1))
+    return dest
+
+
+def rotate_site_key(pki: Pki, name: str) -> SiteKeys:
+    """Revoke one site's key and issue it a new one; other sites are untouched."""
+    revoke_site_key(pki, name)
+    return create_site_key(pki, name)

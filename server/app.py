@@ -33,6 +33,7 @@ from fedpacs.server.metrics import ServerMetrics
 from fedpacs.server.recorder import RoundRecorder, metric_dict, site_name
 from fedpacs.server.report import write_report
 from fedpacs.server.rundir import RunDirectory
+from fedpacs.server.secure import run_secure
 from fedpacs.server.strategies import make_strategy
 
 log = logging.getLogger("fedpacs.server")
@@ -40,8 +41,9 @@ log = logging.getLogger("fedpacs.server")
 app = ServerApp()
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> Path:
-    """Run ``cfg.rounds`` rounds of FedAvg on ``grid``; returns the final model's path."""
+def run_federation(grid: Grid, cfg: RunConfig, context: Context | None = None) -> Path:
+    """Run ``cfg.rounds`` rounds on ``grid`` (under SecAgg+ unless ``cfg.secagg`` is off);
+    returns the final model's path."""
     task = cfg.task_config()
     torch.manual_seed(cfg.seed)
     model = build_model(task, seed=cfg.seed)
@@ -57,8 +59,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     metrics.round.set(0)
     clock = {"last": time.monotonic()}
 
+    current = {"arrays": wire.model_to_arrays(model)}  # the global model after each round
+
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         wire.load_arrays(model, arrays)
+        current["arrays"] = arrays
         record: dict[str, Any] = recorder.flush()
         server_metrics: dict[str, float] = {}
         if holdout is not None:
@@ -76,27 +81,37 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         return MetricRecord({f"heldout-{k}": float(v) for k, v in server_metrics.items()})
 
     run_dir.set_status("running", round_=0, total=cfg.rounds)
-    strategy = make_strategy(cfg, recorder)
     try:
-        result = strategy.start(
-            grid=grid, initial_arrays=wire.model_to_arrays(model), num_rounds=cfg.rounds,
-            timeout=cfg.round_timeout_s, train_config=ConfigRecord(cfg.site_view()),
-            evaluate_config=ConfigRecord(cfg.site_view()), evaluate_fn=end_of_round,
-        )
+        if cfg.secagg:
+            final_arrays = run_secure(grid, context or Context(0, 0, {}, RecordDict(), {}),
+                                      cfg, model, recorder, end_of_round)
+        else:
+            strategy = make_strategy(cfg, recorder, model)
+            strategy.start(
+                grid=grid, initial_arrays=wire.model_to_arrays(model), num_rounds=cfg.rounds,
+                timeout=cfg.round_timeout_s, train_config=ConfigRecord(cfg.site_view()),
+                evaluate_config=ConfigRecord(cfg.site_view()), evaluate_fn=end_of_round,
+            )
+            # (the result's arrays stay empty when no round aggregated anything)
+            final_arrays = current["arrays"]
     except BaseException as exc:
         run_dir.set_status("failed", round_=len(run_dir.rounds) - 1, total=cfg.rounds,
                            error=type(exc).__name__)
         raise
-    wire.load_arrays(model, result.arrays)
-    cross = (cross_site_validation(grid, {"global": result.arrays, **recorder.local_models},
+    wire.load_arrays(model, final_arrays)
+    # under SecAgg+ no site's local model is ever seen: only the global one is cross-validated
+    cross = (cross_site_validation(grid, {"global": final_arrays, **recorder.local_models},
                                    cfg, timeout_s=cfg.round_timeout_s)
-             if cfg.cross_site and recorder.local_models else {})
+             if cfg.cross_site else {})
     final = run_dir.save_final(model, {
         "cross_site": cross,
         "sites": dict(sorted(recorder.site_samples.items())),
         "num_rounds": cfg.rounds,
         "strategy": cfg.strategy,
         "fedbn": cfg.fedbn,
+        "secure_aggregation": "SecAgg+" if cfg.secagg else "off",
+        "local_dp": {"clip": cfg.dp_clip, "epsilon": cfg.dp_epsilon, "delta": cfg.dp_delta}
+        if cfg.dp_clip > 0 else "off",
     })
     write_report(run_dir.root)
     if cfg.signing_key:
@@ -160,4 +175,4 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_flat(dict(context.run_config))
     if not cfg.run_dir:
         cfg = RunConfig.from_flat({**cfg.to_flat(), "run-dir": str(Path.cwd() / "fedpacs-run")})
-    run_federation(grid, cfg)
+    run_federation(grid, cfg, context)

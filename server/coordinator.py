@@ -18,7 +18,7 @@ from fedpacs.common.artifacts import write_json
 from fedpacs.common.config import RunConfig, load_site_config
 from fedpacs.common.errors import ConfigError, FieldError, ProcessError
 from fedpacs.deploy.federation import LocalFederation, write_app
-from fedpacs.deploy.pki import Pki, provision
+from fedpacs.deploy.pki import Pki, create_site_key, provision
 from fedpacs.deploy.procs import child_env, free_port, tool
 
 STATE_FILE = "federation.json"
@@ -108,6 +108,48 @@ def federation_down(workdir: Path, *, grace_s: float = 10.0) -> list[int]:
         _kill_group(pid, signal.SIGKILL)
     (workdir / STATE_FILE).unlink()
     return pids
+
+
+def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
+    _kill_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and process_alive(pid):
+        time.sleep(0.2)
+    _kill_group(pid, signal.SIGKILL)
+
+
+def revoke_site(workdir: Path, name: str) -> int:
+    """Revoke one site of a running federation: the SuperLink forgets its key, its daemon
+    stops, its key files are retired. Other sites keep running. Returns the node id."""
+    state = FederationState.load(workdir)
+    node_id = state.federation().revoke(name)
+    pid = state.site_pids.pop(name, 0)
+    if pid:
+        _stop_pid(pid)
+    state.save()
+    return node_id
+
+
+def rotate_site(workdir: Path, name: str) -> int:
+    """Give one site a new key: revoke the old one, register the new one and restart the
+    site's daemon with it. Other sites keep running. Returns the new daemon's PID."""
+    state = FederationState.load(workdir)
+    if name not in state.site_configs:
+        raise ConfigError(str(workdir), [FieldError(
+            "site", f"one of {', '.join(sorted(state.site_configs))}", repr(name),
+            "name a site of this federation")])
+    revoke_site(workdir, name)
+    state = FederationState.load(workdir)
+    fed = state.federation()
+    keys = create_site_key(fed.pki, name)
+    fed.register(keys)
+    port = int(state.metrics.get(name, ":0/").rsplit(":", 1)[1].split("/")[0])
+    proc = fed.start_supernode(keys, site_config=Path(state.site_configs[name]),
+                               metrics_port=port)
+    fed.wait_nodes_online(len(state.site_pids) + 1)
+    state.site_pids[name] = proc.pid
+    state.save()
+    return proc.pid
 
 
 def process_alive(pid: int) -> bool:

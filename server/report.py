@@ -69,7 +69,7 @@ def write_report(run_dir: Path) -> Path:
     ax[1].set(xlabel="round", ylabel="train loss", title="per site: local training")
     for a in ax:
         a.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if sites:
+        if a.get_legend_handles_labels()[0]:
             a.legend()
     fig.tight_layout()
     fig.savefig(out / "sites.png", dpi=100)

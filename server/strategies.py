@@ -8,7 +8,7 @@ local) that composes with any of these.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -19,10 +19,12 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
+from torch import nn
 
 from fedpacs.common import wire
 from fedpacs.common.config import RunConfig
 from fedpacs.server.recorder import RoundRecorder
+from fedpacs.server.screening import screened
 
 
 def _common(cfg: RunConfig, rec: RoundRecorder) -> dict[str, Any]:
@@ -33,16 +35,24 @@ def _common(cfg: RunConfig, rec: RoundRecorder) -> dict[str, Any]:
             "evaluate_metrics_aggr_fn": rec.aggregate_evaluate}
 
 
-STRATEGIES: dict[str, Callable[[RunConfig, RoundRecorder], Strategy]] = {
-    "fedavg": lambda c, r: FedAvg(**_common(c, r)),
-    "fedprox": lambda c, r: FedProx(**_common(c, r), proximal_mu=c.proximal_mu),
-    "fedadam": lambda c, r: FedAdam(**_common(c, r), eta=c.server_lr, eta_l=c.lr),
-    "fedmedian": lambda c, r: FedMedian(**_common(c, r)),
-    "fedtrimmedavg": lambda c, r: FedTrimmedAvg(**_common(c, r), beta=c.trimmed_beta),
-    "krum": lambda c, r: Krum(**_common(c, r), num_malicious_nodes=c.krum_malicious),
+# name -> (Flower strategy class, its own keyword arguments from the run config)
+STRATEGIES: dict[str, tuple[type[Strategy], Callable[[RunConfig], dict[str, Any]]]] = {
+    "fedavg": (FedAvg, lambda c: {}),
+    "fedprox": (FedProx, lambda c: {"proximal_mu": c.proximal_mu}),
+    "fedadam": (FedAdam, lambda c: {"eta": c.server_lr, "eta_l": c.lr}),
+    "fedmedian": (FedMedian, lambda c: {}),
+    "fedtrimmedavg": (FedTrimmedAvg, lambda c: {"beta": c.trimmed_beta}),
+    "krum": (Krum, lambda c: {"num_malicious_nodes": c.krum_malicious}),
 }
 
 
-def make_strategy(cfg: RunConfig, recorder: RoundRecorder) -> Strategy:
-    """The run's strategy; ``cfg`` was validated (RunConfig.validate) before."""
-    return STRATEGIES[cfg.strategy](cfg, recorder)
+def make_strategy(cfg: RunConfig, recorder: RoundRecorder, model: nn.Module | None = None
+                  ) -> Strategy:
+    """The run's strategy (``cfg`` was validated before). With ``model`` (holding each
+    round's global weights) every update is checked before aggregation and a bad one is
+    dropped (fedpacs.server.screening)."""
+    cls, own = STRATEGIES[cfg.strategy]
+    kwargs = _common(cfg, recorder) | own(cfg)
+    if model is None:
+        return cls(**kwargs)
+    return cast(Strategy, screened(cls, model, cfg.max_update_norm, recorder, **kwargs))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -80,7 +81,7 @@ def test_fedbn_keeps_the_site_norm_layers(tmp_path: Path, data_dir: Path) -> Non
 
     site = load_site_config(_site(tmp_path, data_dir))
     msg = _message("breastmnist")
-    msg.content["config"]["fedbn"] = True
+    msg.content.config_records["config"]["fedbn"] = True
     state = RecordDict()
     reply = train_round(site, msg.content, state)
     local = state.array_records[FEDBN_STATE_KEY].to_torch_state_dict()
@@ -88,7 +89,7 @@ def test_fedbn_keeps_the_site_norm_layers(tmp_path: Path, data_dir: Path) -> Non
     assert set(local) == norm_state_keys(model) and any("bn" in k for k in local)
     # next round: the global norm layers are replaced by this site's own
     nxt = _message("breastmnist")
-    nxt.content["config"]["fedbn"] = True
+    nxt.content.config_records["config"]["fedbn"] = True
     r = open_round(site, nxt.content, state)
     assert r.fedbn_restored == len(local)
     global_state = build_model(TASK_PRESETS["breastmnist"]).state_dict()
@@ -137,3 +138,38 @@ def test_custom_task_travels_and_must_match_the_site(tmp_path: Path, data_dir: P
     with _pytest.raises(ConfigError) as exc:
         RunConfig.from_flat({"task": "x", "task-json": '{"name": "y"}'})
     assert any(e.field.startswith("task-json.") for e in exc.value.errors)
+
+
+def test_site_requiring_secagg_refuses_a_plain_round(tmp_path: Path, data_dir: Path) -> None:
+    from fedpacs.client.app import app
+
+    site = _site(tmp_path, data_dir)  # no [security] table: require_secagg defaults to true
+    reply = app(_message("breastmnist"), _context(str(site)))
+    assert reply.has_error() and reply.error.code == ExitCode.CONFIG
+    site.write_text(site.read_text() + "[security]\nrequire_secagg = false\n")
+    assert not app(_message("breastmnist"), _context(str(site))).has_error()
+
+
+def test_local_dp_clips_the_update(tmp_path: Path, data_dir: Path) -> None:
+    import numpy as np
+
+    from fedpacs.client.app import app
+
+    site = _site(tmp_path, data_dir)
+    site.write_text(site.read_text() + "[security]\nrequire_secagg = false\n")
+    msg = _message("breastmnist")
+    before = wire.arrays_to_numpy(msg.content.array_records["arrays"])
+    plain = app(_message("breastmnist"), _context(str(site)))
+    moved = wire.update_norm(wire.arrays_to_numpy(plain.content.array_records["arrays"]),
+                             {k: torch.from_numpy(np.asarray(v)) for k, v in before.items()})
+    assert moved > 1.0  # local training moves the weights by more than the clip below
+    # epsilon huge: noise ~1e-6, so the update's L2 norm is the clip
+    cfg = msg.content.config_records["config"]
+    cfg["dp-clip"], cfg["dp-epsilon"], cfg["dp-delta"] = 0.5, 1e6, 1e-5
+    reply = app(msg, _context(str(site)))
+    assert not reply.has_error()
+    after = wire.arrays_to_numpy(reply.content.array_records["arrays"])
+    diff = np.sqrt(sum(float(np.sum((after[k].astype(np.float64) - before[k]) ** 2))
+                       for k in before))
+    assert diff == pytest.approx(0.5, rel=1e-3)
+    assert all(np.issubdtype(a.dtype, np.floating) for a in after.values())

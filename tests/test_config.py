@@ -78,3 +78,32 @@ def test_run_config_round_trip_and_errors() -> None:
     with pytest.raises(ConfigError) as exc:
         RunConfig.from_flat({"rounds": 0, "task": "x", "lr": -1.0})
     assert {e.field for e in exc.value.errors} == {"rounds", "task", "lr"}
+
+
+def test_security_table(tmp_path: Path, data_dir: Path) -> None:
+    base = ('[site]\nname = "h-a"\ntask = "breastmnist"\n[data]\nformat = "medmnist"\n'
+            f'root = "{data_dir}/medmnist_breast/breastmnist.npz"\n')
+    cfg = load_site_config(_write(tmp_path, base))
+    assert cfg.require_secagg and cfg.security.trusted_app_keys == ()  # secure defaults
+    (tmp_path / "coord.pub").write_text("key")
+    cfg = load_site_config(_write(tmp_path, base + '[security]\nrequire_secagg = false\n'
+                                  'trusted_app_keys = ["coord.pub"]\n'))
+    assert not cfg.require_secagg
+    assert cfg.security.trusted_app_keys == ((tmp_path / "coord.pub").resolve(),)
+    with pytest.raises(ConfigError) as exc:
+        load_site_config(_write(tmp_path, base + '[security]\nrequire_secagg = "yes"\n'
+                                'trusted_app_keys = ["missing.pub"]\nsecagg = true\n'))
+    assert {e.field for e in exc.value.errors} == {
+        "security.require_secagg", "security.trusted_app_keys", "security.secagg"}
+    assert "missing.pub" in str(exc.value)
+
+
+def test_secagg_run_config_rules() -> None:
+    assert RunConfig(min_sites=3).validate() == []  # SecAgg+ on by default
+    errs = {e.field for e in RunConfig(strategy="krum", min_sites=2).validate()}
+    assert errs == {"strategy", "min-sites"}
+    assert RunConfig(strategy="krum", min_sites=3, secagg=False).validate() == []
+    with pytest.raises(ConfigError) as exc:
+        RunConfig.from_flat({"dp-clip": -1.0, "max-update-norm": -2.0, "secagg-threshold": 0.0})
+    assert {e.field for e in exc.value.errors} == {"dp-clip", "max-update-norm",
+                                                   "secagg-threshold"}

@@ -36,14 +36,16 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
     work = tmp_path / "fed"
     # `federation up` detaches its processes and exits, so it runs as its own process here
     up = subprocess.run([tool("fedpacs"), "federation", "up", "--workdir", str(work), "--task",
-                         "breastmnist", "--sites", "2", "--data-dir", str(data_dir)],
+                         "breastmnist", "--sites", "2", "--data-dir", str(data_dir),
+                         "--no-require-secagg"],
                         capture_output=True, text=True, timeout=300, env=child_env())
     assert up.returncode == 0, up.stderr
     assert "server metrics http://127.0.0.1:" in up.stdout
     state = json.loads((work / "federation.json").read_text())
     try:
         base = ["run", "start", "--workdir", str(work), "--task", "breastmnist",
-                "--data-dir", str(data_dir), "--local-epochs", "1"]
+                "--data-dir", str(data_dir), "--local-epochs", "1", "--min-sites", "2",
+                "--no-secagg"]  # 2 sites: plain FedAvg family (SecAgg+ needs 3)
         # refused, with the field named, before anything starts
         assert main([*base, "--min-sites", "3"]) == ExitCode.CONFIG
         assert "min-sites" in capsys.readouterr().err
@@ -89,6 +91,21 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
                 break
             time.sleep(2)
         assert st["status"] == "finished:stopped" and st["round"] < 50  # type: ignore[operator]
+
+        # a new key for site-b, without touching site-a; then site-b revoked for good
+        old_b = state["site_pids"]["site-b"]
+        assert main(["federation", "rotate", "site-b", "--workdir", str(work)]) == 0
+        assert "new key registered" in capsys.readouterr().out
+        rotated = json.loads((work / "federation.json").read_text())
+        assert not process_alive(old_b) and process_alive(rotated["site_pids"]["site-b"])
+        assert rotated["site_pids"]["site-a"] == state["site_pids"]["site-a"]
+        assert process_alive(state["site_pids"]["site-a"])
+        assert main(["federation", "revoke", "site-b", "--workdir", str(work)]) == 0
+        after = json.loads((work / "federation.json").read_text())
+        assert "site-b" not in after["site_pids"]
+        assert not process_alive(rotated["site_pids"]["site-b"])
+        revoked = json.loads((work / "pki" / "revoked.json").read_text())
+        assert [r["site"] for r in revoked] == ["site-b", "site-b"]
     finally:
         assert main(["federation", "down", "--workdir", str(work)]) == 0
     for pid in [state["superlink_pid"], *state["site_pids"].values()]:

@@ -6,6 +6,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,14 +14,16 @@ import torch
 
 import fedpacs
 from fedpacs.common.artifacts import sha256_file
+from fedpacs.common.config import RunConfig
 from fedpacs.common.datasets import DataSpec, load_holdout, load_site_data
 from fedpacs.common.engine import evaluate
-from fedpacs.common.signing import verify_run
+from fedpacs.common.signing import generate_signing_key, sign_app, verify_run
 from fedpacs.common.tasks import TASK_PRESETS
 from fedpacs.deploy.cli import main
 from fedpacs.deploy.demo import DemoOptions, run_demo, write_site_configs
-from fedpacs.deploy.federation import LocalFederation
-from fedpacs.deploy.pki import provision
+from fedpacs.deploy.federation import LocalFederation, write_app
+from fedpacs.deploy.pki import SiteKeys, create_site_key, provision
+from fedpacs.deploy.procs import Proc
 from fedpacs.server.registry import Registry, RegistryServer, TokenStore
 
 pytestmark = pytest.mark.e2e
@@ -42,34 +45,41 @@ def scrape_metrics(url: str) -> dict[str, float]:
 
 
 def test_federated_run_end_to_end(tmp_path: Path, data_dir: Path) -> None:
+    """The demo as the README runs it: 3 sites, SecAgg+, signed app, TLS + node auth."""
     lines: list[str] = []
     scrapes: list[dict[str, dict[str, float]]] = []
 
     def scrape(record: dict[str, object], urls: dict[str, str]) -> None:
         scrapes.append({name: scrape_metrics(url) for name, url in urls.items()})
 
-    res = run_demo(DemoOptions(task="hippocampus", sites=2, rounds=2, local_epochs=1,
-                               workdir=tmp_path / "demo", data_dir=data_dir, timeout_s=900),
+    res = run_demo(DemoOptions(task="hippocampus", sites=3, rounds=2, local_epochs=1,
+                               workdir=tmp_path / "demo", data_dir=data_dir, timeout_s=1200),
                    echo=lines.append, on_round=scrape)
     assert res.status == "finished:completed"
     assert [r["round"] for r in res.rounds] == [0, 1, 2]
     root = data_dir / "msd_hippocampus_udacity"
     task = TASK_PRESETS["hippocampus"]
-    site_data = {f"site-{c}": load_site_data(DataSpec("nifti", root, partition=i,
-                                                      num_partitions=2), task)
-                 for i, c in enumerate("ab")}
+    names = ["site-a", "site-b", "site-c"]
+    site_data = {name: load_site_data(DataSpec("nifti", root, partition=i, num_partitions=3),
+                                      task) for i, name in enumerate(names)}
     expected = {k: len(d.train) for k, d in site_data.items()}
     # disjoint partitions + the 52 held-out cases cover the 260 cases exactly
     assert sum(len(d.train) + len(d.val) for d in site_data.values()) + 52 == 260
-    # both authenticated sites trained every round, each on its own partition
+    # all three authenticated sites trained every round, each on its own partition, and
+    # under SecAgg+ the server got only their masked sum
     for r in res.rounds[1:]:
         assert {k: v["num-examples"] for k, v in r["train_sites"].items()} == expected
-        assert set(r["evaluate_sites"]) == {"site-a", "site-b"}
+        assert set(r["evaluate_sites"]) == set(names)
+        assert r["secagg"] == {"sites_summed": 3, "sites_dropped": 0}
+    # each site ran only the app the coordinator signed
+    for name in names:
+        site_log = (tmp_path / "demo" / "logs" / f"supernode-{name}.log").read_text()
+        assert "signed by trusted key" in site_log and "REFUSED" not in site_log
     # both metrics endpoints, scraped with a real HTTP client after rounds 0, 1 and 2
     assert len(scrapes) == 3
     server = [s["server"] for s in scrapes]
     assert [s["fedpacs_round"] for s in server] == [0.0, 1.0, 2.0]
-    assert server[1]["fedpacs_sites_participating"] == 2 and server[1]["fedpacs_sites_dropped"] == 0
+    assert server[1]["fedpacs_sites_participating"] == 3 and server[1]["fedpacs_sites_dropped"] == 0
     bytes_in = [s["fedpacs_update_bytes_in_total"] for s in server]
     assert 0 < bytes_in[1] < bytes_in[2]
     assert server[1]['fedpacs_heldout_metric{metric="dice-mean"}'] != \
@@ -88,14 +98,14 @@ def test_federated_run_end_to_end(tmp_path: Path, data_dir: Path) -> None:
         assert sha256_file(ckpt) == res.rounds[r]["model_sha256"]
     card_file = json.loads((res.run_dir / "final" / "model_card.json").read_text())
     assert card_file["files"]["model.pt"]["sha256"] == sha256_file(res.final_model)
-    # NxN cross-site validation: the global and each local model on each site's data
+    assert card_file["secure_aggregation"] == "SecAgg+"
+    # cross-site validation: under SecAgg+ no local model is ever seen, so the global
+    # model is validated on every site's data
     cross = card_file["cross_site"]
-    assert set(cross) == {"global", "site-a", "site-b"}
-    assert all(set(row) == {"site-a", "site-b"} for row in cross.values())
-    for s in ("site-a", "site-b"):  # the global row is the last round's evaluation again
+    assert set(cross) == {"global"} and set(cross["global"]) == set(names)
+    for s in names:  # the global row is the last round's evaluation again
         assert cross["global"][s]["dice-mean"] == pytest.approx(
             res.rounds[-1]["evaluate_sites"][s]["val-dice-mean"], abs=1e-6)
-        assert 0 < cross[s][s]["dice-mean"] <= 1
     # the artifacts are signed with the coordinator's key, and verify
     check = verify_run(res.run_dir, tmp_path / "demo" / "pki" / "signing.pub")
     assert check.ok and check.checked == 3 + 2 * 3, check.problems
@@ -130,29 +140,157 @@ def test_federated_run_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     assert again["dice-mean"] == pytest.approx(res.rounds[-1]["heldout"]["dice-mean"], abs=1e-5)
 
 
-def test_unregistered_supernode_is_refused(tmp_path: Path, data_dir: Path) -> None:
-    pki = provision(tmp_path / "pki", sites=["site-a", "intruder"])
-    files = write_site_configs(tmp_path / "sites", task="breastmnist",
-                               data=data_dir / "medmnist_breast" / "breastmnist.npz",
-                               fmt="medmnist", names=["site-a", "intruder"], threads=1, seed=0)
+def _refused(proc: Proc, timeout_s: float = 60) -> str:
+    """Wait for a SuperNode the SuperLink turns away; returns its log."""
+    deadline = time.monotonic() + timeout_s
+    while proc.running() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not proc.running() and proc.popen.returncode != 0
+    return proc.log_path.read_text()
+
+
+def test_unregistered_and_revoked_supernodes_are_refused(tmp_path: Path, data_dir: Path
+                                                          ) -> None:
+    names = ["site-a", "site-b", "intruder"]
+    pki = provision(tmp_path / "pki", sites=names)
+    files = dict(zip(names, write_site_configs(
+        tmp_path / "sites", task="breastmnist", fmt="medmnist", names=names, threads=1, seed=0,
+        data=data_dir / "medmnist_breast" / "breastmnist.npz"), strict=True))
     with LocalFederation(tmp_path, pki) as fed:
         fed.start_superlink()
         fed.register(pki.site("site-a"))
-        fed.start_supernode(pki.site("site-a"), site_config=files[0])
-        intruder = fed.start_supernode(pki.site("intruder"), site_config=files[1], max_wait_s=15)
-        fed.wait_nodes_online(1)
-        deadline = time.monotonic() + 60
-        while intruder.running() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not intruder.running() and intruder.popen.returncode != 0
-        assert "Failed to activate SuperNode" in intruder.log_path.read_text()
+        fed.register(pki.site("site-b"))
+        site_a = fed.start_supernode(pki.site("site-a"), site_config=files["site-a"])
+        fed.start_supernode(pki.site("site-b"), site_config=files["site-b"])
+        intruder = fed.start_supernode(pki.site("intruder"), site_config=files["intruder"],
+                                       max_wait_s=15)
+        fed.wait_nodes_online(2)
+        assert "Failed to activate SuperNode" in _refused(intruder)
+        fed.procs.procs.remove(intruder)
         superlink_log = (tmp_path / "logs" / "superlink.log").read_text()
         assert "No SuperNode found with the given public key" in superlink_log
-        nodes = fed.list_nodes()
-        assert len(nodes) == 1 and nodes[0]["status"] == "online"
-        # control: the same key, once registered, is let in
-        fed.register(pki.site("intruder"))
-        fed.procs.procs.remove(intruder)
-        fed.start_supernode(pki.site("intruder"), site_config=files[1])
+        assert sorted(n["status"] for n in fed.list_nodes()) == ["online", "online"]
+
+        # revoke site-b: the SuperLink forgets its key; its old key is refused from now on
+        old_key = pki.site("site-b")
+        moved = tmp_path / "pki" / "revoked"
+        fed.revoke("site-b")
+        revoked_dir = next(moved.iterdir())
+        old = SiteKeys("site-b", revoked_dir / "site-b.key", revoked_dir / "site-b.pub",
+                       old_key.ca_cert)
+        fed.procs.log_dir = tmp_path / "logs" / "after-revoke"
+        again = fed.start_supernode(old, site_config=files["site-b"], max_wait_s=15)
+        assert "Failed to activate SuperNode" in _refused(again)
+        fed.procs.procs.remove(again)
+        online = [n for n in fed.list_nodes() if n["status"] == "online"]
+        assert len(online) == 1 and site_a.running()  # site-a untouched
+
+        # rotate: site-b gets a new key, registered; it is let in, site-a never restarted
+        new = create_site_key(pki, "site-b")
+        assert new.public_key.read_bytes() != (revoked_dir / "site-b.pub").read_bytes()
+        fed.register(new)
+        fed.start_supernode(new, site_config=files["site-b"])
         fed.wait_nodes_online(2)
+        assert site_a.running() and fed.nodes["site-a"] is site_a
+        # control: the intruder's key, once registered, is let in too
+        fed.register(pki.site("intruder"))
+        fed.start_supernode(pki.site("intruder"), site_config=files["intruder"])
+        fed.wait_nodes_online(3)
     assert all(not p.running() for p in fed.procs.procs)
+
+
+def _sign(app: Path, key: Path) -> None:
+    sign_app(app, key)
+
+
+def _wait_finished(fed: LocalFederation, run_id: int, timeout_s: float = 300) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = fed.run_status(run_id)
+        if status.startswith("finished"):
+            return status
+        time.sleep(2)
+    raise AssertionError(f"run {run_id} did not finish in {timeout_s}s")
+
+
+def test_site_runs_only_apps_signed_by_a_trusted_key(tmp_path: Path, data_dir: Path) -> None:
+    pki = provision(tmp_path / "pki", sites=["site-a"])
+    (site_file,) = write_site_configs(
+        tmp_path / "sites", task="breastmnist", fmt="medmnist", names=["site-a"], threads=1,
+        seed=0, data=data_dir / "medmnist_breast" / "breastmnist.npz",
+        trusted_keys=[pki.signing_pub], require_secagg=False)
+    site_log = tmp_path / "logs" / "supernode-site-a.log"
+
+    def run(name: str, prepare: Callable[[Path], None]) -> dict[str, object]:
+        cfg = RunConfig(task="breastmnist", rounds=1, local_epochs=1, batch_size=64,
+                        min_sites=1, secagg=False, cross_site=False, round_timeout_s=120,
+                        run_dir=str(tmp_path / "runs" / name))
+        app = write_app(tmp_path / "apps" / name, cfg)
+        prepare(app)
+        assert _wait_finished(fed, fed.start_run(app, sign=False)) == "finished:completed"
+        rounds = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["rounds"]
+        return dict(rounds[1])
+
+    def tamper(app: Path) -> None:  # signed, then the round count is edited
+        sign_app(app, pki.signing_key)
+        toml = app / "pyproject.toml"
+        toml.write_text(toml.read_text().replace('local-epochs = 1', 'local-epochs = 50'))
+
+    with LocalFederation(tmp_path, pki) as fed:
+        fed.start_superlink()
+        fed.register(pki.site("site-a"))
+        fed.start_supernode(pki.site("site-a"), site_config=site_file)
+        fed.wait_nodes_online(1)
+
+        unsigned = run("unsigned", lambda app: None)
+        assert "train_sites" not in unsigned  # the site trained nothing
+        assert "REFUSED app" in site_log.read_text()
+        assert "the app is not signed" in site_log.read_text()
+
+        tampered = run("tampered", tamper)
+        assert "train_sites" not in tampered
+        assert "pyproject.toml: changed after signing" in site_log.read_text()
+
+        other = tmp_path / "other" / "signing.key"
+        generate_signing_key(other)
+        foreign = run("foreign", lambda app: _sign(app, other))
+        assert "train_sites" not in foreign
+        assert "which this site does not trust" in site_log.read_text()
+
+        # control: the same app signed by the coordinator's key is run
+        signed = run("signed", lambda app: _sign(app, pki.signing_key))
+        sites = signed["train_sites"]
+        assert isinstance(sites, dict) and set(sites) == {"site-a"}
+        assert site_log.read_text().count("REFUSED app") >= 3
+
+
+def test_secagg_round_survives_a_site_dropping_out(tmp_path: Path, data_dir: Path) -> None:
+    """3 real SuperNodes under SecAgg+; site-c loses its data after the key exchange and
+    fails in the middle of the round: the server unmasks the other two from the shares."""
+    names = ["site-a", "site-b", "site-c"]
+    pki = provision(tmp_path / "pki", sites=names)
+    src = data_dir / "medmnist_breast" / "breastmnist.npz"
+    files = dict(zip(names, write_site_configs(
+        tmp_path / "sites", task="breastmnist", fmt="medmnist", names=names, threads=1, seed=0,
+        data=src, trusted_keys=[pki.signing_pub]), strict=True))
+    doomed = tmp_path / "site-c-data" / "breastmnist.npz"
+    doomed.parent.mkdir()
+    doomed.write_bytes(src.read_bytes())
+    files["site-c"].write_text(files["site-c"].read_text().replace(str(src), str(doomed)))
+    cfg = RunConfig(task="breastmnist", rounds=1, local_epochs=1, batch_size=64, min_sites=3,
+                    cross_site=False, round_timeout_s=300, run_dir=str(tmp_path / "run"))
+    with LocalFederation(tmp_path, pki) as fed:
+        fed.start_superlink()
+        for name in names:
+            fed.register(pki.site(name))
+            fed.start_supernode(pki.site(name), site_config=files[name])
+        fed.wait_nodes_online(3)
+        doomed.unlink()  # site-c's disk fails: it can join the key exchange, not train
+        assert _wait_finished(fed, fed.start_run(write_app(tmp_path / "app", cfg)), 600) == \
+            "finished:completed"
+    rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+    assert rounds[1]["secagg"] == {"sites_summed": 2, "sites_dropped": 1}
+    assert set(rounds[1]["train_sites"]) == {"site-a", "site-b"}
+    assert rounds[1]["model_sha256"] != rounds[0]["model_sha256"]  # the model moved on
+    site_c = (tmp_path / "logs" / "supernode-site-c.log").read_text()
+    assert "breastmnist.npz" in site_c  # the site's own log names the missing file

@@ -8,7 +8,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from fedpacs.common.errors import ConfigError
-from fedpacs.deploy.pki import Pki, create_site_key, provision
+from fedpacs.deploy.pki import (
+    Pki,
+    create_site_key,
+    provision,
+    revoke_site_key,
+    revoked,
+    rotate_site_key,
+)
 
 
 def test_provision_creates_verifiable_tls_and_site_keys(tmp_path: Path) -> None:
@@ -45,3 +52,20 @@ def test_bad_site_name(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         provision(tmp_path, sites=["Site A/../x"])
     assert "lower-case" in str(exc.value)
+
+
+def test_revoke_and_rotate_touch_one_site_only(tmp_path: Path) -> None:
+    pki = provision(tmp_path, sites=["site-a", "site-b"])
+    a_before = pki.site("site-a").private_key.read_bytes()
+    b_pub = pki.site("site-b").public_key.read_text().strip()
+    moved = revoke_site_key(pki, "site-b")
+    assert pki.site_names() == ["site-a"]
+    assert (moved / "site-b.pub").read_text().strip() == b_pub  # kept for the record
+    assert [r["site"] for r in revoked(pki)] == ["site-b"]
+    assert revoked(pki)[0]["public_key"] == b_pub
+    keys = rotate_site_key(pki, "site-a")
+    assert keys.private_key.read_bytes() != a_before
+    assert pki.site_names() == ["site-a"] and len(revoked(pki)) == 2
+    with pytest.raises(ConfigError) as exc:
+        revoke_site_key(pki, "site-b")  # already revoked
+    assert "provisioned site" in str(exc.value)

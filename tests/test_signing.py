@@ -1,14 +1,27 @@
-"""Signed artifacts: a tampered model file or a foreign key fails verification."""
+"""Signed artifacts and signed apps: a tampered file or a foreign key fails verification."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import zipfile
 from pathlib import Path
 
 import pytest
 
-from fedpacs.common.errors import ExitCode
+from fedpacs.client.gate import AppRefused, checked
+from fedpacs.common.errors import AuthError, ExitCode
 from fedpacs.common.models import build_model
-from fedpacs.common.signing import generate_signing_key, sign_run, verify_run
+from fedpacs.common.signing import (
+    APP_SIGNATURE,
+    FAB_MANIFEST,
+    generate_signing_key,
+    sign_app,
+    sign_run,
+    verify_app_files,
+    verify_run,
+)
 from fedpacs.common.tasks import TASK_PRESETS
 from fedpacs.deploy.cli import main
 from fedpacs.server.rundir import RunDirectory
@@ -60,3 +73,64 @@ def test_foreign_key_and_edited_manifest_fail(signed_run: tuple[Path, Path],
     manifest.write_text(manifest.read_text().replace('"files"', '"files" ', 1))
     _, pub = signed_run
     assert any("signature" in p for p in verify_run(run, pub).problems)
+
+
+def _app(tmp_path: Path) -> tuple[Path, Path, Path]:
+    app = tmp_path / "app"
+    (app / "pkg").mkdir(parents=True)
+    (app / "pyproject.toml").write_text('[project]\nname = "x"\n')
+    (app / "pkg" / "code.py").write_text("print('hello')\n")
+    key = tmp_path / "coord" / "signing.key"
+    pub = generate_signing_key(key)
+    return app, key, pub
+
+
+def _files(app: Path) -> dict[str, bytes]:
+    return {p.relative_to(app).as_posix(): p.read_bytes() for p in app.rglob("*") if p.is_file()}
+
+
+def test_signed_app_verifies_and_any_change_is_named(tmp_path: Path) -> None:
+    app, key, pub = _app(tmp_path)
+    with pytest.raises(AuthError, match="not signed"):
+        verify_app_files(_files(app), [pub])
+    sign_app(app, key)
+    files = _files(app)
+    assert verify_app_files(files | {FAB_MANIFEST: b"flwr's own"}, [pub])  # key id
+    changed = files | {"pkg/code.py": b"import os; os.system('rm -rf /')\n"}
+    with pytest.raises(AuthError, match="pkg/code.py: changed after signing"):
+        verify_app_files(changed, [pub])
+    with pytest.raises(AuthError, match="evil.py: not in the signed app"):
+        verify_app_files(files | {"evil.py": b""}, [pub])
+    with pytest.raises(AuthError, match="pkg/code.py: signed but missing"):
+        verify_app_files({k: v for k, v in files.items() if k != "pkg/code.py"}, [pub])
+    doc = json.loads(files[APP_SIGNATURE])
+    doc["files"]["pkg/code.py"] = hashlib.sha256(changed["pkg/code.py"]).hexdigest()
+    with pytest.raises(AuthError, match="signature does not match"):
+        verify_app_files(changed | {APP_SIGNATURE: json.dumps(doc).encode()}, [pub])
+    other = generate_signing_key(tmp_path / "other" / "signing.key")
+    with pytest.raises(AuthError, match="does not trust"):
+        verify_app_files(files, [other])
+
+
+def test_gate_refuses_before_installing(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    app, key, pub = _app(tmp_path)
+    sign_app(app, key)
+    installed: list[bytes] = []
+
+    def fab(files: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for name, data in files.items():
+                z.writestr(name, data)
+        return buf.getvalue()
+
+    install = checked(lambda content, **kw: installed.append(content), [pub])
+    good = fab(_files(app))
+    install(good, skip_prompt=True)
+    assert installed == [good]
+    assert "signed by trusted key" in capsys.readouterr().err
+    with pytest.raises(AppRefused):
+        install(fab(_files(app) | {"pyproject.toml": b"[project]\nname = 'y'\n"}))
+    assert installed == [good]  # nothing of the tampered app was installed
+    assert "REFUSED app" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def _replies() -> list[Message]:
 
 
 def _aggregate(name: str, **kw: object) -> np.ndarray:
-    cfg = RunConfig(strategy=name, min_sites=3, **kw)  # type: ignore[arg-type]
+    cfg = RunConfig(strategy=name, min_sites=3, **kw)  # type: ignore[arg-type,unused-ignore]
     strategy = make_strategy(cfg, RoundRecorder())
     arrays, _ = strategy.aggregate_train(1, _replies())
     assert arrays is not None
@@ -71,7 +71,7 @@ def test_fedadam_moves_from_the_current_model() -> None:
     strategy = make_strategy(cfg, RoundRecorder())
     # FedOpt needs the current global model before aggregating
     keys = list(_replies()[0].content["arrays"].keys())
-    strategy.current_arrays = {keys[0]: np.zeros(3, dtype=np.float32)}  # type: ignore[attr-defined]
+    strategy.current_arrays = {keys[0]: np.zeros(3, dtype=np.float32)}  # type: ignore[attr-defined,unused-ignore]
     arrays, _ = strategy.aggregate_train(1, _replies())
     assert arrays is not None
     step = arrays.to_numpy_ndarrays()[0]
@@ -83,13 +83,14 @@ def test_every_strategy_is_registered_and_validated() -> None:
     assert set(STRATEGIES) == {"fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg",
                                "krum"}
     with pytest.raises(ConfigError) as exc:
-        RunConfig.from_flat({"strategy": "fedsgd"})
+        RunConfig.from_flat({"strategy": "fedsgd", "secagg": False})
     assert "fedtrimmedavg" in str(exc.value)
     with pytest.raises(ConfigError) as exc:
-        RunConfig.from_flat({"strategy": "fedprox"})
+        RunConfig.from_flat({"strategy": "fedprox", "secagg": False})
     assert {e.field for e in exc.value.errors} == {"proximal-mu"}
     with pytest.raises(ConfigError) as exc:
-        RunConfig.from_flat({"strategy": "krum", "krum-malicious": 1, "min-sites": 3})
+        RunConfig.from_flat({"strategy": "krum", "krum-malicious": 1, "min-sites": 3,
+                             "secagg": False})
     assert {e.field for e in exc.value.errors} == {"min-sites"}
     with pytest.raises(ConfigError) as exc:
         RunConfig.from_flat({"task": "hippocampus", "network": "resnet18"})

@@ -1,0 +1,171 @@
+"""Rounds under SecAgg+ (the default): the server only ever sees the sum of the updates.
+
+Flower 1.41 has SecAgg+ on its legacy API only: ``DefaultWorkflow`` with a
+``SecAggPlusWorkflow`` fit stage and a legacy ``FedAvg``. The sites' ``secaggplus_mod``
+quantises ``num_examples / max_weight * weights``, adds pairwise and private masks, and
+the workflow unmasks only the sum, from which it divides out the total weight: FedAvg's
+weighted mean without any single update being visible. A site that drops out after the
+key exchange has its masks rebuilt from the shares its neighbours hold (``threshold``).
+
+Federated evaluation and the end-of-round bookkeeping are fedpacs' own (plain evaluate
+messages carry no update, only the global model).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Parameters,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+from torch import nn
+
+from fedpacs.common import wire
+from fedpacs.common.config import RunConfig
+from fedpacs.common.errors import UpdateError
+from fedpacs.server.recorder import RoundRecorder
+from fedpacs.server.screening import screen_aggregate
+
+log = logging.getLogger("fedpacs.server")
+
+QUANTIZATION_RANGE = 2**24  # 16.7M levels over [-clip, clip]
+MODULUS_RANGE = 2**32  # sums of up to 256 sites fit without overflow
+
+EndOfRound = Callable[[int, ArrayRecord], MetricRecord]
+
+
+class DeadlineClientManager(SimpleClientManager):
+    """Waits for sites at most ``timeout_s`` (Flower's default is a day)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
+
+    def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+        ok = super().wait_for(num_clients, timeout=int(min(timeout, self.timeout_s)))
+        if not ok:
+            log.error("fewer than %d sites online after %.0fs: round skipped", num_clients,
+                      self.timeout_s)
+        return ok
+
+
+class SecureFedAvg(LegacyFedAvg):
+    """Legacy FedAvg whose ``aggregate_fit`` receives the SecAgg+ aggregate: it checks it
+    (shapes, dtypes, finite, norm bound) and keeps per-site metrics (sent in the clear)."""
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, recorder: RoundRecorder) -> None:
+        self.cfg, self.model, self.recorder = cfg, model, recorder
+        self.sampled = 0
+        super().__init__(
+            fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=cfg.min_sites,
+            min_evaluate_clients=cfg.min_sites, min_available_clients=cfg.min_sites,
+            initial_parameters=ndarrays_to_parameters(
+                wire.to_numpy_list(wire.model_to_arrays(model))),
+            on_fit_config_fn=lambda r: {**cfg.site_view(), "server-round": r},
+            accept_failures=True)
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        chosen = super().configure_fit(server_round, parameters, client_manager)
+        self.sampled = len(chosen)
+        return chosen
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
+        records = []
+        for _, res in results:
+            metrics: dict[str, Any] = {k: v for k, v in res.metrics.items()
+                                       if isinstance(v, int | float)}
+            records.append(RecordDict({
+                wire.METRICS_KEY: MetricRecord(metrics | {wire.NUM_EXAMPLES: res.num_examples}),
+                wire.SITE_KEY: ConfigRecord({"name": str(res.metrics.get("site", ""))})}))
+        agg = self.recorder.aggregate_train(records, wire.NUM_EXAMPLES)
+        # each site sent one masked vector the size of the model
+        self.recorder.pending["train_bytes_in"] = sum(
+            sum(len(t) for t in res.parameters.tensors) for _, res in results)
+        self.recorder.pending["secagg"] = {"sites_summed": len(results),
+                                           "sites_dropped": self.sampled - len(results)}
+        for failure in failures:
+            log.warning("round %d: a site failed under SecAgg+: %s", server_round, failure)
+        if not results:
+            return None, {}
+        values = parameters_to_ndarrays(results[0][1].parameters)  # the unmasked mean
+        try:
+            named = screen_aggregate(self.model, values, max_norm=self.cfg.max_update_norm)
+        except UpdateError as err:
+            log.error("round %d: aggregate refused, the global model is kept: %s",
+                      server_round, err)
+            self.recorder.pending["rejected"] = {"aggregate": str(err)}
+            return None, dict(agg)
+        return ndarrays_to_parameters(wire.to_numpy_list(named)), dict(agg)
+
+
+def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
+    return SecAggPlusWorkflow(
+        num_shares=1.0,  # every sampled site holds a share of every other's keys
+        reconstruction_threshold=cfg.secagg_threshold, max_weight=cfg.secagg_max_weight,
+        clipping_range=cfg.secagg_clip, quantization_range=QUANTIZATION_RANGE,
+        modulus_range=MODULUS_RANGE, timeout=cfg.round_timeout_s)
+
+
+def run_secure(grid: Grid, context: Context, cfg: RunConfig, model: nn.Module,
+               recorder: RoundRecorder, end_of_round: EndOfRound) -> ArrayRecord:
+    """``cfg.rounds`` SecAgg+ rounds; returns the final global model (named arrays)."""
+    strategy = SecureFedAvg(cfg, model, recorder)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds),
+                           strategy=strategy,
+                           client_manager=DeadlineClientManager(cfg.round_timeout_s))
+
+    def current() -> ArrayRecord:
+        return wire.from_numpy_list(model, wire.to_numpy_list(
+            legacy.state.array_records[MAIN_PARAMS_RECORD]))
+
+    def evaluate_workflow(grid: Grid, ctx: Context) -> None:
+        server_round = cast(int, ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        arrays = current()
+        federated_evaluation(grid, arrays, cfg, server_round, recorder)
+        end_of_round(server_round, arrays)
+
+    end_of_round(0, wire.model_to_arrays(model))
+    DefaultWorkflow(fit_workflow=secagg_workflow(cfg), evaluate_workflow=evaluate_workflow)(
+        grid, legacy)
+    return current()
+
+
+def federated_evaluation(grid: Grid, arrays: ArrayRecord, cfg: RunConfig, server_round: int,
+                         recorder: RoundRecorder) -> None:
+    """Every site evaluates the global model on its validation split."""
+    config = ConfigRecord({**cfg.site_view(), "server-round": server_round})
+    messages = [Message(content=RecordDict({wire.ARRAYS_KEY: arrays, wire.CONFIG_KEY: config}),
+                        dst_node_id=node, message_type=MessageType.EVALUATE)
+                for node in sorted(grid.get_node_ids())]
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
+    for r in replies:
+        if r.has_error():
+            log.warning("evaluation: node %s replied %s", r.metadata.src_node_id, r.error.reason)
+    records = [r.content for r in replies if not r.has_error()]
+    if records:
+        recorder.aggregate_evaluate(records, wire.NUM_EXAMPLES)
+
