@@ -46,7 +46,7 @@ class RoundRecorder:
             for i, (name, m) in enumerate(sites.items()):
                 self.site_samples[name] = int(m.get(wire.NUM_EXAMPLES, 0))
                 local = next(iter(records[i].array_records.values()), None)
-                if local is not None:
+                if local is not None and len(local) > 0:
                     self.local_models[name] = local
         return agg
 

@@ -79,6 +79,9 @@ class ScreenedStrategy:
                 rejected[site] = reason
                 continue
             kept.append(reply)
+            if arrays is not None:  # a copy: some strategies (FedMedian) pop arrays as they go
+                self.screen_recorder.local_models[site] = ArrayRecord(
+                    {k: arrays[k] for k in arrays.keys()})
         result: tuple[ArrayRecord | None, MetricRecord | None] = \
             super().aggregate_train(server_round, kept)  # type: ignore[misc]
         if rejected:

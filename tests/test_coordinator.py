@@ -69,6 +69,11 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
         # FedBN across real ClientApp processes: in round 2 every site evaluated with the
         # normalisation layers it kept in its SuperNode state after training
         assert st["latest"]["evaluate"]["fedbn-restored"] > 0  # type: ignore[index]
+        # plain mode: the NxN cross-site matrix (FedMedian pops the updates it reads; the
+        # server keeps each site's local model before that)
+        card = json.loads((Path(str(st["run_dir"])) / "final" / "model_card.json").read_text())
+        assert set(card["cross_site"]) == {"global", "site-a", "site-b"}
+        assert all(set(row) == {"site-a", "site-b"} for row in card["cross_site"].values())
         server = scrape_metrics(state["metrics"]["server"])
         assert server["fedpacs_round"] == 2 and server["fedpacs_rounds_total"] == 2
         site_a = scrape_metrics(state["metrics"]["site-a"])
@@ -93,14 +98,20 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
         assert st["status"] == "finished:stopped" and st["round"] < 50  # type: ignore[operator]
 
         # a new key for site-b, without touching site-a; then site-b revoked for good
+        # (own processes, as `federation up`: the restarted daemon outlives the command)
         old_b = state["site_pids"]["site-b"]
-        assert main(["federation", "rotate", "site-b", "--workdir", str(work)]) == 0
-        assert "new key registered" in capsys.readouterr().out
+        rot = subprocess.run([tool("fedpacs"), "federation", "rotate", "site-b", "--workdir",
+                              str(work)], capture_output=True, text=True, timeout=300,
+                             env=child_env())
+        assert rot.returncode == 0 and "new key registered" in rot.stdout, rot.stderr
         rotated = json.loads((work / "federation.json").read_text())
         assert not process_alive(old_b) and process_alive(rotated["site_pids"]["site-b"])
         assert rotated["site_pids"]["site-a"] == state["site_pids"]["site-a"]
         assert process_alive(state["site_pids"]["site-a"])
-        assert main(["federation", "revoke", "site-b", "--workdir", str(work)]) == 0
+        rev = subprocess.run([tool("fedpacs"), "federation", "revoke", "site-b", "--workdir",
+                              str(work)], capture_output=True, text=True, timeout=120,
+                             env=child_env())
+        assert rev.returncode == 0 and "unregistered" in rev.stdout, rev.stderr
         after = json.loads((work / "federation.json").read_text())
         assert "site-b" not in after["site_pids"]
         assert not process_alive(rotated["site_pids"]["site-b"])

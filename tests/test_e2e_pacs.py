@@ -16,6 +16,7 @@ from fedpacs.common.tasks import get_task
 from fedpacs.deploy.cli import main
 from fedpacs.deploy.demo import run_local_federation
 from fedpacs.deploy.orthanc import OrthancServer, orthanc_available
+from fedpacs.deploy.pki import provision
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     not orthanc_available() and not os.environ.get("CI"), reason="Orthanc not installed")]
@@ -34,6 +35,7 @@ def test_sites_train_on_what_they_ingested(tmp_path: Path, data_dir: Path) -> No
     }
     servers: list[OrthancServer] = []
     site_files: dict[str, Path] = {}
+    pki = provision(tmp_path / "fed" / "pki", sites=list(holdings))
     try:
         for name, (method, files) in holdings.items():
             server = OrthancServer(tmp_path / f"orthanc-{name}").start()
@@ -49,7 +51,8 @@ def test_sites_train_on_what_they_ingested(tmp_path: Path, data_dir: Path) -> No
                 f'root = "cache"\nlabels = "labels.csv"\nval_fraction = 0.2\n\n'
                 f'[compute]\nthreads = 1\n\n[pacs]\nmethod = "{method}"\nport = '
                 f'{server.dicom_port}\ndicomweb_url = "{server.dicomweb_url}"\n'
-                f'cache_dir = "cache"\n')
+                f'cache_dir = "cache"\n\n[security]\nrequire_secagg = false\n'
+                f'trusted_app_keys = ["{pki.signing_pub}"]\n')
             assert main(["site", "ingest", "--config", str(cfg)]) == 0
             # the hospital labels its ingested series (here: 1 = CT, 0 = MR)
             with (home / "labels.csv").open("w", newline="") as f:
@@ -67,7 +70,8 @@ def test_sites_train_on_what_they_ingested(tmp_path: Path, data_dir: Path) -> No
                 for name, p in site_files.items()}
     assert all(n > 50 for n in expected.values())
     run = RunConfig(task="pacs-modality", rounds=2, local_epochs=1, batch_size=16, lr=1e-3,
-                    min_sites=2, run_dir=str(tmp_path / "run"))
+                    min_sites=2, secagg=False,  # 2 sites: SecAgg+ needs 3
+                    run_dir=str(tmp_path / "run"))
     res = run_local_federation(tmp_path / "fed", site_files, run, timeout_s=600,
                                echo=lambda _: None)
     assert res.status == "finished:completed"
