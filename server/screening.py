@@ -40,15 +40,14 @@ def check_update(model: nn.Module, update: dict[str, np.ndarray], *, max_norm: f
 
 def screen_aggregate(model: nn.Module, values: list[np.ndarray], *, max_norm: float
                      ) -> ArrayRecord:
-    """A SecAgg+ aggregate (arrays in state_dict order) checked and named, or UpdateError."""
-    names = list(model.state_dict())
-    if len(values) != len(names):
-        raise UpdateError([FieldError("aggregate", f"{len(names)} arrays", str(len(values)),
-                                      "build the model from the same task/network")])
-    errors = check_update(model, dict(zip(names, values, strict=True)), max_norm=max_norm)
-    if errors:
-        raise UpdateError(errors)
-    return wire.from_numpy_list(model, values)
+    """A SecAgg+ aggregate (arrays in state_dict order) checked and named, or UpdateError:
+    count, shapes, dtypes and finite values in :func:`wire.from_numpy_list`, then the bound."""
+    named = wire.from_numpy_list(model, values)
+    if max_norm > 0:
+        errors = check_update(model, wire.arrays_to_numpy(named), max_norm=max_norm)
+        if errors:
+            raise UpdateError(errors)
+    return named
 
 
 class ScreenedStrategy:
