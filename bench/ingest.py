@@ -14,10 +14,10 @@ from pathlib import Path
 import pydicom
 
 from fedpacs.client.ingest import ingest
-from fedpacs.client.pacs import CohortQuery, store_files
+from fedpacs.client.pacs import CohortQuery
+from fedpacs.common.procs import free_port
 from fedpacs.deploy.demo import resolve_data_dir
-from fedpacs.deploy.orthanc import OrthancServer
-from fedpacs.deploy.procs import free_port
+from fedpacs.deploy.orthanc import OrthancServer, store_files
 
 
 def main() -> None:

@@ -30,15 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedpacs.client.app import app as client_app  # noqa: E402
 from fedpacs.common.config import RunConfig  # noqa: E402
 from fedpacs.common.models import build_model  # noqa: E402
-from fedpacs.deploy.demo import (  # noqa: E402
-    DEMO_DATA,
-    resolve_data_dir,
-    run_local_federation,
-    site_names,
-    write_site_configs,
-)
-from fedpacs.deploy.pki import provision  # noqa: E402
+from fedpacs.deploy.demo import DEMO_DATA, demo_sites, run_once, site_names  # noqa: E402
 from fedpacs.server.app import run_federation  # noqa: E402
+from fedpacs.server.coordinator.federation import SiteSpec  # noqa: E402
+from fedpacs.server.coordinator.pki import Pki, provision  # noqa: E402
 from tests.loopback import LoopbackGrid  # noqa: E402
 
 
@@ -47,26 +42,22 @@ def round_seconds(rounds: list[dict[str, object]]) -> list[float]:
     return [b - a for a, b in zip(times[1:], times[2:], strict=False)]
 
 
-def configs(work: Path, task: str, sites: int, secagg: bool) -> tuple[RunConfig, dict[str, Path]]:
-    td = DEMO_DATA[task]
-    data = resolve_data_dir(None) / td.relpath
+def configs(work: Path, task: str, sites: int, secagg: bool
+            ) -> tuple[RunConfig, Pki, list[SiteSpec]]:
     names = site_names(sites)
     pki = provision(work / "pki", sites=names)
-    files = write_site_configs(work / "sites", task=task, data=data, fmt=td.format,
-                               names=names, threads=1, seed=0, trusted_keys=[pki.signing_pub],
-                               require_secagg=secagg)
-    cfg = RunConfig(task=task, rounds=0, local_epochs=1, batch_size=td.batch_size, lr=td.lr,
-                    min_sites=sites, secagg=secagg, cross_site=False,
-                    run_dir=str(work / "run"))
-    return cfg, dict(zip(names, files, strict=True))
+    specs = demo_sites(work, pki, task=task, data_dir=None, names=names, require_secagg=secagg)
+    cfg = RunConfig(task=task, rounds=1, local_epochs=1, min_sites=sites, secagg=secagg,
+                    cross_site=False, run_dir=str(work / "run"))
+    return cfg, pki, specs
 
 
 def federation(task: str, sites: int, rounds: int, secagg: bool) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="fedpacs-bench-") as tmp:
         work = Path(tmp)
-        cfg, files = configs(work, task, sites, secagg)
-        res = run_local_federation(work, files, replace(cfg, rounds=rounds), timeout_s=1800,
-                                   echo=lambda _: None)
+        cfg, pki, specs = configs(work, task, sites, secagg)
+        res = run_once(work, pki, specs, replace(cfg, rounds=rounds), timeout_s=1800,
+                       echo=lambda _: None)
         return round_seconds(res.rounds)
 
 
@@ -74,8 +65,8 @@ def protocol(task: str, sites: int, rounds: int, secagg: bool) -> list[float]:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     with tempfile.TemporaryDirectory(prefix="fedpacs-bench-") as tmp:
         work = Path(tmp)
-        cfg, files = configs(work, task, sites, secagg)
-        grid = LoopbackGrid(client_app, {i + 1: p for i, p in enumerate(files.values())})
+        cfg, _, specs = configs(work, task, sites, secagg)
+        grid = LoopbackGrid(client_app, {i + 1: s.config for i, s in enumerate(specs)})
         run_federation(grid, replace(cfg, rounds=rounds), Context(1, 0, {}, RecordDict(), {}))
         import json
 

@@ -30,15 +30,20 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedpacs.client.metrics import site_metrics
+from fedpacs.common.contract import (
+    CONFIG_KEY,
+    LEGACY_FIT_ARRAYS,
+    LEGACY_FIT_CONFIG,
+    RoundInstructions,
+)
 from fedpacs.common.errors import ConfigError, FedpacsError, FieldError, describe
 
 if TYPE_CHECKING:
-    from fedpacs.common.config import SiteConfig
+    from fedpacs.client.config import SiteConfig
 
 log = logging.getLogger("fedpacs.site")
 
 SECAGG_CONFIG_KEY = RECORD_KEY_CONFIGS  # the config record SecAgg+ messages carry
-LEGACY_FITINS_ARRAYS = "fitins.parameters"  # the global model in a SecAgg+ train message
 
 Work = Callable[["SiteConfig", RecordDict, RecordDict], RecordDict]
 
@@ -49,8 +54,15 @@ def site_error_reply(msg: Message, err: FedpacsError) -> Message:
     return Message(error=Error(code=int(err.code), reason=reason), reply_to=msg)
 
 
+def refuse(msg: Message, err: FedpacsError) -> Message:
+    """Log the full reason here, count it, and reply with the code alone."""
+    log.error("site refused message %s: %s", msg.metadata.message_type, err)
+    site_metrics().errors.labels(code=str(int(err.code))).inc()
+    return site_error_reply(msg, err)
+
+
 def load_site(context: Context) -> SiteConfig:
-    from fedpacs.common.config import SITE_CONFIG_NODE_KEY, load_site_config
+    from fedpacs.client.config import SITE_CONFIG_NODE_KEY, load_site_config
 
     return load_site_config(str(context.node_config.get(SITE_CONFIG_NODE_KEY, "")) or None)
 
@@ -60,9 +72,7 @@ def handle(msg: Message, context: Context, work: Work) -> Message:
         site = load_site(context)
         return Message(content=work(site, msg.content, context.state), reply_to=msg)
     except FedpacsError as err:
-        log.error("site refused message %s: %s", msg.metadata.message_type, err)
-        site_metrics().errors.labels(code=str(int(err.code))).inc()
-        return site_error_reply(msg, err)
+        return refuse(msg, err)
 
 
 def is_secagg(msg: Message) -> bool:
@@ -85,9 +95,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
                     "ask the coordinator to start the run with SecAgg+, or set "
                     "require_secagg = false in this site's [security] table")])
         except FedpacsError as err:
-            log.error("site refused a plain train message: %s", err)
-            site_metrics().errors.labels(code=str(int(err.code))).inc()
-            return site_error_reply(msg, err)
+            return refuse(msg, err)
     return call_next(msg, context)
 
 
@@ -121,7 +129,7 @@ def train_work(site: SiteConfig, content: RecordDict, state: RecordDict) -> Reco
     from fedpacs.client.secure import from_fitins, to_fitres
     from fedpacs.client.trainer import train_round
 
-    if LEGACY_FITINS_ARRAYS in content.array_records:
+    if LEGACY_FIT_ARRAYS in content.array_records:
         reply = train_round(site, from_fitins(content), state)
         return to_fitres(reply, content)
     return train_round(site, content, state)
@@ -130,11 +138,13 @@ def train_work(site: SiteConfig, content: RecordDict, state: RecordDict) -> Reco
 def with_local_dp(msg: Message, context: Context, inner: ClientAppCallable) -> Message:
     """Flower's LocalDpMod around the training handler when the run asks for it
     (``dp-clip > 0``): the update is clipped to that L2 norm and Gaussian noise added."""
-    cfg = _round_config(msg)
-    clip = _number(cfg.get("dp-clip", 0.0))
+    try:
+        ins = round_instructions(msg)
+    except FedpacsError as err:
+        return refuse(msg, err)
+    clip, eps, delta = ins.dp_clip, ins.dp_epsilon, ins.dp_delta
     if clip <= 0:
         return inner(msg, context)
-    eps, delta = _number(cfg.get("dp-epsilon", 1.0)), _number(cfg.get("dp-delta", 1e-5))
     log.info("local DP on this update: clip %.3g, epsilon %.3g, delta %.3g", clip, eps, delta)
     scalars = {k for rec in msg.content.array_records.values() for k in rec.keys()
                if rec[k].numpy().ndim == 0}  # (legacy records carry no shape metadata)
@@ -142,17 +152,14 @@ def with_local_dp(msg: Message, context: Context, inner: ClientAppCallable) -> M
     return _reshape(out, lambda k, a: a.reshape(()) if k in scalars else a)
 
 
-def _round_config(msg: Message) -> dict[str, object]:
-    from fedpacs.common import wire
-
-    for key in (wire.CONFIG_KEY, "fitins.config"):
+def round_instructions(msg: Message) -> RoundInstructions:
+    """The round's instructions from either message form (plain or SecAgg+ legacy)."""
+    for key in (CONFIG_KEY, LEGACY_FIT_CONFIG):
         if key in msg.content.config_records:
-            return dict(msg.content.config_records[key])
-    return {}
-
-
-def _number(v: object) -> float:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
+            return RoundInstructions.from_record(msg.content.config_records[key])
+    raise ConfigError("message from the server", [FieldError(
+        f"{CONFIG_KEY} record", "the round's instructions", "a message without them",
+        "run the same fedpacs version on server and site")])
 
 
 def _float_arrays(inner: ClientAppCallable) -> ClientAppCallable:

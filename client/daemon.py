@@ -14,13 +14,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedpacs.client.config import SITE_CONFIG_NODE_KEY, SiteConfig, load_site_config
+from fedpacs.client.data import load_site_data
 from fedpacs.client.gate import TRUST_ENV, install_gate
-from fedpacs.common.config import SITE_CONFIG_NODE_KEY, SiteConfig, load_site_config
-from fedpacs.common.datasets import load_site_data
 from fedpacs.common.errors import AuthError, ConfigError, DataError, FieldError
+from fedpacs.common.procs import child_env, tool
 from fedpacs.common.tasks import get_task
 from fedpacs.common.telemetry import MULTIPROC_ENV, fresh_dir, serve_multiprocess
-from fedpacs.deploy.procs import child_env, tool
 
 log = logging.getLogger("fedpacs.site")
 
@@ -36,7 +36,8 @@ class SiteSummary:
 def check_site(config_path: Path | None) -> SiteSummary:
     """Parse the site config and load its data once: counts plus skipped files with reasons."""
     site = load_site_config(config_path)
-    data = load_site_data(site.data, site.custom_task or get_task(site.task))
+    data = load_site_data(site.data, site.custom_task or get_task(site.task),
+                          preprocess=site.preprocess)
     if len(data.train) == 0:
         raise DataError(str(site.data.root), "no usable training samples in this site's "
                         "partition", "check data.root, data.partition and the skipped files")

@@ -3,10 +3,15 @@
 Array core: :func:`apply_window` and :func:`resample` work on one array; :func:`build_volume`
 turns one series' files into a :class:`Volume` whose geometry comes from the headers
 (ImagePositionPatient / ImageOrientationPatient / PixelSpacing), never from file order.
+:func:`read_dicom` is the one place a DICOM byte stream or file becomes a Dataset (or a
+:class:`DataError` of kind ``not-dicom`` / ``unreadable``). :class:`PacsPreprocess` (the site
+config's ``[data] window`` and ``spacing``) says how a converted volume is prepared for
+training by :func:`prepare_image` and :func:`prepare_mask`.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from fedpacs.common.datasets import resize
-from fedpacs.common.errors import DataError
+from fedpacs.common.errors import ConfigError, DataError, FieldError, did_you_mean
 
 # (center, width) in HU for CT; the clinical presets radiologists use.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -29,6 +34,12 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "liver": (60.0, 160.0),
     "mediastinum": (50.0, 350.0),
 }
+# DataError kinds of instances that cannot be read (counted in the ingest summary).
+NOT_DICOM = "not-dicom"
+UNREADABLE = "unreadable"
+TRUNCATED = "truncated"
+NO_PIXELS = "no-pixels"
+MISSING_SLICES = "missing-slices"
 # A gap this many times the typical spacing means slices are missing.
 MISSING_GAP_FACTOR = 1.9
 # With instance numbers that skip, a smaller gap already counts as missing.
@@ -56,19 +67,37 @@ class Volume:
     source_files: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class PacsPreprocess:
+    """How a site prepares its converted PACS volumes for training ([data] in the site
+    config). ``window``: a CT window preset name (:data:`WINDOW_PRESETS`) applied to CT
+    volumes before normalisation ("" = none). ``spacing``: (slice, row, column) in mm that
+    each volume (and its mask, with nearest) is resampled to before it is fitted to the
+    task's input shape (None = keep the series' own spacing)."""
+
+    window: str = ""
+    spacing: tuple[float, float, float] | None = None
+
+
+def read_dicom(source: bytes | Path, label: str) -> Dataset:
+    """Parse one DICOM instance (Part-10 bytes or a file), or raise a DataError naming
+    ``label`` with kind ``not-dicom`` (no DICOM preamble/meta) or ``unreadable``."""
+    try:
+        return pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except InvalidDicomError as exc:
+        raise DataError(label, "not a DICOM file (no DICM preamble/meta)",
+                        "remove it from the series or re-export it", kind=NOT_DICOM) from exc
+    except (OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
+        raise DataError(label, f"unreadable DICOM ({type(exc).__name__})",
+                        "retrieve the instance again", kind=UNREADABLE) from exc
+
+
 def read_instance(path: Path) -> Dataset:
     """Read one DICOM file with pixels, or raise a DataError naming it and the fix."""
-    try:
-        ds = pydicom.dcmread(path)
-    except InvalidDicomError as exc:
-        raise DataError(str(path), "not a DICOM file (no DICM preamble/meta)",
-                        "remove it from the series or re-export it", kind="not-dicom") from exc
-    except (OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
-        raise DataError(str(path), f"unreadable DICOM ({type(exc).__name__})",
-                        "retrieve the instance again", kind="unreadable") from exc
+    ds = read_dicom(path, str(path))
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise DataError(str(path), "no pixel data", "only image instances can be converted",
-                        kind="no-pixels")
+                        kind=NO_PIXELS)
     check_pixel_length(ds, path)
     return ds
 
@@ -84,7 +113,7 @@ def check_pixel_length(ds: Dataset, path: Path | str) -> None:
     got = len(ds.PixelData)
     if got < expected:
         raise DataError(str(path), f"truncated: {got} pixel bytes, header promises {expected}",
-                        "retrieve the instance again", kind="truncated")
+                        "retrieve the instance again", kind=TRUNCATED)
 
 
 def modality_lut(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
@@ -100,9 +129,22 @@ def apply_window(arr: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.clip((arr.astype(np.float32) - lo) / np.float32(width), 0.0, 1.0)
 
 
-def window_preset(arr: np.ndarray, preset: str) -> np.ndarray:
-    if preset not in WINDOW_PRESETS:
-        raise KeyError(f"window preset {preset!r}: expected one of {', '.join(WINDOW_PRESETS)}")
+def window_error(preset: object, field: str = "data.window") -> FieldError | None:
+    """The FieldError for a window name that is not a preset (None when it is one)."""
+    if isinstance(preset, str) and preset in WINDOW_PRESETS:
+        return None
+    hint = did_you_mean(preset, tuple(WINDOW_PRESETS)) if isinstance(preset, str) else ""
+    return FieldError(field, f"a CT window preset: one of {', '.join(WINDOW_PRESETS)}",
+                      f"{preset!r}{hint}", 'name a preset, e.g. window = "brain", or remove '
+                      "the key to train on unwindowed values")
+
+
+def window_preset(arr: np.ndarray, preset: str, *, field: str = "data.window") -> np.ndarray:
+    """:func:`apply_window` with a clinical preset; an unknown name is a ConfigError
+    naming ``field``, the presets and the fix."""
+    err = window_error(preset, field)
+    if err is not None:
+        raise ConfigError("window preset", [err])
     return apply_window(arr, *WINDOW_PRESETS[preset])
 
 
@@ -114,6 +156,27 @@ def resample(arr: np.ndarray, spacing: tuple[float, ...], target: tuple[float, .
     if shape == arr.shape:
         return arr.copy()
     return resize(arr, shape, nearest=order == 0)
+
+
+def prepare_image(arr: np.ndarray, spacing: tuple[float, ...], *, modality: str,
+                  preprocess: PacsPreprocess) -> np.ndarray:
+    """One converted volume as training reads it, before normalisation: resampled to
+    ``preprocess.spacing`` (trilinear), then, for CT only, the ``preprocess.window``
+    preset (values in [0, 1]). With neither set it is returned unchanged."""
+    out = arr
+    if preprocess.spacing is not None:
+        out = resample(out, spacing, preprocess.spacing, order=1)
+    if preprocess.window and modality.upper() == "CT":
+        out = window_preset(out, preprocess.window)
+    return out
+
+
+def prepare_mask(mask: np.ndarray, spacing: tuple[float, ...], *,
+                 preprocess: PacsPreprocess) -> np.ndarray:
+    """A label map on a volume's grid, resampled like :func:`prepare_image` (nearest)."""
+    if preprocess.spacing is None:
+        return mask
+    return resample(mask, spacing, preprocess.spacing, order=0)
 
 
 def _frames(ds: Dataset, path: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
@@ -204,7 +267,7 @@ def build_volume(paths: list[Path], *, series_uid: str = "",
                 raise DataError(label, f"missing slice(s) between instance {nums[i]} and "
                                 f"{nums[i + 1]}: gap {g:.2f} mm, expected {typical:.2f} mm",
                                 "retrieve the series again; the PACS may hold it incomplete",
-                                kind="missing-slices")
+                                kind=MISSING_SLICES)
         irregular = bool(np.ptp(gaps) > 0.01 * typical + 1e-3)
         dz = typical
     else:

@@ -9,8 +9,6 @@ nothing new and a failed transfer never leaves a corrupt file. Converted series 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
 import os
 import time
@@ -19,21 +17,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pydicom
-from pydicom.errors import InvalidDicomError
-
-from fedpacs.client.dicom import Volume, build_volume, check_pixel_length
+from fedpacs.client import volumes
+from fedpacs.client.dicom import UNREADABLE, Volume, build_volume, check_pixel_length, read_dicom
 from fedpacs.client.pacs import CohortQuery, PacsConfig, SeriesRef, Transport, make_transport
-from fedpacs.common.datasets import load_volume
 from fedpacs.common.errors import DataError, PacsError
 
-__all__ = ["InstanceCache", "IngestSummary", "Skipped", "import_folder", "ingest",
-           "load_volume"]
+__all__ = ["NOT_RETRIEVED", "PACS_UNREACHABLE", "RETRIEVE_FAILED", "InstanceCache",
+           "IngestSummary", "Skipped", "import_folder", "ingest"]
 
 log = logging.getLogger("fedpacs.ingest")
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+# Skip kinds of the ingest itself (instance and series problems carry the DataError kinds
+# of fedpacs.client.dicom: not-dicom, unreadable, truncated, no-pixels, missing-slices).
+PACS_UNREACHABLE = "pacs-unreachable"  # the cohort query failed: nothing was ingested
+RETRIEVE_FAILED = "retrieve-failed"    # the PACS refused or broke off one series' transfer
+NOT_RETRIEVED = "not-retrieved"        # instances the PACS listed but did not send
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,11 @@ class IngestSummary:
     converted: int = 0
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def unreachable(self) -> bool:
+        """The PACS could not be queried at all (a skip of kind :data:`PACS_UNREACHABLE`)."""
+        return any(s.kind == PACS_UNREACHABLE for s in self.skipped)
 
     def counts(self) -> dict[str, int]:
         """Counts and codes only: what may leave the site."""
@@ -75,7 +80,7 @@ class InstanceCache:
     def __init__(self, root: Path) -> None:
         self.root = root
         (root / "instances").mkdir(parents=True, exist_ok=True)
-        (root / "volumes").mkdir(parents=True, exist_ok=True)
+        (root / volumes.VOLUMES_DIR).mkdir(parents=True, exist_ok=True)
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         return self.root / "instances" / _safe(study_uid) / _safe(series_uid)
@@ -92,21 +97,14 @@ class InstanceCache:
     def store(self, data: bytes, *, expect_sop: str = "", source: str = "") -> SeriesRef:
         """Check an instance (readable, complete, right UID) and write it atomically."""
         label = source or expect_sop or "instance"
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data))
-        except InvalidDicomError as exc:
-            raise DataError(label, "not a DICOM file", "check the source", kind="not-dicom"
-                            ) from exc
-        except (OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
-            raise DataError(label, f"unreadable DICOM ({type(exc).__name__})",
-                            "retrieve it again", kind="unreadable") from exc
+        ds = read_dicom(data, label)
         for tag in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
             if not ds.get(tag):
                 raise DataError(label, f"no {tag}", "only complete instances can be cached",
-                                kind="unreadable")
+                                kind=UNREADABLE)
         if expect_sop and str(ds.SOPInstanceUID) != expect_sop:
             raise DataError(label, f"SOP Instance UID {ds.SOPInstanceUID} != requested "
-                            f"{expect_sop}", "report this PACS answer", kind="unreadable")
+                            f"{expect_sop}", "report this PACS answer", kind=UNREADABLE)
         check_pixel_length(ds, label)
         ref = SeriesRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
                         str(ds.get("Modality", "")), str(ds.get("SeriesDescription", "")))
@@ -118,27 +116,19 @@ class InstanceCache:
         return ref
 
     def volume_path(self, series_uid: str) -> Path:
-        return self.root / "volumes" / f"{_safe(series_uid)}.npz"
+        return volumes.volume_path(self.root, _safe(series_uid))
 
     def save_volume(self, vol: Volume, fingerprint: str) -> Path:
-        dest = self.volume_path(vol.series_uid)
         meta = {"modality": vol.modality, "study_uid": vol.study_uid,
                 "series_uid": vol.series_uid, "series_description": vol.series_description,
                 "irregular_spacing": vol.irregular_spacing, "fingerprint": fingerprint,
                 "num_instances": len(vol.source_files)}
-        tmp = dest.with_suffix(".tmp.npz")
-        np.savez(tmp, array=vol.array, spacing=np.array(vol.spacing),
-                            origin=np.array(vol.origin), direction=vol.direction,
-                            meta=np.array(json.dumps(meta)))
-        tmp.replace(dest)
-        return dest
+        return volumes.save_volume(self.volume_path(vol.series_uid), array=vol.array,
+                                   spacing=vol.spacing, origin=vol.origin,
+                                   direction=vol.direction, meta=meta)
 
     def volume_fingerprint(self, series_uid: str) -> str:
-        p = self.volume_path(series_uid)
-        if not p.is_file():
-            return ""
-        with np.load(p) as z:
-            return str(json.loads(str(z["meta"])).get("fingerprint", ""))
+        return str(volumes.volume_meta(self.volume_path(series_uid)).get("fingerprint", ""))
 
 
 def _safe(uid: str) -> str:
@@ -170,7 +160,11 @@ def convert_series(cache: InstanceCache, s: SeriesRef, summary: IngestSummary) -
 def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
            transport: Transport | None = None, convert: bool = True,
            progress: Progress | None = None) -> IngestSummary:
-    """Find the cohort on the PACS, fetch what the cache lacks, convert each series."""
+    """Find the cohort on the PACS, fetch what the cache lacks, convert each series.
+
+    Problems become skips in the summary (an unreachable PACS: ``summary.unreachable``);
+    a [pacs] config no transport can use (dicomweb without a URL) raises ConfigError.
+    """
     t0 = time.monotonic()
     summary = IngestSummary()
     cache = InstanceCache(cache_dir)
@@ -178,7 +172,7 @@ def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
     try:
         series = tr.find_series(query)
     except PacsError as err:
-        summary.skipped.append(Skipped(pacs.describe(), "pacs-unreachable", str(err)))
+        summary.skipped.append(Skipped(pacs.describe(), PACS_UNREACHABLE, str(err)))
         summary.seconds = time.monotonic() - t0
         return summary
     summary.series_found = len(series)
@@ -192,25 +186,26 @@ def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
             missing = [u for u in sops if not cache.has(s, u)]
             summary.already_cached += len(sops) - len(missing)
             if missing:
-                bad: list[Skipped] = []
+                bad: dict[str, Skipped] = {}  # SOP UID -> why its instance was rejected
 
-                def sink(data: bytes, sop: str, bad: list[Skipped] = bad,
+                def sink(data: bytes, sop: str, bad: dict[str, Skipped] = bad,
                          series_uid: str = s.series_uid) -> None:
                     try:
                         cache.store(data, expect_sop=sop, source=f"{series_uid}/{sop}")
                     except DataError as err:
-                        bad.append(Skipped(err.path, err.kind, err.problem))
+                        bad[sop] = Skipped(err.path, err.kind, err.problem)
 
                 got = tr.retrieve(s, None if len(missing) == len(sops) else missing, sink)
-                summary.skipped.extend(bad)
+                summary.skipped.extend(bad.values())
                 summary.retrieved += got - len(bad)
-                still = [u for u in missing if not cache.has(s, u)]
+                # arrived-but-rejected instances are reported once, with their own kind
+                still = [u for u in missing if not cache.has(s, u) and u not in bad]
                 if still:
                     summary.skipped.append(Skipped(
-                        s.series_uid, "not-retrieved",
+                        s.series_uid, NOT_RETRIEVED,
                         f"{len(still)} of {len(sops)} instances did not arrive"))
         except PacsError as err:
-            summary.skipped.append(Skipped(s.series_uid, "retrieve-failed", str(err)))
+            summary.skipped.append(Skipped(s.series_uid, RETRIEVE_FAILED, str(err)))
             continue
         if convert:
             if progress:

@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeGuard
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
@@ -26,12 +26,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from fedpacs.common.errors import PacsError
+from fedpacs.common.errors import ConfigError, FieldError, PacsError, did_you_mean
 
 log = logging.getLogger("fedpacs.pacs")
 
 Method = Literal["c-get", "c-move", "dicomweb"]
 METHODS: tuple[str, ...] = ("c-get", "c-move", "dicomweb")
+DICOMWEB_SCHEMES = ("http://", "https://")
 # Storage SOP classes a site asks for with C-GET (a C-GET association holds <= 128 contexts).
 GET_STORAGE_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.2",      # CT Image
@@ -74,6 +75,30 @@ class PacsConfig:
         if self.method == "dicomweb":
             return f"DICOMweb {self.dicomweb_url}"
         return f"{self.called_ae}@{self.host}:{self.port} ({self.method})"
+
+
+def is_method(value: object) -> TypeGuard[Method]:
+    return isinstance(value, str) and value in METHODS
+
+
+def method_error(value: object, *, field: str = "pacs.method",
+                 fix: str = 'set method = "c-get" (or "c-move", "dicomweb")') -> FieldError | None:
+    """The FieldError for a retrieval method that is not one of :data:`METHODS`."""
+    if is_method(value):
+        return None
+    hint = did_you_mean(value, METHODS) if isinstance(value, str) else ""
+    return FieldError(field, f"one of {', '.join(METHODS)}", f"{value!r}{hint}", fix)
+
+
+def dicomweb_url_error(method: str, url: object, *,
+                       field: str = "pacs.dicomweb_url") -> FieldError | None:
+    """With method dicomweb, the FieldError for a missing or non-http(s) DICOMweb URL."""
+    if method != "dicomweb" or (isinstance(url, str) and url.startswith(DICOMWEB_SCHEMES)):
+        return None
+    return FieldError(field, "an http(s) URL of the PACS' DICOMweb root (method dicomweb)",
+                      repr(url) if url else "nothing",
+                      'set dicomweb_url = "https://pacs/dicom-web" in [pacs], or use '
+                      "method c-get or c-move")
 
 
 @dataclass(frozen=True)
@@ -163,14 +188,16 @@ class DimseTransport:
     def __init__(self, cfg: PacsConfig) -> None:
         self.cfg = cfg
 
-    def _ae(self) -> AE:
+    def new_ae(self) -> AE:
+        """An AE with this site's calling AE title and the configured timeouts."""
         ae = AE(ae_title=self.cfg.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.cfg.timeout_s
         ae.connection_timeout = min(self.cfg.timeout_s, 10.0)
         return ae
 
     @contextmanager
-    def _associate(self, ae: AE, **kw: Any) -> Iterator[Association]:
+    def associate(self, ae: AE, **kw: Any) -> Iterator[Association]:
+        """An association with the PACS (released on exit), or a PacsError naming the fix."""
         assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.called_ae, **kw)
         if not assoc.is_established:
             why = ("rejected by the PACS" if assoc.is_rejected else
@@ -185,10 +212,10 @@ class DimseTransport:
                 assoc.release()
 
     def _find(self, queries: list[Dataset]) -> list[Dataset]:
-        ae = self._ae()
+        ae = self.new_ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         out: list[Dataset] = []
-        with self._associate(ae) as assoc:
+        with self.associate(ae) as assoc:
             for q in queries:
                 for status, ident in assoc.send_c_find(
                         q, StudyRootQueryRetrieveInformationModelFind):
@@ -238,14 +265,14 @@ class DimseTransport:
                             "by this AE title (and, for C-MOVE, knows the destination)")
 
     def _get(self, series: SeriesRef, sop_uids: list[str] | None, sink: Sink) -> int:
-        ae = self._ae()
+        ae = self.new_ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         for uid in GET_STORAGE_CLASSES:
             ae.add_requested_context(uid, TRANSFER_SYNTAXES)
         roles = [build_role(uid, scp_role=True) for uid in GET_STORAGE_CLASSES]
         received = _Receiver(sink)
-        with self._associate(ae, ext_neg=roles,
-                             evt_handlers=[(evt.EVT_C_STORE, received.handle)]) as assoc:
+        with self.associate(ae, ext_neg=roles,
+                            evt_handlers=[(evt.EVT_C_STORE, received.handle)]) as assoc:
             for req in self._requests(series, sop_uids):
                 for status, _ in assoc.send_c_get(req, StudyRootQueryRetrieveInformationModelGet):
                     self._check(status, "C-GET")
@@ -269,9 +296,9 @@ class DimseTransport:
                             "registered at the PACS for this site's AE") from exc
         assert server is not None  # block=False returns the running server
         try:
-            ae = self._ae()
+            ae = self.new_ae()
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-            with self._associate(ae) as assoc:
+            with self.associate(ae) as assoc:
                 for req in self._requests(series, sop_uids):
                     for status, _ in assoc.send_c_move(
                             req, dest, StudyRootQueryRetrieveInformationModelMove):
@@ -305,6 +332,9 @@ class DicomWebTransport:
     """QIDO-RS queries and WADO-RS instance retrieval over HTTP(S)."""
 
     def __init__(self, cfg: PacsConfig) -> None:
+        err = dicomweb_url_error(cfg.method, cfg.dicomweb_url)
+        if err is not None:
+            raise ConfigError("[pacs]", [err])
         self.cfg = cfg
         self.base = cfg.dicomweb_url.rstrip("/")
 
@@ -386,29 +416,3 @@ def split_multipart(body: bytes, content_type: str) -> list[bytes]:
 
 def make_transport(cfg: PacsConfig) -> Transport:
     return DicomWebTransport(cfg) if cfg.method == "dicomweb" else DimseTransport(cfg)
-
-
-# --------------------------------------------------------------------------- C-STORE (loading)
-def store_files(cfg: PacsConfig, files: list[Any]) -> tuple[int, list[tuple[str, str]]]:
-    """C-STORE files to the PACS (to load test data); returns (stored, [(file, reason)])."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    ae = DimseTransport(cfg)._ae()
-    datasets, failed = [], []
-    for f in files:
-        try:
-            datasets.append((f, pydicom.dcmread(f)))
-        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-            failed.append((str(f), f"unreadable ({type(exc).__name__})"))
-    for sop in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
-        ae.add_requested_context(sop, TRANSFER_SYNTAXES[:2])
-    stored = 0
-    with DimseTransport(cfg)._associate(ae) as assoc:
-        for f, ds in datasets:
-            status = assoc.send_c_store(ds)
-            if status and status.Status == 0x0000:
-                stored += 1
-            else:
-                failed.append((str(f), f"C-STORE status {getattr(status, 'Status', None)}"))
-    return stored, failed

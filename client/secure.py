@@ -14,15 +14,14 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from fedpacs.common import wire
+from fedpacs.common.contract import LEGACY_FIT_ARRAYS, LEGACY_FIT_CONFIG, RoundInstructions
 from fedpacs.common.errors import FieldError, UpdateError
-
-FITINS = "fitins"
 
 
 def from_fitins(content: RecordDict) -> RecordDict:
     """A SecAgg+ train message's content as a fedpacs round (positional arrays)."""
-    return RecordDict({wire.ARRAYS_KEY: content.array_records[f"{FITINS}.parameters"],
-                       wire.CONFIG_KEY: content.config_records[f"{FITINS}.config"]})
+    return RecordDict({wire.ARRAYS_KEY: content.array_records[LEGACY_FIT_ARRAYS],
+                       wire.CONFIG_KEY: content.config_records[LEGACY_FIT_CONFIG]})
 
 
 def check_maskable(values: list[np.ndarray], num_examples: int, *, clip: float,
@@ -50,12 +49,11 @@ def check_maskable(values: list[np.ndarray], num_examples: int, *, clip: float,
 def to_fitres(reply: RecordDict, request: RecordDict) -> RecordDict:
     """A fedpacs train reply as the legacy ``fitres`` records SecAgg+ masks. Metrics and
     the site's name travel in the clear; the weights are masked by the mod."""
-    cfg = request.config_records[f"{FITINS}.config"]
+    ins = RoundInstructions.from_record(request.config_records[LEGACY_FIT_CONFIG])
     metrics = dict(reply.metric_records[wire.METRICS_KEY])
-    num_examples = int(_num(metrics[wire.NUM_EXAMPLES]))
+    num_examples = int(metrics[wire.NUM_EXAMPLES])  # type: ignore[arg-type]  # our own reply
     values = wire.to_numpy_list(reply.array_records[wire.ARRAYS_KEY])
-    check_maskable(values, num_examples, clip=_num(cfg.get("secagg-clip", 8.0)),
-                   max_weight=_num(cfg.get("secagg-max-weight", 10000.0)))
+    check_maskable(values, num_examples, clip=ins.secagg_clip, max_weight=ins.secagg_max_weight)
     site = reply.config_records.get(wire.SITE_KEY, ConfigRecord())
     fit_metrics = {**{k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
                    "site": str(site.get("name", ""))}
@@ -63,10 +61,3 @@ def to_fitres(reply: RecordDict, request: RecordDict) -> RecordDict:
                  parameters=ndarrays_to_parameters(values),
                  num_examples=num_examples, metrics=fit_metrics)  # type: ignore[arg-type]
     return compat.fitres_to_recorddict(res, keep_input=True)
-
-
-def _num(v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise UpdateError([FieldError("config value", "a number", repr(v),
-                                      "use the same fedpacs version on server and site")])
-    return float(v)

@@ -13,57 +13,18 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedpacs.client.config import SiteConfig
+from fedpacs.client.data import load_site_data
 from fedpacs.client.metrics import site_metrics
 from fedpacs.common import wire
-from fedpacs.common.config import SiteConfig
-from fedpacs.common.datasets import SiteData, load_site_data
+from fedpacs.common.contract import CONFIG_KEY, RoundInstructions
+from fedpacs.common.datasets import SiteData
 from fedpacs.common.engine import TrainParams, evaluate, train
 from fedpacs.common.errors import ConfigError, FieldError
 from fedpacs.common.models import build_model, norm_state_keys, pick_device
 from fedpacs.common.tasks import TaskConfig, task_with_network
 
 log = logging.getLogger("fedpacs.site")
-
-
-@dataclass(frozen=True)
-class RoundInstructions:
-    """What the server asks of a site for one round (parsed from the message config)."""
-
-    task: str
-    server_round: int
-    local_epochs: int
-    batch_size: int
-    lr: float
-    seed: int
-    proximal_mu: float = 0.0
-    network: str = ""
-    fedbn: bool = False
-    xval_model: str = ""
-    task_json: str = ""
-
-    @classmethod
-    def from_record(cls, cfg: ConfigRecord) -> RoundInstructions:
-        errs: list[FieldError] = []
-
-        def get(key: str, typ: type, default: object = None) -> object:
-            v = cfg.get(key, default)
-            if v is None or (typ is float and isinstance(v, int)):
-                v = float(v) if v is not None else v
-            if not isinstance(v, typ):
-                errs.append(FieldError(f"config.{key}", typ.__name__, repr(v),
-                                       "upgrade the server to the same fedpacs version"))
-            return v
-
-        out = {"task": get("task", str), "server_round": get("server-round", int),
-               "local_epochs": get("local-epochs", int, 1), "batch_size": get("batch-size", int, 8),
-               "lr": get("lr", float, 1e-3), "seed": get("seed", int, 0),
-               "proximal_mu": get("proximal-mu", float, 0.0), "network": get("network", str, ""),
-               "fedbn": get("fedbn", bool, False),
-               "xval_model": get(wire.XVAL_MODEL_KEY, str, ""),
-               "task_json": get("task-json", str, "")}
-        if errs:
-            raise ConfigError("round config from server", errs)
-        return cls(**out)  # type: ignore[arg-type]
 
 
 def prepare(site: SiteConfig, requested_task: str, network: str = "", task_json: str = ""
@@ -95,7 +56,7 @@ def resolve_task(site: SiteConfig, network: str, task_json: str) -> TaskConfig:
 
 
 def load_data(site: SiteConfig, task: TaskConfig) -> SiteData:
-    data = load_site_data(site.data, task)
+    data = load_site_data(site.data, task, preprocess=site.preprocess)
     for path, reason in data.skipped:
         log.warning("site %s skipped %s: %s", site.name, path, reason)
     return data
@@ -119,7 +80,7 @@ FEDBN_STATE_KEY = "fedbn-local"
 def open_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> OpenRound:
     """Parse the round's instructions, load the site's data and the global weights (with
     this site's own normalisation layers under FedBN, once it has trained)."""
-    ins = RoundInstructions.from_record(content.config_records[wire.CONFIG_KEY])
+    ins = RoundInstructions.from_record(content.config_records[CONFIG_KEY])
     task, device = prepare(site, ins.task, ins.network, ins.task_json)
     data = load_data(site, task)
     model = build_model(task)

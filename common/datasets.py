@@ -7,12 +7,10 @@ the server's held-out split never overlaps any site's partition.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,8 +21,10 @@ from fedpacs.common.tasks import TaskConfig
 
 log = logging.getLogger(__name__)
 
+# Formats both sides read (sites train on them, the server holds out a split of them);
+# a site's PACS cache ("pacs") is read by fedpacs.client.data alone.
 DataFormat = Literal["nifti", "medmnist", "pacs"]
-DATA_FORMATS: tuple[str, ...] = ("nifti", "medmnist", "pacs")
+DATA_FORMATS: tuple[str, ...] = ("nifti", "medmnist")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -35,9 +35,8 @@ class DataSpec:
     ``nifti``: ``root`` holds ``images/`` and ``labels/`` with matching file names.
     ``medmnist``: ``root`` is the ``.npz`` file; its official train/val/test splits are used
     (train and val are partitioned across sites, test is the held-out split).
-    ``pacs``: ``root`` is a site's ingest cache (``volumes/*.npz``) and ``labels`` a CSV with
-    columns ``SeriesInstanceUID`` (or ``StudyInstanceUID``) and ``label``; a 2D task trains
-    on the series' slices, a 3D task on whole volumes resized to the task's input shape.
+    ``pacs``: ``root`` is a site's ingest cache, ``labels`` its label manifest (read on
+    the site by fedpacs.client.data).
     """
 
     format: DataFormat
@@ -178,13 +177,13 @@ def _nifti_arrays(cases: list[NiftiCase], task: TaskConfig
         images.append(fit_to_shape(zscore(img), task.input_shape))
         labels.append(fit_to_shape(lab.astype(np.int64), task.input_shape))
     if not images:
-        return _empty(task), skipped
+        return empty_dataset(task), skipped
     x = torch.from_numpy(np.stack(images)[:, None])
     y = torch.from_numpy(np.stack(labels)[:, None])
     return TensorDataset(x, y), skipped
 
 
-def _empty(task: TaskConfig) -> TensorDataset:
+def empty_dataset(task: TaskConfig) -> TensorDataset:
     shape = (0, task.in_channels, *task.input_shape)
     if task.kind == "segmentation":
         return TensorDataset(torch.zeros(shape), torch.zeros((0, 1, *task.input_shape),
@@ -240,46 +239,7 @@ def _medmnist_partition(n: int, spec: DataSpec) -> np.ndarray:
     return np.array([int(i) for i in part], dtype=np.int64)
 
 
-# --------------------------------------------------------------------------- PACS cache
-def load_volume(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """A converted volume (from ``fedpacs site ingest``) and its geometry and UIDs."""
-    with np.load(path) as z:
-        meta = json.loads(str(z["meta"]))
-        meta.update(spacing=tuple(z["spacing"].tolist()), origin=tuple(z["origin"].tolist()),
-                    direction=z["direction"])
-        return z["array"], meta
-
-
-def read_label_manifest(path: Path) -> dict[str, int | Path]:
-    """UID -> label from a CSV keyed by SeriesInstanceUID (or StudyInstanceUID).
-
-    Classification: a ``label`` column of class indices. Segmentation: a ``mask`` column
-    naming a NIfTI mask on the series' grid (relative to the CSV's folder).
-    """
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise DataError(str(path), f"cannot read the label manifest ({exc.strerror})",
-                        "set data.labels to the CSV of labels") from exc
-    out: dict[str, int | Path] = {}
-    for i, row in enumerate(rows, start=2):
-        uid = (row.get("SeriesInstanceUID") or row.get("StudyInstanceUID") or "").strip()
-        if row.get("mask"):
-            mask = Path(str(row["mask"]).strip())
-            out[uid] = mask if mask.is_absolute() else path.parent / mask
-            continue
-        try:
-            out[uid] = int(str(row.get("label", "")).strip())
-        except ValueError:
-            raise DataError(f"{path}:{i}", f"label {row.get('label')!r} is not an integer",
-                            "write class indices 0..num_classes-1") from None
-        if not uid:
-            raise DataError(f"{path}:{i}", "no SeriesInstanceUID/StudyInstanceUID",
-                            "give each row a UID column") from None
-    return out
-
-
+# --------------------------------------------------------------------------- resampling
 def resize(arr: np.ndarray, shape: tuple[int, ...], *, nearest: bool = False) -> np.ndarray:
     """Interpolate a 2D/3D array to ``shape``: (bi/tri)linear, or nearest for label maps
     (then the dtype is kept)."""
@@ -292,80 +252,13 @@ def resize(arr: np.ndarray, shape: tuple[int, ...], *, nearest: bool = False) ->
         .numpy()
 
 
-def read_mask(path: Path, volume_shape: tuple[int, ...], num_classes: int) -> np.ndarray:
-    """A NIfTI mask (x=column, y=row, z=slice) as a (slice, row, column) label array."""
-    mask = np.transpose(read_nifti(path)).astype(np.int64)
-    if mask.shape != volume_shape:
-        raise DataError(str(path), f"mask shape {mask.shape} (slice, row, column) != series "
-                        f"shape {volume_shape}", "export the mask on the series' own grid")
-    if mask.min() < 0 or mask.max() >= num_classes:
-        raise DataError(str(path), f"mask values {mask.min()}..{mask.max()} outside "
-                        f"0..{num_classes - 1}", "remap the mask labels")
-    return mask
-
-
-def _pacs_arrays(paths: list[Path], labels: dict[str, int | Path], task: TaskConfig
-                 ) -> tuple[TensorDataset, list[tuple[str, str]]]:
-    xs: list[np.ndarray] = []
-    ys: list[Any] = []
-    skipped: list[tuple[str, str]] = []
-    for p in paths:
-        arr, meta = load_volume(p)
-        label = labels.get(meta["series_uid"], labels.get(meta["study_uid"]))
-        if label is None:
-            skipped.append((str(p), "series not in the label manifest"))
-            continue
-        vol = zscore(arr)
-        if task.kind == "segmentation":
-            if not isinstance(label, Path):
-                skipped.append((str(p), "manifest gives a class, the task needs a mask"))
-                continue
-            try:
-                mask = read_mask(label, arr.shape, task.num_classes)
-            except DataError as err:
-                skipped.append((err.path, err.problem))
-                continue
-            pairs = [(vol, mask)] if task.spatial_dims == 3 else list(zip(vol, mask, strict=True))
-            for v, m in pairs:
-                xs.append(resize(v, task.input_shape)[None])
-                ys.append(resize(m, task.input_shape, nearest=True)[None])
-            continue
-        if not isinstance(label, int) or not 0 <= label < task.num_classes:
-            skipped.append((str(p), f"label {label} outside 0..{task.num_classes - 1}"))
-            continue
-        samples = [vol] if task.spatial_dims == 3 else list(vol)
-        for s in samples:
-            xs.append(resize(s, task.input_shape)[None])
-            ys.append(label)
-    if not xs:
-        return _empty(task), skipped
-    y = torch.from_numpy(np.stack(ys)) if task.kind == "segmentation" else torch.tensor(
-        ys, dtype=torch.long)
-    return TensorDataset(torch.from_numpy(np.stack(xs)), y), skipped
-
-
-
-def _pacs_site(spec: DataSpec, task: TaskConfig) -> SiteData:
-    if spec.labels is None:
-        raise DataError(str(spec.root), "no label manifest", "set data.labels to a CSV")
-    labels = read_label_manifest(spec.labels)
-    by_id = {p.stem: p for p in sorted((spec.root / "volumes").glob("*.npz"))}
-    if not by_id:
-        raise DataError(str(spec.root), "no converted volumes in volumes/",
-                        "run `fedpacs site ingest` first")
-    mine = partition_ids(list(by_id), partition=spec.partition,
-                         num_partitions=spec.num_partitions, seed=spec.seed)
-    train_ids, val_ids = split_ids(mine, holdout_fraction=spec.val_fraction, seed=spec.seed + 7)
-    train, s1 = _pacs_arrays([by_id[i] for i in train_ids], labels, task)
-    val, s2 = _pacs_arrays([by_id[i] for i in val_ids], labels, task)
-    return SiteData(train, val, s1 + s2)
-
-
 # --------------------------------------------------------------------------- entry points
-def load_site_data(spec: DataSpec, task: TaskConfig) -> SiteData:
-    """The training and validation sets of one site (its partition of the pool)."""
-    if spec.format == "pacs":
-        return _pacs_site(spec, task)
+def load_partition(spec: DataSpec, task: TaskConfig) -> SiteData:
+    """The training and validation sets of one site (its partition of the pool) from a
+    shared-format data set (a site's own PACS cache is read by fedpacs.client.data)."""
+    if spec.format not in DATA_FORMATS:
+        raise DataError(str(spec.root), f"format {spec.format!r} has no shared reader",
+                        f"use one of {', '.join(DATA_FORMATS)}")
     if spec.format == "medmnist":
         data = read_medmnist(spec.root)
         tr = _medmnist_partition(len(data["train_labels"]), spec)
@@ -385,8 +278,9 @@ def load_site_data(spec: DataSpec, task: TaskConfig) -> SiteData:
 
 def load_holdout(spec: DataSpec, task: TaskConfig) -> TensorDataset:
     """The held-out split (never in any site's partition), for the server's evaluation."""
-    if spec.format == "pacs":
-        return _pacs_site(replace(spec, val_fraction=0.0), task).train
+    if spec.format not in DATA_FORMATS:
+        raise DataError(str(spec.root), f"format {spec.format!r} cannot be a held-out set",
+                        f"use one of {', '.join(DATA_FORMATS)}")
     if spec.format == "medmnist":
         data = read_medmnist(spec.root)
         return _medmnist_split(data, "test", np.arange(len(data["test_labels"])), task, spec.root)

@@ -19,11 +19,12 @@ from fedpacs.common.tasks import TaskConfig
 
 @dataclass(frozen=True)
 class TrainParams:
-    """Hyper-parameters of one local training call."""
+    """Hyper-parameters of one local training call (a run's values come from its
+    RoundInstructions; their defaults live with the task presets)."""
 
-    epochs: int = 1
-    batch_size: int = 8
-    lr: float = 1e-3
+    epochs: int
+    batch_size: int
+    lr: float
     weight_decay: float = 0.0
     proximal_mu: float = 0.0  # FedProx term; 0 disables it
 

@@ -7,6 +7,7 @@ received and the fix. Errors that cross the site boundary carry only a code from
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -54,6 +55,12 @@ def describe(code: int) -> str:
         return EXIT_CODES[ExitCode(code)]
     except ValueError:
         return f"unknown code {code}"
+
+
+def did_you_mean(given: str, choices: tuple[str, ...] | list[str]) -> str:
+    """' (did you mean X?)' for a near miss, else ''."""
+    close = difflib.get_close_matches(given.lower(), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,31 @@ TASK_PRESETS: dict[str, TaskConfig] = {
 }
 
 
+@dataclass(frozen=True)
+class Training:
+    """A task's default local-training recipe; a run may override each field."""
+
+    local_epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+
+
+# The one place training defaults live: per preset, and for custom tasks.
+DEFAULT_TRAINING = Training()
+PRESET_TRAINING: dict[str, Training] = {
+    "hippocampus": Training(local_epochs=2, batch_size=4, lr=3e-3),
+    "breastmnist": Training(local_epochs=2, batch_size=32, lr=1e-3),
+    "pneumoniamnist": Training(local_epochs=1, batch_size=32, lr=1e-3),
+    "adrenalmnist3d": Training(local_epochs=2, batch_size=16, lr=1e-3),
+    "pacs-modality": Training(local_epochs=2, batch_size=8, lr=1e-3),
+}
+
+
+def training_defaults(task: str) -> Training:
+    """The preset's training defaults (a custom task gets DEFAULT_TRAINING)."""
+    return PRESET_TRAINING.get(task, DEFAULT_TRAINING)
+
+
 def task_with_network(name: str, network: str = "") -> TaskConfig:
     """A preset, optionally with another registered network of the same kind."""
     task = get_task(name)

@@ -12,17 +12,18 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from fedpacs.common.contract import (  # the message's record keys, re-exported
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES,
+    SITE_KEY,
+    XVAL_MODEL_KEY,
+)
 from fedpacs.common.errors import FieldError, UpdateError
 
-# Keys of the records inside a Flower message; FedAvg uses "arrays" and "config".
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
-SITE_KEY = "site"
-# Which model a cross-site validation message carries (echoed in the site's reply).
-XVAL_MODEL_KEY = "xval-model"
-# The weighting key FedAvg reads from each reply's MetricRecord.
-NUM_EXAMPLES = "num-examples"
+__all__ = ["ARRAYS_KEY", "CONFIG_KEY", "METRICS_KEY", "NUM_EXAMPLES", "SITE_KEY",
+           "XVAL_MODEL_KEY"]
 
 
 def model_to_arrays(model: nn.Module) -> ArrayRecord:

@@ -1,47 +1,46 @@
 """``fedpacs demo``: a whole federation on loopback with real data, start to finish.
 
-Provisions a CA, a SuperLink TLS certificate and one key per site; starts a SuperLink
-(TLS, SuperNode authentication, on-disk state) and one SuperNode per site, each with its
-own site config and its own partition of a real data set; runs FedAvg; streams one line
-per round; tears everything down by PID; prints where the global model and metrics are.
+The demo plays every role on one host: it provisions (CA, SuperLink TLS, one key per site),
+writes one site config per site on its own partition of a real data set, then runs the
+coordinator's ``Federation``: up, start_run, watch (one line per round), down. It prints
+where the global model, card, metrics, report and signed manifest are.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedpacs.common.config import RunConfig, load_site_config
-from fedpacs.common.errors import ConfigError, DeadlineError, FieldError, ProcessError
-from fedpacs.common.telemetry import serve_multiprocess
-from fedpacs.deploy.federation import LocalFederation, Timeouts, write_app
-from fedpacs.deploy.pki import provision
-from fedpacs.deploy.procs import free_port
+from fedpacs.client.config import load_site_config
+from fedpacs.common.config import RunConfig
+from fedpacs.common.errors import ConfigError, FieldError, ProcessError
+from fedpacs.common.procs import free_port
+from fedpacs.server.coordinator.federation import FINISHED, Federation, SiteSpec
+from fedpacs.server.coordinator.pki import Pki, provision
+from fedpacs.server.rundir import read_rounds
 
 DATA_DIR_ENV = "FEDPACS_DATA_DIR"
 
 
 @dataclass(frozen=True)
 class TaskData:
+    """Where a preset's real data lies under the shared data folder (training defaults
+    live with the preset: fedpacs.common.tasks.PRESET_TRAINING)."""
+
     format: str
     relpath: str
-    batch_size: int
-    lr: float
-    local_epochs: int
 
 
-# Where each preset's real data lies under the shared data folder, and its defaults.
 DEMO_DATA: dict[str, TaskData] = {
-    "hippocampus": TaskData("nifti", "msd_hippocampus_udacity", 4, 3e-3, 2),
-    "breastmnist": TaskData("medmnist", "medmnist_breast/breastmnist.npz", 32, 1e-3, 2),
+    "hippocampus": TaskData("nifti", "msd_hippocampus_udacity"),
+    "breastmnist": TaskData("medmnist", "medmnist_breast/breastmnist.npz"),
     "pneumoniamnist": TaskData(
-        "medmnist", "medmnist_pneumonia/pneumoniamnist_balanced_aksufatih.npz", 32, 1e-3, 1),
-    "adrenalmnist3d": TaskData("medmnist", "medmnist_adrenal3d/adrenalmnist3d.npz", 16, 1e-3, 2),
+        "medmnist", "medmnist_pneumonia/pneumoniamnist_balanced_aksufatih.npz"),
+    "adrenalmnist3d": TaskData("medmnist", "medmnist_adrenal3d/adrenalmnist3d.npz"),
 }
 
 
@@ -50,7 +49,7 @@ class DemoOptions:
     task: str = "hippocampus"
     sites: int = 3
     rounds: int = 5
-    local_epochs: int = 0  # 0: the task's default
+    local_epochs: int = 0  # 0: the task preset's
     workdir: Path = Path("runs/demo")
     data_dir: Path | None = None  # None: $FEDPACS_DATA_DIR, then ../shared/data
     threads_per_site: int = 1
@@ -88,7 +87,16 @@ def resolve_data_dir(flag: Path | None) -> Path:
 
 
 def site_names(n: int) -> list[str]:
-    return [f"site-{chr(ord('a') + i)}" for i in range(n)]
+    """site-a ... site-z, site-aa, site-ab, ... (as spreadsheet columns)."""
+    def letters(i: int) -> str:
+        out = ""
+        i += 1
+        while i:
+            i, r = divmod(i - 1, 26)
+            out = chr(ord("a") + r) + out
+        return out
+
+    return [f"site-{letters(i)}" for i in range(n)]
 
 
 def write_site_configs(folder: Path, *, task: str, data: Path, fmt: str, names: list[str],
@@ -116,6 +124,31 @@ def write_site_configs(folder: Path, *, task: str, data: Path, fmt: str, names: 
     return paths
 
 
+def demo_sites(work: Path, pki: Pki, *, task: str, data_dir: Path | None, names: list[str],
+               threads: int = 1, seed: int = 0, require_secagg: bool = True) -> list[SiteSpec]:
+    """Site configs for ``names`` on disjoint partitions of a preset's shared data set,
+    each trusting the coordinator's app key: the sites of ``fedpacs demo`` and of
+    ``fedpacs federation up --task``."""
+    if task not in DEMO_DATA:
+        raise ConfigError("demo", [FieldError("task", f"one of {', '.join(DEMO_DATA)}",
+                                              repr(task), "choose a demo task")])
+    td = DEMO_DATA[task]
+    files = write_site_configs(work / "sites", task=task, data=demo_data_path(task, data_dir),
+                               fmt=td.format, names=names, threads=threads, seed=seed,
+                               trusted_keys=[pki.signing_pub], require_secagg=require_secagg)
+    return [SiteSpec(n, f, task, free_port()) for n, f in zip(names, files, strict=True)]
+
+
+def site_specs(files: list[Path], *, metrics: bool = True) -> list[SiteSpec]:
+    """SiteSpecs for site config files, each validated here first (named by its file stem)."""
+    return [SiteSpec(p.stem, p, load_site_config(p).task, free_port() if metrics else 0)
+            for p in files]
+
+
+def demo_data_path(task: str, data_dir: Path | None) -> Path:
+    return resolve_data_dir(data_dir) / DEMO_DATA[task].relpath
+
+
 def format_round(r: dict[str, Any], total: int) -> str:
     parts = [f"round {r['round']}/{total}"]
     held = r.get("heldout") or {}
@@ -141,117 +174,65 @@ def format_round(r: dict[str, Any], total: int) -> str:
     return "  ".join(parts)
 
 
-def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
-    try:
-        return list(json.loads((run_dir / "metrics.json").read_text())["rounds"])
-    except (OSError, ValueError, KeyError):
-        return []
-
-
 def run_demo(opts: DemoOptions, *, echo: Callable[[str], None] = print,
              on_round: Callable[[dict[str, Any], dict[str, str]], None] | None = None,
              ) -> DemoResult:
+    """Provision, write one site config per site, then ``run_once``."""
+    if opts.sites < 1:
+        raise ConfigError("demo", [FieldError("sites", ">= 1", str(opts.sites), "use 3")])
     if opts.task not in DEMO_DATA:
         raise ConfigError("demo", [FieldError("task", f"one of {', '.join(DEMO_DATA)}",
                                               repr(opts.task), "choose a demo task")])
-    if opts.sites < 1:
-        raise ConfigError("demo", [FieldError("sites", ">= 1", str(opts.sites), "use 3")])
-    td = DEMO_DATA[opts.task]
-    data = resolve_data_dir(opts.data_dir) / td.relpath
-    work = opts.workdir.resolve()
-    names = site_names(opts.sites)
-    run_dir = work / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    cfg = RunConfig(task=opts.task, rounds=opts.rounds,
-                    local_epochs=opts.local_epochs or td.local_epochs, batch_size=td.batch_size,
-                    lr=td.lr, min_sites=opts.sites, seed=opts.seed, run_dir=str(run_dir),
-                    eval_format=td.format, eval_root=str(data), eval_seed=opts.seed,
-                    secagg=opts.secagg, dp_clip=opts.dp_clip)
+    data = demo_data_path(opts.task, opts.data_dir)
+    cfg = RunConfig(task=opts.task, rounds=opts.rounds, local_epochs=opts.local_epochs,
+                    min_sites=opts.sites, seed=opts.seed, eval_format=DEMO_DATA[opts.task].format,
+                    eval_root=str(data), eval_seed=opts.seed, secagg=opts.secagg,
+                    dp_clip=opts.dp_clip)
     problems = cfg.validate()
     if problems:
         raise ConfigError("demo run config", problems)
+    work = opts.workdir.resolve()
+    names = site_names(opts.sites)
     pki = provision(work / "pki", sites=names)
-    site_files = write_site_configs(work / "sites", task=opts.task, data=data, fmt=td.format,
-                                    names=names, threads=opts.threads_per_site, seed=opts.seed,
-                                    trusted_keys=[pki.signing_pub], require_secagg=opts.secagg)
+    sites = demo_sites(work, pki, task=opts.task, data_dir=opts.data_dir, names=names,
+                       threads=opts.threads_per_site, seed=opts.seed,
+                       require_secagg=opts.secagg)
     privacy = "SecAgg+" if opts.secagg else "plain FedAvg (secure aggregation off)"
     echo(f"fedpacs demo: {opts.task}, {opts.sites} sites, {opts.rounds} rounds, {privacy}, "
          f"data {data}")
-    return run_local_federation(work, dict(zip(names, site_files, strict=True)), cfg,
-                                timeout_s=opts.timeout_s, echo=echo, on_round=on_round)
+    return run_once(work, pki, sites, cfg, timeout_s=opts.timeout_s, echo=echo,
+                    on_round=on_round)
 
 
-def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
-                         timeout_s: float, echo: Callable[[str], None] = print,
-                         on_round: Callable[[dict[str, Any], dict[str, str]], None] | None = None,
-                         ) -> DemoResult:
-    """Provision, start a SuperLink and one site daemon per site file, run ``cfg`` (with a
-    Prometheus endpoint for the server and each site), tear everything down.
-
-    ``on_round(record, metrics_urls)`` is called as each round's record appears.
-    """
-    names = list(sites)
-    site_ports = {name: free_port() for name in names}
-    if not cfg.metrics_port:
-        cfg = replace(cfg, metrics_port=free_port())
-    metrics_urls = {"server": f"http://127.0.0.1:{cfg.metrics_port}/metrics"} | {
-        name: f"http://127.0.0.1:{p}/metrics" for name, p in site_ports.items()}
-    run_dir = Path(cfg.run_dir)
-    pki = provision(work / "pki", sites=names)
-    if not cfg.signing_key:
-        cfg = replace(cfg, signing_key=str(pki.signing_key))
+def run_once(work: Path, pki: Pki, sites: list[SiteSpec], cfg: RunConfig, *, timeout_s: float,
+             echo: Callable[[str], None] = print,
+             on_round: Callable[[dict[str, Any], dict[str, str]], None] | None = None,
+             ) -> DemoResult:
+    """One run on a federation of its own: ``Federation.up`` + ``start_run`` + ``watch`` +
+    ``down``. ``on_round(record, metrics_urls)`` is called as each round's record appears."""
     echo(f"  workdir {work} (logs in {work / 'logs'})")
     t0 = time.monotonic()
-    fed = LocalFederation(work, pki, timeouts=Timeouts())
-    fed.reset_state()
-    exporter = None
-    try:
-        fed.start_superlink(metrics_dir=work / "server-metrics")
-        exporter, _ = serve_multiprocess(work / "server-metrics", cfg.metrics_port)
+    with Federation.up(work, pki, sites) as fed:
+        urls = fed.state.metrics_urls()
         echo(f"  SuperLink up on https://{fed.address} (TLS, SuperNode auth), "
-             f"pid {fed.superlink.pid if fed.superlink else '?'}")
-        for name in names:
-            fed.register(pki.site(name))
-        for name, sf in sites.items():
-            proc = fed.start_supernode(pki.site(name), site_config=sf,
-                                       metrics_port=site_ports[name])
-            echo(f"  site daemon {name} pid {proc.pid} (site config {sf.name}, metrics "
-                 f"{metrics_urls[name]})")
-        fed.wait_nodes_online(len(names))
-        echo(f"  {len(names)} authenticated SuperNodes online after {time.monotonic() - t0:.0f}s")
-        run_id = fed.start_run(write_app(work / "app", cfg))
-        echo(f"  run {run_id} started; server metrics {metrics_urls['server']}; streaming "
+             f"pid {fed.state.superlink_pid}")
+        for name, site in fed.state.sites.items():
+            echo(f"  site daemon {name} pid {site.pid} (site config {Path(site.config).name}, "
+                 f"metrics {urls.get(name, '-')})")
+        echo(f"  {len(sites)} authenticated SuperNodes online after {time.monotonic() - t0:.0f}s")
+        run_id, run_dir = fed.start_run(cfg)
+        echo(f"  run {run_id} started; server metrics {urls.get('server', '-')}; streaming "
              "rounds (held-out = data never given to a site)")
-        status, seen, next_status = "pending", 0, 0.0
-        deadline = time.monotonic() + timeout_s
-        while True:
-            fed.procs.check_alive()
-            rounds = read_rounds(run_dir)
-            for r in rounds[seen:]:
-                echo(f"  [{time.monotonic() - t0:6.0f}s] {format_round(r, cfg.rounds)}")
-                if on_round:
-                    on_round(r, metrics_urls)
-            seen = len(rounds)
-            if time.monotonic() >= next_status:
-                status = fed.run_status(run_id)
-                next_status = time.monotonic() + 10
-                if status.startswith("finished"):
-                    for r in read_rounds(run_dir)[seen:]:
-                        echo(f"  [{time.monotonic() - t0:6.0f}s] {format_round(r, cfg.rounds)}")
-                    break
-            if time.monotonic() >= deadline:
-                fed.stop_run(run_id)
-                raise DeadlineError(f"run {run_id} did not finish within {timeout_s:.0f}s; "
-                                    f"logs in {work / 'logs'}")
-            time.sleep(2)
-        (work / "logs" / f"run-{run_id}.log").write_text(fed.logs(run_id), encoding="utf-8")
-    finally:
-        fed.stop()
-        if exporter is not None:
-            exporter.shutdown()
-            exporter.server_close()
+
+        def show(r: dict[str, Any]) -> None:
+            echo(f"  [{time.monotonic() - t0:6.0f}s] {format_round(r, cfg.rounds)}")
+            if on_round:
+                on_round(r, urls)
+
+        status = fed.watch(run_id, timeout_s=timeout_s, on_round=show)
     seconds = time.monotonic() - t0
     final = run_dir / "final" / "model.pt"
-    if status != "finished:completed" or not final.is_file():
+    if status != FINISHED or not final.is_file():
         raise ProcessError(f"run {run_id} ended as {status!r}; see {work / 'logs'}")
     echo(f"done in {seconds:.0f}s: status {status}")
     echo(f"  global model  {final}  (python -c \"import fedpacs; "
@@ -260,6 +241,4 @@ def run_local_federation(work: Path, sites: dict[str, Path], cfg: RunConfig, *,
     echo(f"  metrics       {run_dir / 'metrics.json'}")
     echo(f"  report        {run_dir / 'report' / 'index.html'}")
     echo(f"  signed        fedpacs models verify {run_dir} --public-key {pki.signing_pub}")
-    return DemoResult(run_id, run_dir, final, read_rounds(run_dir), status, seconds,
-                      metrics_urls)
-
+    return DemoResult(run_id, run_dir, final, read_rounds(run_dir), status, seconds, urls)

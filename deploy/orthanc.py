@@ -1,7 +1,8 @@
-"""A real Orthanc PACS on loopback, with fedpacs' own config, for tests and demos.
+"""A real Orthanc PACS on loopback, with fedpacs' own config, for tests, benches and demos.
 
 Debian's ``orthanc`` and ``orthanc-dicomweb`` packages provide the server and plugin;
 ``.ci/run`` installs them. Each instance gets its own storage folder and free ports.
+:func:`store_files` loads test data into a PACS (C-STORE); sites never store to a PACS.
 """
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ from __future__ import annotations
 import json
 import shutil
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedpacs.client.pacs import PacsConfig
-from fedpacs.common.errors import ProcessError
-from fedpacs.deploy.procs import ProcessSet, child_env, free_port, port_open, wait_until
+from pydicom.dataset import Dataset
+
+from fedpacs.client.dicom import read_dicom
+from fedpacs.client.pacs import TRANSFER_SYNTAXES, DimseTransport, PacsConfig
+from fedpacs.common.errors import DataError, ProcessError
+from fedpacs.common.procs import ProcessSet, child_env, free_port, port_open, wait_until
 
 ORTHANC_NAME = "Orthanc"
 ORTHANC_PATHS = ("/usr/sbin/Orthanc", "/usr/bin/Orthanc")  # Debian installs it in /usr/sbin
@@ -106,3 +111,31 @@ class OrthancServer:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/statistics",
                                     timeout=10) as r:
             return dict(json.loads(r.read()))
+
+
+def store_files(cfg: PacsConfig, files: Sequence[str | Path]) -> tuple[int, list[tuple[str, str]]]:
+    """C-STORE files into the PACS ``cfg`` names (to load test data), over one association.
+
+    Returns (stored, [(file, reason)]) for the files that could not be read or stored;
+    a PACS that refuses the association raises a PacsError.
+    """
+    dimse = DimseTransport(cfg)
+    ae = dimse.new_ae()
+    datasets: list[tuple[str, Dataset]] = []
+    failed: list[tuple[str, str]] = []
+    for f in files:
+        try:
+            datasets.append((str(f), read_dicom(Path(f), str(f))))
+        except DataError as err:
+            failed.append((str(f), err.problem))
+    for sop in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
+        ae.add_requested_context(sop, TRANSFER_SYNTAXES[:2])
+    stored = 0
+    with dimse.associate(ae) as assoc:
+        for name, ds in datasets:
+            status = assoc.send_c_store(ds)
+            if status and status.Status == 0x0000:
+                stored += 1
+            else:
+                failed.append((name, f"C-STORE status {getattr(status, 'Status', None)}"))
+    return stored, failed

@@ -7,12 +7,10 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import (
     ArrayRecord,
-    ConfigRecord,
     Context,
     Message,
     MessageType,
@@ -23,14 +21,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpacs.common import wire
 from fedpacs.common.config import RunConfig
+from fedpacs.common.contract import RoundInstructions
 from fedpacs.common.datasets import load_holdout
 from fedpacs.common.engine import evaluate
+from fedpacs.common.errors import ConfigError, FieldError
 from fedpacs.common.models import build_model, pick_device
 from fedpacs.common.signing import sign_run
 from fedpacs.common.telemetry import multiprocess_dir
 from fedpacs.common.wire import XVAL_MODEL_KEY
 from fedpacs.server.metrics import ServerMetrics
-from fedpacs.server.recorder import RoundRecorder, metric_dict, site_name
+from fedpacs.server.recorder import RoundRecord, RoundRecorder, metric_dict, site_name
 from fedpacs.server.report import write_report
 from fedpacs.server.rundir import RunDirectory
 from fedpacs.server.secure import run_secure
@@ -41,83 +41,102 @@ log = logging.getLogger("fedpacs.server")
 app = ServerApp()
 
 
-def run_federation(grid: Grid, cfg: RunConfig, context: Context | None = None) -> Path:
-    """Run ``cfg.rounds`` rounds on ``grid`` (under SecAgg+ unless ``cfg.secagg`` is off);
-    returns the final model's path."""
-    task = cfg.task_config()
-    torch.manual_seed(cfg.seed)
-    model = build_model(task, seed=cfg.seed)
-    run_dir = RunDirectory(Path(cfg.run_dir), task=task, config=cfg.to_flat())
-    spec = cfg.eval_spec()
-    holdout = load_holdout(spec, task) if spec else None
-    device = pick_device("auto")
-    recorder = RoundRecorder()
-    metrics = ServerMetrics()
-    if cfg.metrics_port and multiprocess_dir() is None:  # no exporter: serve from here
-        metrics.serve(cfg.metrics_port)
-    metrics.rounds_total.set(cfg.rounds)
-    metrics.round.set(0)
-    clock = {"last": time.monotonic()}
+class FederatedRun:
+    """One run of the ServerApp: the global model, its run directory, held-out data, the
+    round recorder and the Prometheus series; :meth:`run` drives the rounds."""
 
-    current = {"arrays": wire.model_to_arrays(model)}  # the global model after each round
+    def __init__(self, grid: Grid, cfg: RunConfig, context: Context) -> None:
+        if not cfg.run_dir:
+            raise ConfigError("run config", [FieldError(
+                "run-dir", "the server-side folder for this run's checkpoints", "nothing",
+                "start runs with `fedpacs run start` (it sets run-dir)")])
+        self.grid, self.cfg, self.context = grid, cfg, context
+        self.task = cfg.task_config()
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(self.task, seed=cfg.seed)
+        self.run_dir = RunDirectory(Path(cfg.run_dir), task=self.task, config=cfg.to_flat())
+        spec = cfg.eval_spec()
+        self.holdout = load_holdout(spec, self.task) if spec else None
+        self.device = pick_device("auto")
+        self.recorder = RoundRecorder()
+        self.metrics = ServerMetrics()
+        if cfg.metrics_port and multiprocess_dir() is None:  # no exporter: serve from here
+            self.metrics.serve(cfg.metrics_port)
+        self.metrics.rounds_total.set(cfg.rounds)
+        self.metrics.round.set(0)
+        self.round_started = time.monotonic()
+        self.current = wire.model_to_arrays(self.model)  # the global model after each round
 
-    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        wire.load_arrays(model, arrays)
-        current["arrays"] = arrays
-        record: dict[str, Any] = recorder.flush()
-        server_metrics: dict[str, float] = {}
-        if holdout is not None:
-            server_metrics = evaluate(model, holdout, task=task, device=device)
-            server_metrics["num-examples"] = float(len(holdout))
-            record["heldout"] = server_metrics
-        record["time"] = time.time()
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Load the round's global model, evaluate it on the held-out split, record and
+        checkpoint the round (round 0: the initial model)."""
+        wire.load_arrays(self.model, arrays)
+        self.current = arrays
+        record = self.recorder.close(server_round)
+        if self.holdout is not None:
+            record.heldout = evaluate(self.model, self.holdout, task=self.task,
+                                      device=self.device)
+            record.heldout["num-examples"] = float(len(self.holdout))
+        record.time = time.time()
         if server_round > 0:  # metrics first: a reader of metrics.json then sees them too
-            update_metrics(metrics, record, arrays, connected=len(list(grid.get_node_ids())),
-                           seconds=time.monotonic() - clock["last"], server_round=server_round)
-        clock["last"] = time.monotonic()
-        run_dir.save_round(server_round, model, record)
-        run_dir.set_status("running", round_=server_round, total=cfg.rounds)
-        log.info("round %d/%d done: %s", server_round, cfg.rounds, server_metrics)
-        return MetricRecord({f"heldout-{k}": float(v) for k, v in server_metrics.items()})
+            update_metrics(self.metrics, record, arrays,
+                           connected=len(list(self.grid.get_node_ids())),
+                           seconds=time.monotonic() - self.round_started)
+        self.round_started = time.monotonic()
+        self.run_dir.save_round(self.model, record)
+        self.run_dir.set_status("running", round_=server_round, total=self.cfg.rounds)
+        log.info("round %d/%d done: %s", server_round, self.cfg.rounds, record.heldout)
+        return MetricRecord({f"heldout-{k}": float(v) for k, v in record.heldout.items()})
 
-    run_dir.set_status("running", round_=0, total=cfg.rounds)
-    try:
-        if cfg.secagg:
-            final_arrays = run_secure(grid, context or Context(0, 0, {}, RecordDict(), {}),
-                                      cfg, model, recorder, end_of_round)
-        else:
-            strategy = make_strategy(cfg, recorder, model)
-            strategy.start(
-                grid=grid, initial_arrays=wire.model_to_arrays(model), num_rounds=cfg.rounds,
-                timeout=cfg.round_timeout_s, train_config=ConfigRecord(cfg.site_view()),
-                evaluate_config=ConfigRecord(cfg.site_view()), evaluate_fn=end_of_round,
-            )
-            # (the result's arrays stay empty when no round aggregated anything)
-            final_arrays = current["arrays"]
-    except BaseException as exc:
-        run_dir.set_status("failed", round_=len(run_dir.rounds) - 1, total=cfg.rounds,
-                           error=type(exc).__name__)
-        raise
-    wire.load_arrays(model, final_arrays)
-    # under SecAgg+ no site's local model is ever seen: only the global one is cross-validated
-    cross = (cross_site_validation(grid, {"global": final_arrays, **recorder.local_models},
-                                   cfg, timeout_s=cfg.round_timeout_s)
-             if cfg.cross_site else {})
-    final = run_dir.save_final(model, {
-        "cross_site": cross,
-        "sites": dict(sorted(recorder.site_samples.items())),
-        "num_rounds": cfg.rounds,
-        "strategy": cfg.strategy,
-        "fedbn": cfg.fedbn,
-        "secure_aggregation": "SecAgg+" if cfg.secagg else "off",
-        "local_dp": {"clip": cfg.dp_clip, "epsilon": cfg.dp_epsilon, "delta": cfg.dp_delta}
-        if cfg.dp_clip > 0 else "off",
-    })
-    write_report(run_dir.root)
-    if cfg.signing_key:
-        sign_run(run_dir.root, Path(cfg.signing_key))
-    run_dir.set_status("finished", round_=cfg.rounds, total=cfg.rounds)
-    return final
+    def run(self) -> Path:
+        """``cfg.rounds`` rounds (under SecAgg+ unless ``cfg.secagg`` is off), cross-site
+        validation, the final model, report and signature; returns the final model's path."""
+        cfg = self.cfg
+        self.run_dir.set_status("running", round_=0, total=cfg.rounds)
+        try:
+            if cfg.secagg:
+                final_arrays = run_secure(self.grid, self.context, cfg, self.model,
+                                          self.recorder, self.end_of_round)
+            else:
+                strategy = make_strategy(cfg, self.recorder, self.model)
+                instructions = RoundInstructions.for_round(cfg, 0).to_record()
+                strategy.start(
+                    grid=self.grid, initial_arrays=wire.model_to_arrays(self.model),
+                    num_rounds=cfg.rounds, timeout=cfg.round_timeout_s,
+                    train_config=instructions, evaluate_config=instructions,
+                    evaluate_fn=self.end_of_round)
+                # (the result's arrays stay empty when no round aggregated anything)
+                final_arrays = self.current
+        except BaseException as exc:
+            self.run_dir.set_status("failed", round_=len(self.run_dir.rounds) - 1,
+                                    total=cfg.rounds, error=type(exc).__name__)
+            raise
+        wire.load_arrays(self.model, final_arrays)
+        # under SecAgg+ no site's local model is ever seen: only the global one is validated
+        cross = (cross_site_validation(self.grid, {"global": final_arrays,
+                                                   **self.recorder.local_models},
+                                       cfg, timeout_s=cfg.round_timeout_s)
+                 if cfg.cross_site else {})
+        final = self.run_dir.save_final(self.model, {
+            "cross_site": cross,
+            "sites": dict(sorted(self.recorder.site_samples.items())),
+            "num_rounds": cfg.rounds,
+            "strategy": cfg.strategy,
+            "fedbn": cfg.fedbn,
+            "secure_aggregation": "SecAgg+" if cfg.secagg else "off",
+            "local_dp": {"clip": cfg.dp_clip, "epsilon": cfg.dp_epsilon, "delta": cfg.dp_delta}
+            if cfg.dp_clip > 0 else "off",
+        })
+        write_report(self.run_dir.root)
+        if cfg.signing_key:
+            sign_run(self.run_dir.root, Path(cfg.signing_key))
+        self.run_dir.set_status("finished", round_=cfg.rounds, total=cfg.rounds)
+        return final
+
+
+def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> Path:
+    """Run ``cfg`` on ``grid``; returns the final model's path."""
+    return FederatedRun(grid, cfg, context).run()
 
 
 def cross_site_validation(grid: Grid, models: dict[str, ArrayRecord], cfg: RunConfig, *,
@@ -127,8 +146,8 @@ def cross_site_validation(grid: Grid, models: dict[str, ArrayRecord], cfg: RunCo
     nodes = sorted(grid.get_node_ids())
     messages = []
     for name, arrays in models.items():
-        config = ConfigRecord({**cfg.site_view(), "fedbn": False,
-                               "server-round": cfg.rounds + 1, XVAL_MODEL_KEY: name})
+        config = RoundInstructions.for_round(cfg, cfg.rounds + 1, xval_model=name,
+                                             fedbn=False).to_record()
         for node in nodes:
             content = RecordDict({wire.ARRAYS_KEY: arrays, wire.CONFIG_KEY: config})
             messages.append(Message(content=content, dst_node_id=node,
@@ -150,29 +169,26 @@ def cross_site_validation(grid: Grid, models: dict[str, ArrayRecord], cfg: RunCo
     return matrix
 
 
-def update_metrics(m: ServerMetrics, record: dict[str, Any], arrays: ArrayRecord, *,
-                   connected: int, seconds: float, server_round: int) -> None:
+def update_metrics(m: ServerMetrics, record: RoundRecord, arrays: ArrayRecord, *,
+                   connected: int, seconds: float) -> None:
     """Publish one finished round's record as Prometheus series."""
-    participating = len(record.get("train_sites", {}))
-    m.round.set(server_round)
+    participating = record.participating
+    m.round.set(record.round)
     m.round_seconds.set(seconds)
     m.participating.set(participating)
     m.dropped.set(max(connected - participating, 0))
-    m.bytes_in.inc(record.get("train_bytes_in", 0))
-    m.bytes_out.inc(arrays.count_bytes() * (participating
-                                            + len(record.get("evaluate_sites", {}))))
-    if "train-loss" in record.get("train", {}):
-        m.train_loss.set(record["train"]["train-loss"])
-    for k, v in (record.get("heldout") or {}).items():
+    m.bytes_in.inc(record.train.bytes_in if record.train else 0)
+    evaluated = len(record.evaluate.sites) if record.evaluate else 0
+    m.bytes_out.inc(arrays.count_bytes() * (participating + evaluated))
+    if record.train and "train-loss" in record.train.aggregate:
+        m.train_loss.set(record.train.aggregate["train-loss"])
+    for k, v in record.heldout.items():
         m.heldout.labels(metric=k).set(v)
-    for k, v in (record.get("evaluate") or {}).items():
+    for k, v in (record.evaluate.aggregate if record.evaluate else {}).items():
         if k.startswith("val-"):
             m.federated.labels(metric=k[4:]).set(v)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_flat(dict(context.run_config))
-    if not cfg.run_dir:
-        cfg = RunConfig.from_flat({**cfg.to_flat(), "run-dir": str(Path.cwd() / "fedpacs-run")})
-    run_federation(grid, cfg, context)
+    run_federation(grid, RunConfig.from_flat(dict(context.run_config)), context)

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from fedpacs.common.artifacts import clean_json, write_json
-from fedpacs.common.errors import AuthError
+from fedpacs.common.errors import AuthError, ConfigError, FieldError
 
 log = logging.getLogger("fedpacs.registry")
 
@@ -113,11 +113,25 @@ class Registry:
 
     def publish(self, run_dir: Path, model_id: str) -> Path:
         """Record a finished run under ``model_id`` (a link to its run directory)."""
+        errs = []
         if not MODEL_ID_RE.match(model_id):
-            raise ValueError(f"model id {model_id!r} must match {MODEL_ID_RE.pattern}")
-        self.root.mkdir(parents=True, exist_ok=True)
+            errs.append(FieldError("--id", f"a model id matching {MODEL_ID_RE.pattern}",
+                                   repr(model_id), "use letters, digits, '.', '_' and '-', "
+                                   "e.g. hippo-2026-11"))
+        if not (run_dir / "final" / "model_card.json").is_file():
+            errs.append(FieldError("run_dir", "a finished run (final/model_card.json)",
+                                   str(run_dir), "wait for the run to finish or pick its run "
+                                   "directory"))
         dest = self.root / model_id
-        if dest.resolve() != run_dir.resolve():
+        if not errs and (dest.exists() or dest.is_symlink()) \
+                and dest.resolve() != run_dir.resolve():
+            errs.append(FieldError("--id", "an id not yet in the registry",
+                                   f"{model_id!r} (already {dest.resolve().name})",
+                                   "choose another --id; published models are never replaced"))
+        if errs:
+            raise ConfigError("registry publish", errs)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not dest.is_symlink() and not dest.exists():
             dest.symlink_to(run_dir.resolve(), target_is_directory=True)
         write_json(self.root / "index.json", {"models": self.model_ids()})
         return dest

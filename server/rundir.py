@@ -13,6 +13,7 @@ Layout::
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 
 from fedpacs.common.artifacts import save_model, write_json
 from fedpacs.common.tasks import TaskConfig
+from fedpacs.server.recorder import RoundRecord
 
 
 @dataclass
@@ -40,15 +42,16 @@ class RunDirectory:
             "state": state, "round": round_, "rounds": total, "error": error,
             "updated": time.time(), "started": self.started})
 
-    def save_round(self, round_: int, model: nn.Module, record: dict[str, Any]) -> str:
-        folder = self.root / "rounds" / f"round-{round_:03d}"
-        digest = save_model(folder / "model.pt", model=model, task=self.task,
-                            card={"round": round_, "metrics": record, "config": self.config})
-        record = {**record, "round": round_, "model_sha256": digest}
-        write_json(folder / "metrics.json", record)
-        self.rounds.append(record)
+    def save_round(self, model: nn.Module, record: RoundRecord) -> str:
+        """Checkpoint the global model after ``record.round`` and append the record."""
+        folder = self.root / "rounds" / f"round-{record.round:03d}"
+        card = {"round": record.round, "metrics": record.to_json(), "config": self.config}
+        record.model_sha256 = save_model(folder / "model.pt", model=model, task=self.task,
+                                         card=card)
+        write_json(folder / "metrics.json", record.to_json())
+        self.rounds.append(record.to_json())
         write_json(self.root / "metrics.json", {"task": self.task.to_dict(), "rounds": self.rounds})
-        return digest
+        return record.model_sha256
 
     def save_final(self, model: nn.Module, card: dict[str, Any]) -> Path:
         path = self.root / "final" / "model.pt"
@@ -58,3 +61,19 @@ class RunDirectory:
         write_json(self.root / "final" / "model_card.json",
                    {**full, "files": {"model.pt": {"sha256": digest}}})
         return path
+
+
+def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """The round records written so far ([] before the first, or while it is written)."""
+    try:
+        return list(json.loads((run_dir / "metrics.json").read_text())["rounds"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """``status.json`` of a run ({} before the ServerApp wrote it)."""
+    try:
+        return dict(json.loads((run_dir / "status.json").read_text()))
+    except (OSError, ValueError):
+        return {}

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log as flwr_log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedpacs.common import wire
@@ -24,10 +27,9 @@ from fedpacs.server.recorder import RoundRecorder, site_name
 log = logging.getLogger("fedpacs.server")
 
 
-def check_update(model: nn.Module, update: dict[str, np.ndarray], *, max_norm: float
-                 ) -> list[FieldError]:
-    """Every problem of one update against the current global ``model`` (empty: fine)."""
-    reference = model.state_dict()
+def check_update(reference: dict[str, torch.Tensor], update: dict[str, np.ndarray], *,
+                 max_norm: float) -> list[FieldError]:
+    """Every problem of one update against the global model's state (empty: fine)."""
     errors = wire.check_state(reference, update)
     if not errors and max_norm > 0:
         norm = wire.update_norm(update, reference)
@@ -38,61 +40,81 @@ def check_update(model: nn.Module, update: dict[str, np.ndarray], *, max_norm: f
     return errors
 
 
+def screen(replies: Iterable[Message], reference: dict[str, torch.Tensor], *, max_norm: float
+           ) -> tuple[list[Message], dict[str, str]]:
+    """Split a round's train replies into those to aggregate and the rejected ones
+    (site -> reason). Error replies are kept: the strategy logs and skips them. Pure: the
+    replies and the reference are not changed."""
+    kept: list[Message] = []
+    rejected: dict[str, str] = {}
+    for i, reply in enumerate(replies):
+        if reply.has_error():
+            kept.append(reply)
+            continue
+        site = site_name(reply.content, int(reply.metadata.src_node_id) or i)
+        arrays = reply.content.array_records.get(wire.ARRAYS_KEY)
+        errors = ([FieldError("arrays", "an ArrayRecord", "none", "send the weights")]
+                  if arrays is None else
+                  check_update(reference, wire.arrays_to_numpy(arrays), max_norm=max_norm))
+        if errors:
+            rejected[site] = str(UpdateError(errors))
+            continue
+        kept.append(reply)
+    return kept, rejected
+
+
 def screen_aggregate(model: nn.Module, values: list[np.ndarray], *, max_norm: float
                      ) -> ArrayRecord:
     """A SecAgg+ aggregate (arrays in state_dict order) checked and named, or UpdateError:
     count, shapes, dtypes and finite values in :func:`wire.from_numpy_list`, then the bound."""
     named = wire.from_numpy_list(model, values)
     if max_norm > 0:
-        errors = check_update(model, wire.arrays_to_numpy(named), max_norm=max_norm)
+        errors = check_update(model.state_dict(), wire.arrays_to_numpy(named),
+                              max_norm=max_norm)
         if errors:
             raise UpdateError(errors)
     return named
 
 
-class ScreenedStrategy:
-    """Mixin for a ``flwr.serverapp.strategy`` class: drop bad updates before the
-    strategy aggregates. ``model`` must hold the round's global weights."""
+class ScreenedStrategy(Strategy):
+    """A Flower strategy with the update screen in front of its ``aggregate_train``: bad
+    updates are dropped (and recorded) before ``inner`` sees them. ``model`` holds the
+    round's global weights (the run loads each new global model into it)."""
 
-    screen_model: nn.Module
-    screen_max_norm: float
-    screen_recorder: RoundRecorder
+    def __init__(self, inner: Strategy, *, model: nn.Module, max_norm: float,
+                 recorder: RoundRecorder) -> None:
+        self.inner = inner
+        self.model = model
+        self.max_norm = max_norm
+        self.recorder = recorder
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept: list[Message] = []
-        rejected: dict[str, str] = {}
-        for i, reply in enumerate(replies):
-            if reply.has_error():
-                kept.append(reply)  # the strategy logs and skips error replies
-                continue
-            site = site_name(reply.content, int(reply.metadata.src_node_id) or i)
-            arrays = reply.content.array_records.get(wire.ARRAYS_KEY)
-            errors = ([FieldError("arrays", "an ArrayRecord", "none", "send the weights")]
-                      if arrays is None else
-                      check_update(self.screen_model, wire.arrays_to_numpy(arrays),
-                                   max_norm=self.screen_max_norm))
-            if errors:
-                reason = str(UpdateError(errors))
-                log.error("round %d: update from %s dropped: %s", server_round, site, reason)
-                rejected[site] = reason
-                continue
-            kept.append(reply)
-            if arrays is not None:  # a copy: some strategies (FedMedian) pop arrays as they go
-                self.screen_recorder.local_models[site] = ArrayRecord(
-                    {k: arrays[k] for k in arrays.keys()})
-        result: tuple[ArrayRecord | None, MetricRecord | None] = \
-            super().aggregate_train(server_round, kept)  # type: ignore[misc]
-        if rejected:
-            self.screen_recorder.pending["rejected"] = rejected
-        return result
+        kept, rejected = screen(replies, self.model.state_dict(), max_norm=self.max_norm)
+        for site, reason in rejected.items():
+            log.error("round %d: update from %s dropped: %s", server_round, site, reason)
+        self.recorder.reject(rejected)
+        for i, reply in enumerate(kept):
+            arrays = None if reply.has_error() else reply.content.array_records.get(
+                wire.ARRAYS_KEY)
+            if arrays is not None:
+                self.recorder.keep_local_model(
+                    site_name(reply.content, int(reply.metadata.src_node_id) or i), arrays)
+        return self.inner.aggregate_train(server_round, kept)
 
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-def screened(cls: type, model: nn.Module, max_norm: float, recorder: RoundRecorder,
-             **kwargs: Any) -> Any:
-    """An instance of strategy ``cls`` with :class:`ScreenedStrategy` in front of it."""
-    sub = type(f"Screened{cls.__name__}", (ScreenedStrategy, cls), {})
-    obj = sub(**kwargs)
-    obj.screen_model, obj.screen_max_norm, obj.screen_recorder = model, max_norm, recorder
-    return obj
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
 
+    def summary(self) -> None:
+        flwr_log(logging.INFO, "Strategy %s, each update screened by fedpacs first",
+                 type(self.inner).__name__)
+        self.inner.summary()

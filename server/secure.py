@@ -44,6 +44,7 @@ from torch import nn
 
 from fedpacs.common import wire
 from fedpacs.common.config import RunConfig
+from fedpacs.common.contract import RoundInstructions
 from fedpacs.common.errors import UpdateError
 from fedpacs.server.recorder import RoundRecorder
 from fedpacs.server.screening import screen_aggregate
@@ -83,7 +84,7 @@ class SecureFedAvg(LegacyFedAvg):
             min_evaluate_clients=cfg.min_sites, min_available_clients=cfg.min_sites,
             initial_parameters=ndarrays_to_parameters(
                 wire.to_numpy_list(wire.model_to_arrays(model))),
-            on_fit_config_fn=lambda r: {**cfg.site_view(), "server-round": r},
+            on_fit_config_fn=lambda r: RoundInstructions.for_round(cfg, r).to_dict(),
             accept_failures=True)
 
     def configure_fit(self, server_round: int, parameters: Parameters,
@@ -103,10 +104,8 @@ class SecureFedAvg(LegacyFedAvg):
                 wire.SITE_KEY: ConfigRecord({"name": str(res.metrics.get("site", ""))})}))
         agg = self.recorder.aggregate_train(records, wire.NUM_EXAMPLES)
         # each site sent one masked vector the size of the model
-        self.recorder.pending["train_bytes_in"] = sum(
-            sum(len(t) for t in res.parameters.tensors) for _, res in results)
-        self.recorder.pending["secagg"] = {"sites_summed": len(results),
-                                           "sites_dropped": self.sampled - len(results)}
+        self.recorder.secagg_sum(len(results), self.sampled - len(results), bytes_in=sum(
+            sum(len(t) for t in res.parameters.tensors) for _, res in results))
         for failure in failures:
             log.warning("round %d: a site failed under SecAgg+: %s", server_round, failure)
         if not results:
@@ -117,7 +116,7 @@ class SecureFedAvg(LegacyFedAvg):
         except UpdateError as err:
             log.error("round %d: aggregate refused, the global model is kept: %s",
                       server_round, err)
-            self.recorder.pending["rejected"] = {"aggregate": str(err)}
+            self.recorder.reject({"aggregate": str(err)})
             return None, dict(agg)
         return ndarrays_to_parameters(wire.to_numpy_list(named)), dict(agg)
 
@@ -157,7 +156,7 @@ def run_secure(grid: Grid, context: Context, cfg: RunConfig, model: nn.Module,
 def federated_evaluation(grid: Grid, arrays: ArrayRecord, cfg: RunConfig, server_round: int,
                          recorder: RoundRecorder) -> None:
     """Every site evaluates the global model on its validation split."""
-    config = ConfigRecord({**cfg.site_view(), "server-round": server_round})
+    config = RoundInstructions.for_round(cfg, server_round).to_record()
     messages = [Message(content=RecordDict({wire.ARRAYS_KEY: arrays, wire.CONFIG_KEY: config}),
                         dst_node_id=node, message_type=MessageType.EVALUATE)
                 for node in sorted(grid.get_node_ids())]

@@ -8,7 +8,7 @@ local) that composes with any of these.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from flwr.serverapp.strategy import (
     FedAdam,
@@ -24,7 +24,7 @@ from torch import nn
 from fedpacs.common import wire
 from fedpacs.common.config import RunConfig
 from fedpacs.server.recorder import RoundRecorder
-from fedpacs.server.screening import screened
+from fedpacs.server.screening import ScreenedStrategy
 
 
 def _common(cfg: RunConfig, rec: RoundRecorder) -> dict[str, Any]:
@@ -35,7 +35,8 @@ def _common(cfg: RunConfig, rec: RoundRecorder) -> dict[str, Any]:
             "evaluate_metrics_aggr_fn": rec.aggregate_evaluate}
 
 
-# name -> (Flower strategy class, its own keyword arguments from the run config)
+# name -> (Flower strategy class, its own keyword arguments from the run config); the
+# names are those of fedpacs.common.strategies.STRATEGY_TABLE (a test checks both agree)
 STRATEGIES: dict[str, tuple[type[Strategy], Callable[[RunConfig], dict[str, Any]]]] = {
     "fedavg": (FedAvg, lambda c: {}),
     "fedprox": (FedProx, lambda c: {"proximal_mu": c.proximal_mu}),
@@ -52,7 +53,8 @@ def make_strategy(cfg: RunConfig, recorder: RoundRecorder, model: nn.Module | No
     round's global weights) every update is checked before aggregation and a bad one is
     dropped (fedpacs.server.screening)."""
     cls, own = STRATEGIES[cfg.strategy]
-    kwargs = _common(cfg, recorder) | own(cfg)
+    inner = cls(**(_common(cfg, recorder) | own(cfg)))
     if model is None:
-        return cls(**kwargs)
-    return cast(Strategy, screened(cls, model, cfg.max_update_norm, recorder, **kwargs))
+        return inner
+    return ScreenedStrategy(inner, model=model, max_norm=cfg.max_update_norm,
+                            recorder=recorder)

@@ -57,10 +57,45 @@ def test_child_env_finds_flower_scripts_without_an_activated_venv(
     import shutil
     import sys
 
-    from fedpacs.deploy.procs import child_env
+    from fedpacs.common.procs import child_env
 
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     env = child_env()
     assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
     found = shutil.which("flower-superexec", path=env["PATH"])
     assert found is not None and Path(found).parent == Path(sys.executable).parent
+
+
+def test_run_start_needs_no_demo_data_and_names_every_bad_field(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A coordinator without the shared demo data sets: `run start --config` validates the
+    nested run.toml against the federation, names every problem, starts nothing."""
+    from fedpacs.server.coordinator.federation import Federation, SiteState
+    from fedpacs.server.coordinator.pki import Pki
+
+    monkeypatch.setenv("FEDPACS_DATA_DIR", str(tmp_path / "no-such-data"))
+    monkeypatch.chdir(tmp_path)
+    fed = Federation.new(tmp_path / "fed", Pki(tmp_path / "fed" / "pki"))
+    fed.state.sites = {"site-a": SiteState("a.toml", "breastmnist"),
+                       "site-b": SiteState("b.toml", "breastmnist")}
+    fed.save()
+    run = tmp_path / "run.toml"
+    run.write_text('[run]\ntask = "breastmnist"\nmin_sites = 3\n[strategy]\nname = "krum"\n'
+                   '[secagg]\nenabled = false\n')
+    code = main(["run", "start", "--workdir", str(tmp_path / "fed"), "--config", str(run),
+                 "--lr", "-1"])
+    err = capsys.readouterr().err
+    assert code == ExitCode.CONFIG
+    assert "min-sites" in err and "lr" in err and "data-dir" not in err
+    assert not (tmp_path / "fed" / "runs").exists() and not (tmp_path / "fed" / "apps").exists()
+
+
+def test_registry_publish_refuses_with_codes(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "unfinished").mkdir()
+    code = main(["registry", "publish", str(tmp_path / "unfinished"), "--id", "bad id!",
+                 "--root", str(tmp_path / "reg")])
+    err = capsys.readouterr().err
+    assert code == ExitCode.CONFIG
+    assert "--id" in err and "run_dir" in err and "Traceback" not in err

@@ -13,6 +13,7 @@ from fedpacs.client.app import handle
 from fedpacs.client.trainer import evaluate_round, train_round
 from fedpacs.common import wire
 from fedpacs.common.config import RunConfig
+from fedpacs.common.contract import RoundInstructions
 from fedpacs.common.errors import ExitCode
 from fedpacs.common.models import build_model
 from fedpacs.common.tasks import TASK_PRESETS
@@ -28,8 +29,8 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _message(task: str) -> Message:
     model = build_model(TASK_PRESETS[task])
-    cfg = ConfigRecord({**RunConfig(task=task, local_epochs=1, batch_size=64).site_view(),
-                        "server-round": 1})
+    run = RunConfig(task=task, local_epochs=1, batch_size=64)
+    cfg = RoundInstructions.for_round(run, 1).to_record()
     content = RecordDict({"arrays": wire.model_to_arrays(model), "config": cfg})
     return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
 
@@ -75,8 +76,8 @@ def test_wrong_task_and_missing_config_reply_with_codes_only(tmp_path: Path,
 def test_fedbn_keeps_the_site_norm_layers(tmp_path: Path, data_dir: Path) -> None:
     import torch
 
+    from fedpacs.client.config import load_site_config
     from fedpacs.client.trainer import FEDBN_STATE_KEY, open_round
-    from fedpacs.common.config import load_site_config
     from fedpacs.common.models import norm_state_keys
 
     site = load_site_config(_site(tmp_path, data_dir))
@@ -126,7 +127,7 @@ def test_custom_task_travels_and_must_match_the_site(tmp_path: Path, data_dir: P
                     f"num_partitions = 4\n[task]\n{table}\n")
     model = build_model(custom)
     content = RecordDict({"arrays": wire.model_to_arrays(model), "config": ConfigRecord(
-        {**cfg.site_view(), "server-round": 1})})
+        RoundInstructions.for_round(cfg, 1).to_dict())})
     msg = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
     reply = handle(msg, _context(str(site)), train_round)
     assert not reply.has_error() and reply.content["metrics"]["num-examples"] == 137

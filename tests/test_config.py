@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpacs.common.config import RunConfig, load_site_config
+from fedpacs.client.config import load_site_config
+from fedpacs.common.config import RunConfig
 from fedpacs.common.errors import ConfigError
 
 
@@ -107,3 +108,52 @@ def test_secagg_run_config_rules() -> None:
         RunConfig.from_flat({"dp-clip": -1.0, "max-update-norm": -2.0, "secagg-threshold": 0.0})
     assert {e.field for e in exc.value.errors} == {"dp-clip", "max-update-norm",
                                                    "secagg-threshold"}
+
+
+def test_training_defaults_come_from_the_task_preset() -> None:
+    from fedpacs.common.tasks import PRESET_TRAINING, TASK_PRESETS
+
+    assert set(PRESET_TRAINING) == set(TASK_PRESETS)  # every preset has its recipe
+    hippo, breast = RunConfig(task="hippocampus"), RunConfig(task="breastmnist")
+    assert (hippo.local_epochs, hippo.batch_size, hippo.lr) == (2, 4, 3e-3)
+    assert (breast.local_epochs, breast.batch_size, breast.lr) == (2, 32, 1e-3)
+    assert RunConfig(task="breastmnist", lr=0.05).lr == 0.05  # a run may override one
+
+
+def test_run_toml_sections_flags_and_errors(tmp_path: Path, data_dir: Path) -> None:
+    from fedpacs.common.config import load_run_config
+
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "breastmnist.npz").write_bytes(
+        (data_dir / "medmnist_breast" / "breastmnist.npz").read_bytes())
+    p = tmp_path / "run.toml"
+    p.write_text('[run]\ntask = "breastmnist"\nrounds = 7\nmin_sites = 2\n'
+                 '[training]\nlr = 0.01\n[strategy]\nname = "fedprox"\nproximal_mu = 0.1\n'
+                 '[evaluation]\nroot = "held/breastmnist.npz"\n[secagg]\nenabled = false\n')
+    cfg = load_run_config(p, {"rounds": 3})  # a flag overrides the file
+    assert (cfg.task, cfg.rounds, cfg.min_sites, cfg.lr, cfg.batch_size) == \
+        ("breastmnist", 3, 2, 0.01, 32)
+    assert (cfg.strategy, cfg.proximal_mu, cfg.secagg) == ("fedprox", 0.1, False)
+    # relative to the file's folder, format taken from the path
+    assert cfg.eval_root == str(held / "breastmnist.npz") and cfg.eval_format == "medmnist"
+
+    p.write_text('[run]\ntask = "breastmnist"\nrounds = "ten"\n[trainig]\nlr = 1\n'
+                 '[strategy]\nname = "fedavg"\nmu = 2\n')
+    with pytest.raises(ConfigError) as exc:
+        load_run_config(p, {})
+    fields = {e.field for e in exc.value.errors}
+    assert {"trainig", "strategy.mu"} <= fields  # file problems, all together
+    with pytest.raises(ConfigError) as exc:
+        load_run_config(None, {"rounds": "ten"})
+    assert {e.field for e in exc.value.errors} == {"rounds"}
+    # values are checked together with what the coordinator knows (Federation.check_run)
+    assert {e.field for e in load_run_config(None, {"lr": -1.0}).validate()} == {"lr"}
+
+
+def test_site_names_go_on_past_z() -> None:
+    from fedpacs.deploy.demo import site_names
+
+    names = site_names(30)
+    assert names[:2] == ["site-a", "site-b"] and names[25:28] == ["site-z", "site-aa", "site-ab"]
+    assert len(set(names)) == 30

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from fedpacs.common.errors import ExitCode
+from fedpacs.common.procs import child_env, process_alive, tool
 from fedpacs.deploy.cli import main
-from fedpacs.deploy.procs import child_env, tool
-from fedpacs.server.coordinator import process_alive
 from tests.test_e2e import scrape_metrics
 
 pytestmark = pytest.mark.e2e
@@ -42,9 +41,12 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
     assert up.returncode == 0, up.stderr
     assert "server metrics http://127.0.0.1:" in up.stdout
     state = json.loads((work / "federation.json").read_text())
+    pids = {n: s["pid"] for n, s in state["sites"].items()}
+    urls = {n: f"http://127.0.0.1:{s['metrics_port']}/metrics" for n, s in state["sites"].items()}
     try:
+        heldout = data_dir / "medmnist_breast" / "breastmnist.npz"  # on the coordinator
         base = ["run", "start", "--workdir", str(work), "--task", "breastmnist",
-                "--data-dir", str(data_dir), "--local-epochs", "1", "--min-sites", "2",
+                "--eval-root", str(heldout), "--local-epochs", "1", "--min-sites", "2",
                 "--no-secagg"]  # 2 sites: plain FedAvg family (SecAgg+ needs 3)
         # refused, with the field named, before anything starts
         assert main([*base, "--min-sites", "3"]) == ExitCode.CONFIG
@@ -74,9 +76,9 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
         card = json.loads((Path(str(st["run_dir"])) / "final" / "model_card.json").read_text())
         assert set(card["cross_site"]) == {"global", "site-a", "site-b"}
         assert all(set(row) == {"site-a", "site-b"} for row in card["cross_site"].values())
-        server = scrape_metrics(state["metrics"]["server"])
+        server = scrape_metrics(f"http://127.0.0.1:{state['metrics_port']}/metrics")
         assert server["fedpacs_round"] == 2 and server["fedpacs_rounds_total"] == 2
-        site_a = scrape_metrics(state["metrics"]["site-a"])
+        site_a = scrape_metrics(urls["site-a"])
         assert site_a["fedpacs_site_rounds_total"] == 2
         assert main(["run", "logs", str(run_a), "--workdir", str(work)]) == 0
         assert "fedmedian" in capsys.readouterr().out.lower()
@@ -99,26 +101,27 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
 
         # a new key for site-b, without touching site-a; then site-b revoked for good
         # (own processes, as `federation up`: the restarted daemon outlives the command)
-        old_b = state["site_pids"]["site-b"]
+        old_b = pids["site-b"]
         rot = subprocess.run([tool("fedpacs"), "federation", "rotate", "site-b", "--workdir",
                               str(work)], capture_output=True, text=True, timeout=300,
                              env=child_env())
         assert rot.returncode == 0 and "new key registered" in rot.stdout, rot.stderr
         rotated = json.loads((work / "federation.json").read_text())
-        assert not process_alive(old_b) and process_alive(rotated["site_pids"]["site-b"])
-        assert rotated["site_pids"]["site-a"] == state["site_pids"]["site-a"]
-        assert process_alive(state["site_pids"]["site-a"])
+        new_b = rotated["sites"]["site-b"]["pid"]
+        assert not process_alive(old_b) and process_alive(new_b)
+        assert rotated["sites"]["site-a"]["pid"] == pids["site-a"]
+        assert process_alive(pids["site-a"])
         rev = subprocess.run([tool("fedpacs"), "federation", "revoke", "site-b", "--workdir",
                               str(work)], capture_output=True, text=True, timeout=120,
                              env=child_env())
         assert rev.returncode == 0 and "unregistered" in rev.stdout, rev.stderr
         after = json.loads((work / "federation.json").read_text())
-        assert "site-b" not in after["site_pids"]
-        assert not process_alive(rotated["site_pids"]["site-b"])
+        assert "site-b" not in after["sites"]
+        assert not process_alive(new_b)
         revoked = json.loads((work / "pki" / "revoked.json").read_text())
         assert [r["site"] for r in revoked] == ["site-b", "site-b"]
     finally:
         assert main(["federation", "down", "--workdir", str(work)]) == 0
-    for pid in [state["superlink_pid"], *state["site_pids"].values()]:
+    for pid in [state["superlink_pid"], state["exporter_pid"], *pids.values()]:
         assert not process_alive(pid)
     assert not (work / "federation.json").exists()

@@ -13,7 +13,7 @@ from fedpacs.common.datasets import (
     fit_to_shape,
     list_nifti_cases,
     load_holdout,
-    load_site_data,
+    load_partition,
     partition_ids,
     split_ids,
 )
@@ -43,7 +43,7 @@ def test_hippocampus_real_files(data_dir: Path) -> None:
     cases, skipped = list_nifti_cases(root)
     assert len(cases) == 260 and skipped == []
     task = TASK_PRESETS["hippocampus"]
-    site = load_site_data(DataSpec("nifti", root, partition=1, num_partitions=3), task)
+    site = load_partition(DataSpec("nifti", root, partition=1, num_partitions=3), task)
     assert len(site.train) + len(site.val) in (69, 70)
     x, y = site.train[0]
     assert x.shape == (1, 48, 64, 48) and y.shape == (1, 48, 64, 48)
@@ -55,7 +55,7 @@ def test_hippocampus_real_files(data_dir: Path) -> None:
 def test_breastmnist_partitions(data_dir: Path) -> None:
     npz = data_dir / "medmnist_breast" / "breastmnist.npz"
     task = TASK_PRESETS["breastmnist"]
-    sizes = [len(load_site_data(DataSpec("medmnist", npz, partition=k, num_partitions=3),
+    sizes = [len(load_partition(DataSpec("medmnist", npz, partition=k, num_partitions=3),
                                 task).train) for k in range(3)]
     assert sum(sizes) == 546 and max(sizes) - min(sizes) <= 1
     hold = load_holdout(DataSpec("medmnist", npz), task)
@@ -63,10 +63,10 @@ def test_breastmnist_partitions(data_dir: Path) -> None:
 
 
 def test_adrenal3d_and_pneumonia(data_dir: Path) -> None:
-    adr = load_site_data(DataSpec("medmnist", data_dir / "medmnist_adrenal3d" /
+    adr = load_partition(DataSpec("medmnist", data_dir / "medmnist_adrenal3d" /
                                   "adrenalmnist3d.npz"), TASK_PRESETS["adrenalmnist3d"])
     assert len(adr.train) == 1188 and adr.train[0][0].shape == (1, 28, 28, 28)
-    pn = load_site_data(DataSpec("medmnist", data_dir / "medmnist_pneumonia" /
+    pn = load_partition(DataSpec("medmnist", data_dir / "medmnist_pneumonia" /
                                  "pneumoniamnist_balanced_aksufatih.npz"),
                         TASK_PRESETS["pneumoniamnist"])
     assert len(pn.train) == 2428
@@ -82,7 +82,7 @@ def test_broken_nifti_is_skipped_with_its_name(data_dir: Path, tmp_path: Path) -
     broken = tmp_path / "images" / "hippocampus_004.nii.gz"
     broken.write_bytes(broken.read_bytes()[:200])  # truncated
     (tmp_path / "images" / "orphan.nii.gz").write_bytes(b"not nifti")
-    site = load_site_data(DataSpec("nifti", tmp_path, holdout_fraction=0.0, val_fraction=0.0),
+    site = load_partition(DataSpec("nifti", tmp_path, holdout_fraction=0.0, val_fraction=0.0),
                           TASK_PRESETS["hippocampus"])
     reasons = dict(site.skipped)
     assert str(broken) in reasons and "NIfTI" in reasons[str(broken)]
@@ -94,5 +94,5 @@ def test_not_an_npz_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "x.npz"
     bad.write_text("hello")
     with pytest.raises(DataError) as exc:
-        load_site_data(DataSpec("medmnist", bad), TASK_PRESETS["breastmnist"])
+        load_partition(DataSpec("medmnist", bad), TASK_PRESETS["breastmnist"])
     assert str(bad) in str(exc.value) and "Fix:" in str(exc.value)

@@ -13,17 +13,19 @@ import pytest
 import torch
 
 import fedpacs
+from fedpacs.client.data import load_site_data
 from fedpacs.common.artifacts import sha256_file
 from fedpacs.common.config import RunConfig
-from fedpacs.common.datasets import DataSpec, load_holdout, load_site_data
+from fedpacs.common.datasets import DataSpec, load_holdout
 from fedpacs.common.engine import evaluate
+from fedpacs.common.procs import Proc
 from fedpacs.common.signing import generate_signing_key, sign_app, verify_run
 from fedpacs.common.tasks import TASK_PRESETS
 from fedpacs.deploy.cli import main
 from fedpacs.deploy.demo import DemoOptions, run_demo, write_site_configs
-from fedpacs.deploy.federation import LocalFederation, write_app
-from fedpacs.deploy.pki import SiteKeys, create_site_key, provision
-from fedpacs.deploy.procs import Proc
+from fedpacs.server.coordinator.bundle import write_app
+from fedpacs.server.coordinator.federation import Federation, SiteSpec
+from fedpacs.server.coordinator.pki import SiteKeys, create_site_key, provision
 from fedpacs.server.registry import Registry, RegistryServer, TokenStore
 
 pytestmark = pytest.mark.e2e
@@ -156,17 +158,17 @@ def test_unregistered_and_revoked_supernodes_are_refused(tmp_path: Path, data_di
     files = dict(zip(names, write_site_configs(
         tmp_path / "sites", task="breastmnist", fmt="medmnist", names=names, threads=1, seed=0,
         data=data_dir / "medmnist_breast" / "breastmnist.npz"), strict=True))
-    with LocalFederation(tmp_path, pki) as fed:
+    spec = {n: SiteSpec(n, files[n], "breastmnist") for n in names}
+    with Federation.new(tmp_path, pki) as fed:
         fed.start_superlink()
         fed.register(pki.site("site-a"))
         fed.register(pki.site("site-b"))
-        site_a = fed.start_supernode(pki.site("site-a"), site_config=files["site-a"])
-        fed.start_supernode(pki.site("site-b"), site_config=files["site-b"])
-        intruder = fed.start_supernode(pki.site("intruder"), site_config=files["intruder"],
-                                       max_wait_s=15)
+        site_a = fed.start_site(spec["site-a"])
+        started = [site_a, fed.start_site(spec["site-b"])]
+        intruder = fed.start_site(spec["intruder"], max_wait_s=15)
         fed.wait_nodes_online(2)
         assert "Failed to activate SuperNode" in _refused(intruder)
-        fed.procs.procs.remove(intruder)
+        fed.stop_site("intruder")
         superlink_log = (tmp_path / "logs" / "superlink.log").read_text()
         assert "No SuperNode found with the given public key" in superlink_log
         assert sorted(n["status"] for n in fed.list_nodes()) == ["online", "online"]
@@ -179,9 +181,9 @@ def test_unregistered_and_revoked_supernodes_are_refused(tmp_path: Path, data_di
         old = SiteKeys("site-b", revoked_dir / "site-b.key", revoked_dir / "site-b.pub",
                        old_key.ca_cert)
         fed.procs.log_dir = tmp_path / "logs" / "after-revoke"
-        again = fed.start_supernode(old, site_config=files["site-b"], max_wait_s=15)
+        again = fed.start_site(spec["site-b"], keys=old, max_wait_s=15)
         assert "Failed to activate SuperNode" in _refused(again)
-        fed.procs.procs.remove(again)
+        fed.stop_site("site-b")
         online = [n for n in fed.list_nodes() if n["status"] == "online"]
         assert len(online) == 1 and site_a.running()  # site-a untouched
 
@@ -189,24 +191,24 @@ def test_unregistered_and_revoked_supernodes_are_refused(tmp_path: Path, data_di
         new = create_site_key(pki, "site-b")
         assert new.public_key.read_bytes() != (revoked_dir / "site-b.pub").read_bytes()
         fed.register(new)
-        fed.start_supernode(new, site_config=files["site-b"])
+        started.append(fed.start_site(spec["site-b"], keys=new))
         fed.wait_nodes_online(2)
-        assert site_a.running() and fed.nodes["site-a"] is site_a
+        assert site_a.running() and fed.state.sites["site-a"].pid == site_a.pid
         # control: the intruder's key, once registered, is let in too
         fed.register(pki.site("intruder"))
-        fed.start_supernode(pki.site("intruder"), site_config=files["intruder"])
+        started.append(fed.start_site(spec["intruder"]))
         fed.wait_nodes_online(3)
-    assert all(not p.running() for p in fed.procs.procs)
+    assert all(not p.running() for p in started)
 
 
 def _sign(app: Path, key: Path) -> None:
     sign_app(app, key)
 
 
-def _wait_finished(fed: LocalFederation, run_id: int, timeout_s: float = 300) -> str:
+def _wait_finished(fed: Federation, run_id: int, timeout_s: float = 300) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = fed.run_status(run_id)
+        status = fed.flower_status(run_id)
         if status.startswith("finished"):
             return status
         time.sleep(2)
@@ -227,7 +229,7 @@ def test_site_runs_only_apps_signed_by_a_trusted_key(tmp_path: Path, data_dir: P
                         run_dir=str(tmp_path / "runs" / name))
         app = write_app(tmp_path / "apps" / name, cfg)
         prepare(app)
-        assert _wait_finished(fed, fed.start_run(app, sign=False)) == "finished:completed"
+        assert _wait_finished(fed, fed.submit(app)) == "finished:completed"
         rounds = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["rounds"]
         return dict(rounds[1])
 
@@ -236,10 +238,10 @@ def test_site_runs_only_apps_signed_by_a_trusted_key(tmp_path: Path, data_dir: P
         toml = app / "pyproject.toml"
         toml.write_text(toml.read_text().replace('local-epochs = 1', 'local-epochs = 50'))
 
-    with LocalFederation(tmp_path, pki) as fed:
+    with Federation.new(tmp_path, pki) as fed:
         fed.start_superlink()
         fed.register(pki.site("site-a"))
-        fed.start_supernode(pki.site("site-a"), site_config=site_file)
+        fed.start_site(SiteSpec("site-a", site_file, "breastmnist"))
         fed.wait_nodes_online(1)
 
         unsigned = run("unsigned", lambda app: None)
@@ -279,15 +281,15 @@ def test_secagg_round_survives_a_site_dropping_out(tmp_path: Path, data_dir: Pat
     files["site-c"].write_text(files["site-c"].read_text().replace(str(src), str(doomed)))
     cfg = RunConfig(task="breastmnist", rounds=1, local_epochs=1, batch_size=64, min_sites=3,
                     cross_site=False, round_timeout_s=300, run_dir=str(tmp_path / "run"))
-    with LocalFederation(tmp_path, pki) as fed:
+    with Federation.new(tmp_path, pki) as fed:
         fed.start_superlink()
         for name in names:
             fed.register(pki.site(name))
-            fed.start_supernode(pki.site(name), site_config=files[name])
+            fed.start_site(SiteSpec(name, files[name], "breastmnist"))
         fed.wait_nodes_online(3)
         doomed.unlink()  # site-c's disk fails: it can join the key exchange, not train
-        assert _wait_finished(fed, fed.start_run(write_app(tmp_path / "app", cfg)), 600) == \
-            "finished:completed"
+        app = write_app(tmp_path / "app", cfg, signing_key=pki.signing_key)
+        assert _wait_finished(fed, fed.submit(app), 600) == "finished:completed"
     rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
     assert rounds[1]["secagg"] == {"sites_summed": 2, "sites_dropped": 1}
     assert set(rounds[1]["train_sites"]) == {"site-a", "site-b"}

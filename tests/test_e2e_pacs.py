@@ -9,14 +9,17 @@ from pathlib import Path
 import pytest
 
 import fedpacs
-from fedpacs.client.pacs import store_files
-from fedpacs.common.config import RunConfig, load_site_config
-from fedpacs.common.datasets import load_site_data, load_volume
+from fedpacs.client.config import load_site_config
+from fedpacs.client.data import load_site_data
+from fedpacs.client.volumes import list_volumes, load_volume
+from fedpacs.common.config import RunConfig
+from fedpacs.common.procs import free_port
 from fedpacs.common.tasks import get_task
 from fedpacs.deploy.cli import main
-from fedpacs.deploy.demo import run_local_federation
-from fedpacs.deploy.orthanc import OrthancServer, orthanc_available
-from fedpacs.deploy.pki import provision
+from fedpacs.deploy.demo import run_once
+from fedpacs.deploy.orthanc import OrthancServer, orthanc_available, store_files
+from fedpacs.server.coordinator.federation import SiteSpec
+from fedpacs.server.coordinator.pki import provision
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     not orthanc_available() and not os.environ.get("CI"), reason="Orthanc not installed")]
@@ -58,7 +61,7 @@ def test_sites_train_on_what_they_ingested(tmp_path: Path, data_dir: Path) -> No
             with (home / "labels.csv").open("w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["SeriesInstanceUID", "label"])
-                for vol in sorted((home / "cache" / "volumes").glob("*.npz")):
+                for vol in list_volumes(home / "cache"):
                     _, meta = load_volume(vol)
                     w.writerow([meta["series_uid"], int(meta["modality"] == "CT")])
             site_files[name] = cfg
@@ -70,10 +73,9 @@ def test_sites_train_on_what_they_ingested(tmp_path: Path, data_dir: Path) -> No
                 for name, p in site_files.items()}
     assert all(n > 50 for n in expected.values())
     run = RunConfig(task="pacs-modality", rounds=2, local_epochs=1, batch_size=16, lr=1e-3,
-                    min_sites=2, secagg=False,  # 2 sites: SecAgg+ needs 3
-                    run_dir=str(tmp_path / "run"))
-    res = run_local_federation(tmp_path / "fed", site_files, run, timeout_s=600,
-                               echo=lambda _: None)
+                    min_sites=2, secagg=False)  # 2 sites: SecAgg+ needs 3
+    sites = [SiteSpec(name, p, "pacs-modality", free_port()) for name, p in site_files.items()]
+    res = run_once(tmp_path / "fed", pki, sites, run, timeout_s=600, echo=lambda _: None)
     assert res.status == "finished:completed"
     for r in res.rounds[1:]:
         assert {k: v["num-examples"] for k, v in r["train_sites"].items()} == expected

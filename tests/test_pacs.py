@@ -14,13 +14,13 @@ import pytest
 from pydicom.uid import generate_uid
 
 from fedpacs.client.dicom import build_volume, check_pixel_length
-from fedpacs.client.ingest import import_folder, ingest
-from fedpacs.client.pacs import CohortQuery, PacsConfig, store_files
-from fedpacs.common.datasets import load_volume
+from fedpacs.client.ingest import PACS_UNREACHABLE, import_folder, ingest
+from fedpacs.client.pacs import CohortQuery, PacsConfig
+from fedpacs.client.volumes import list_volumes, load_volume
 from fedpacs.common.errors import ExitCode
+from fedpacs.common.procs import free_port
 from fedpacs.deploy.cli import main
-from fedpacs.deploy.orthanc import OrthancServer, orthanc_available
-from fedpacs.deploy.procs import free_port
+from fedpacs.deploy.orthanc import OrthancServer, orthanc_available, store_files
 
 # `make test` installs Orthanc; in CI a missing Orthanc fails the tests instead of skipping them
 pytestmark = pytest.mark.skipif(not orthanc_available() and not os.environ.get("CI"),
@@ -107,7 +107,7 @@ def test_ingest_methods_build_header_geometry(orthanc: tuple[OrthancServer, int]
     summary = ingest(cfg, query, tmp_path / "cache")
     assert summary.skipped == [] and summary.series_found == expected_series
     assert summary.converted == expected_series and summary.retrieved == summary.instances_found
-    for vol_path in (tmp_path / "cache" / "volumes").glob("*.npz"):
+    for vol_path in list_volumes(tmp_path / "cache"):
         arr, meta = load_volume(vol_path)
         (n, rows, cols), iop, rest = header_geometry(originals[meta["series_uid"]])
         ps, z = rest[:2], rest[2:]
@@ -132,7 +132,7 @@ def test_ct_values_are_hounsfield(orthanc: tuple[OrthancServer, int], tmp_path: 
     server, _ = orthanc
     ingest(server.pacs_config("c-get"), CohortQuery(series_description="STD BRAIN 5MM"),
            tmp_path / "c")
-    arr, meta = load_volume(next((tmp_path / "c" / "volumes").glob("*.npz")))
+    arr, meta = load_volume(list_volumes(tmp_path / "c")[0])
     hu = []
     for f in originals[meta["series_uid"]]:
         ds = pydicom.dcmread(f)
@@ -161,7 +161,8 @@ def test_pacs_down_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     port = free_port()
     s = ingest(PacsConfig(port=port, timeout_s=5), CohortQuery(), tmp_path / "c")
     [skip] = s.skipped
-    assert skip.kind == "pacs-unreachable" and f"127.0.0.1:{port}" in skip.reason
+    assert skip.kind == PACS_UNREACHABLE and s.unreachable
+    assert f"127.0.0.1:{port}" in skip.reason
     site = tmp_path / "site.toml"
     site.write_text(f'[site]\nname = "h"\ntask = "hippocampus"\n[data]\nformat = "nifti"\n'
                     f'root = "{tmp_path}"\n[pacs]\nmethod = "c-get"\nport = {port}\n'
@@ -218,13 +219,14 @@ def test_nifti_masks_label_ingested_series(tmp_path: Path, data_dir: Path) -> No
     """Segmentation labels for PACS series: a NIfTI mask per series on the series' grid."""
     import nibabel as nib
 
-    from fedpacs.common.datasets import DataSpec, load_site_data
+    from fedpacs.client.data import load_site_data
+    from fedpacs.common.datasets import DataSpec
     from fedpacs.common.tasks import TaskConfig
 
     src = data_dir / "dicom_brainmr" / "Study1" / "13_HCropVolume"
     s = import_folder(src, tmp_path / "cache")
     assert s.converted == 1 and s.skipped == []
-    vol_path = next((tmp_path / "cache" / "volumes").glob("*.npz"))
+    [vol_path] = list_volumes(tmp_path / "cache")
     arr, meta = load_volume(vol_path)
     truth = (arr > np.median(arr)).astype(np.uint8)  # (slice, row, column)
     nib.save(nib.Nifti1Image(np.transpose(truth), np.eye(4)), tmp_path / "mask.nii.gz")

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from fedpacs.common.errors import ConfigError
-from fedpacs.deploy.pki import (
+from fedpacs.server.coordinator.pki import (
     Pki,
     create_site_key,
     provision,

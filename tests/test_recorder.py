@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from fedpacs.server.recorder import RoundRecorder
+from fedpacs.server.recorder import RoundRecord, RoundRecorder
 
 
 def _reply(name: str, n: int, loss: float) -> RecordDict:
@@ -20,11 +20,13 @@ def test_weighted_mean_and_per_site_values() -> None:
     # (10*1 + 30*3) / 40 = 2.5
     assert agg["train-loss"] == pytest.approx(2.5)
     assert agg["train-loss"] == pytest.approx(np.average([1.0, 3.0], weights=[10, 30]))
-    out = rec.flush()
-    assert out["train_sites"] == {"a": {"num-examples": 10, "train-loss": 1.0},
-                                  "b": {"num-examples": 30, "train-loss": 3.0}}
+    out = rec.close(1)
+    assert out.train is not None and out.train.sites == {
+        "a": {"num-examples": 10, "train-loss": 1.0}, "b": {"num-examples": 30, "train-loss": 3.0}}
     assert rec.site_samples == {"a": 10, "b": 30}
-    assert rec.flush() == {}
+    # the next round starts empty, and the record survives metrics.json's JSON round trip
+    assert rec.close(2).to_json() == {"round": 2, "time": 0.0}
+    assert RoundRecord.from_json(out.to_json()) == out
 
 
 def test_keeps_each_sites_last_local_model() -> None:

@@ -16,6 +16,7 @@ from fedpacs.common.models import build_model
 from fedpacs.common.registry_api import RegistryClient, RegistryError, export_bundle
 from fedpacs.common.tasks import TASK_PRESETS
 from fedpacs.deploy.cli import main
+from fedpacs.server.recorder import RoundRecord
 from fedpacs.server.registry import Registry, RegistryServer, TokenStore
 from fedpacs.server.rundir import RunDirectory
 
@@ -25,7 +26,7 @@ def registry(tmp_path: Path) -> tuple[Registry, TokenStore, str]:
     task = TASK_PRESETS["breastmnist"]
     run = RunDirectory(tmp_path / "runs" / "r1", task=task, config={"task": "breastmnist"})
     model = build_model(task, seed=5)
-    run.save_round(0, model, {"heldout": {"accuracy": 0.5}})
+    run.save_round(model, RoundRecord(0, heldout={"accuracy": 0.5}))
     run.save_final(model, {"sites": {"a": 10}, "num_rounds": 1, "strategy": "fedavg"})
     reg = Registry(tmp_path / "registry")
     reg.publish(run.root, "breast-v1")

@@ -20,10 +20,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpacs.client.app import app as client_app
+from fedpacs.client.config import load_site_config
 from fedpacs.client.trainer import train_round
 from fedpacs.common import wire
 from fedpacs.common.artifacts import load_model
-from fedpacs.common.config import RunConfig, load_site_config
+from fedpacs.common.config import RunConfig
+from fedpacs.common.contract import RoundInstructions
 from fedpacs.common.models import build_model
 from fedpacs.server.app import run_federation
 from tests.loopback import LoopbackGrid
@@ -63,7 +65,7 @@ def _local_models(cfg: RunConfig, sites: dict[int, Path]) -> Local:
     """Each site's round-1 model trained directly (no federation), with its sample count."""
     model = build_model(cfg.task_config(), seed=cfg.seed)
     content = RecordDict({wire.ARRAYS_KEY: wire.model_to_arrays(model),
-                          wire.CONFIG_KEY: ConfigRecord({**cfg.site_view(), "server-round": 1})})
+                          wire.CONFIG_KEY: RoundInstructions.for_round(cfg, 1).to_record()})
     out = {}
     for nid, path in sites.items():
         reply = train_round(load_site_config(path), content, RecordDict())
@@ -198,3 +200,14 @@ def test_local_dp_under_secagg_bounds_the_step(tmp_path: Path, data_dir: Path) -
     assert 0.05 < step <= 0.5 + 1e-3
     card = json.loads((Path(cfg.run_dir) / "final" / "model_card.json").read_text())
     assert card["local_dp"]["clip"] == 0.5 and card["secure_aggregation"] == "SecAgg+"
+
+
+def test_serverapp_refuses_a_run_without_its_run_dir() -> None:
+    """No made-up folder in the ServerApp's cwd: a run config without run-dir is a coded
+    error naming the field."""
+    from fedpacs.common.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        run_federation(LoopbackGrid(client_app, {}), RunConfig(secagg=False),
+                       Context(1, 0, {}, RecordDict(), {}))
+    assert [e.field for e in exc.value.errors] == ["run-dir"]

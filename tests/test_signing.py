@@ -24,6 +24,7 @@ from fedpacs.common.signing import (
 )
 from fedpacs.common.tasks import TASK_PRESETS
 from fedpacs.deploy.cli import main
+from fedpacs.server.recorder import RoundRecord
 from fedpacs.server.rundir import RunDirectory
 
 
@@ -32,8 +33,8 @@ def signed_run(tmp_path: Path) -> tuple[Path, Path]:
     task = TASK_PRESETS["breastmnist"]
     run = RunDirectory(tmp_path / "run", task=task, config={})
     model = build_model(task)
-    run.save_round(0, model, {})
-    run.save_round(1, model, {})
+    run.save_round(model, RoundRecord(0))
+    run.save_round(model, RoundRecord(1))
     run.save_final(model, {"sites": {}})
     pub = generate_signing_key(tmp_path / "pki" / "signing.key")
     sign_run(run.root, tmp_path / "pki" / "signing.key")

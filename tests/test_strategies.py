@@ -9,6 +9,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpacs.common.config import RunConfig
 from fedpacs.common.errors import ConfigError
+from fedpacs.common.strategies import SECAGG_STRATEGIES, STRATEGY_NAMES
 from fedpacs.server.recorder import RoundRecorder
 from fedpacs.server.strategies import STRATEGIES, make_strategy
 
@@ -80,11 +81,16 @@ def test_fedadam_moves_from_the_current_model() -> None:
 
 
 def test_every_strategy_is_registered_and_validated() -> None:
-    assert set(STRATEGIES) == {"fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg",
-                               "krum"}
+    # the ServerApp's table and the names a run config accepts are the same
+    assert tuple(STRATEGIES) == STRATEGY_NAMES == ("fedavg", "fedprox", "fedadam", "fedmedian",
+                                                   "fedtrimmedavg", "krum")
+    assert set(SECAGG_STRATEGIES) == {"fedavg", "fedprox"}
     with pytest.raises(ConfigError) as exc:
         RunConfig.from_flat({"strategy": "fedsgd", "secagg": False})
     assert "fedtrimmedavg" in str(exc.value)
+    with pytest.raises(ConfigError) as exc:  # a near miss names the intended strategy
+        RunConfig.from_flat({"strategy": "FedAvgg"})
+    assert "did you mean 'fedavg'" in str(exc.value)
     with pytest.raises(ConfigError) as exc:
         RunConfig.from_flat({"strategy": "fedprox", "secagg": False})
     assert {e.field for e in exc.value.errors} == {"proximal-mu"}

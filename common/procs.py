@@ -118,19 +118,44 @@ class ProcessSet:
                     f"log {p.log_path}:\n{tail(p.log_path)}")
 
     def stop(self, proc: Proc, *, grace_s: float = 10.0) -> None:
-        if proc.running():
-            _signal_group(proc.pid, signal.SIGTERM)
-            try:
-                proc.popen.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
-                proc.popen.wait(timeout=grace_s)
-        # children that outlived their leader
-        _signal_group(proc.pid, signal.SIGKILL)
+        """Stop one process (and its group) and forget it."""
+        stop_group(proc.pid, grace_s=grace_s)
+        proc.popen.wait(timeout=grace_s)  # reap it (stop_group waited already)
+        if proc in self.procs:
+            self.procs.remove(proc)
 
     def stop_all(self, *, grace_s: float = 10.0) -> None:
-        for p in reversed(self.procs):
+        for p in reversed(list(self.procs)):
             self.stop(p, grace_s=grace_s)
+
+
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    except OSError:
+        return False
+
+
+def stop_group(pid: int, *, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid``, wait up to ``grace_s`` for the leader to
+    go, then SIGKILL the group (children that outlived their leader go too). Works for
+    children of this process and for processes started by an earlier command alike."""
+    if pid <= 0:
+        return
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and process_alive(pid):
+        time.sleep(0.1)
+    _signal_group(pid, signal.SIGKILL)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

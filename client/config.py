@@ -1,0 +1,317 @@
+"""A hospital's site config (TOML), parsed once with every problem reported together.
+
+Its data paths, PACS address and keys never leave the site; only the site daemon and the
+ClientApp processes it starts read it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from fedpacs.client.dicom import PacsPreprocess, window_error
+from fedpacs.client.pacs import CohortQuery, PacsConfig, dicomweb_url_error, method_error
+from fedpacs.common.config import check_unknown, read_toml, section, type_name
+from fedpacs.common.datasets import DataSpec
+from fedpacs.common.errors import ConfigError, FieldError
+from fedpacs.common.tasks import TASK_PRESETS, TaskConfig, validate_task_dict
+
+SITE_CONFIG_ENV = "FEDPACS_SITE_CONFIG"
+SITE_CONFIG_NODE_KEY = "site-config"  # key in the SuperNode's --node-config
+SITE_DATA_FORMATS: tuple[str, ...] = ("nifti", "medmnist", "pacs")
+
+DEFAULT_THREADS = 0  # 0: let torch decide
+DEFAULT_DEVICE = "auto"  # cuda when present, else cpu
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    device: str = DEFAULT_DEVICE
+    threads: int = DEFAULT_THREADS
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """[pacs] + [cohort]: where the site's studies come from and where they are cached."""
+
+    pacs: PacsConfig
+    cohort: CohortQuery
+    cache_dir: Path
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """[security]: what this site accepts from the federation.
+
+    * ``require_secagg``: train only in SecAgg+ runs, so no plain update ever leaves.
+    * ``trusted_app_keys``: Ed25519 public keys (OpenSSH) whose signature an app must carry
+      before this site runs it (checked by the site daemon's app gate).
+    * ``allow_unsigned_apps``: run apps without a signature check (development only).
+    """
+
+    require_secagg: bool = True
+    trusted_app_keys: tuple[Path, ...] = ()
+    allow_unsigned_apps: bool = False
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital's site daemon settings."""
+
+    name: str
+    task: str
+    data: DataSpec
+    compute: ComputeConfig
+    source: str = "<memory>"
+    ingest: IngestConfig | None = None
+    custom_task: TaskConfig | None = None  # from a [task] table, for tasks not in the presets
+    security: SecurityConfig = SecurityConfig()
+    # [data] window / spacing: how a "pacs" site prepares its volumes (default: as converted)
+    preprocess: PacsPreprocess = PacsPreprocess()
+
+    @property
+    def require_secagg(self) -> bool:
+        return self.security.require_secagg
+
+
+def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> SiteConfig:
+    """Build a SiteConfig from a parsed TOML mapping; collects all problems before failing."""
+    errs: list[FieldError] = []
+    check_unknown(raw, {"site", "data", "compute", "pacs", "cohort", "task", "security"}, "",
+                   errs)
+    site = section(raw, "site", errs)
+    data = section(raw, "data", errs)
+    comp = section(raw, "compute", errs)
+    check_unknown(site, {"name", "task"}, "site.", errs)
+    check_unknown(data, {"format", "root", "partition", "num_partitions", "holdout_fraction",
+                          "val_fraction", "seed", "labels", "window", "spacing"}, "data.", errs)
+    check_unknown(comp, {"device", "threads"}, "compute.", errs)
+
+    name = site.get("name")
+    if not isinstance(name, str) or not name.strip():
+        errs.append(FieldError("site.name", "a non-empty string", type_name(name),
+                               'set name = "hospital-a"'))
+    task = site.get("task")
+    custom: TaskConfig | None = None
+    if "task" in raw:
+        task_errs = validate_task_dict(raw["task"], source_prefix="task.") if isinstance(
+            raw["task"], dict) else [FieldError("[task]", "a table", type_name(raw["task"]),
+                                                "write [task] as a table")]
+        errs.extend(task_errs)
+        if not task_errs:
+            custom = TaskConfig.from_dict(raw["task"], source=f"{source} [task]")
+            if custom.name != task:
+                errs.append(FieldError("task.name", f"the site's task {task!r}",
+                                       repr(custom.name), "make [task] name = site.task"))
+    elif task not in TASK_PRESETS:
+        errs.append(FieldError("site.task", f"one of {', '.join(sorted(TASK_PRESETS))} "
+                               "(or define it in a [task] table)",
+                               type_name(task), "set the task this site's data serves"))
+    fmt = data.get("format")
+    if fmt not in SITE_DATA_FORMATS:
+        errs.append(FieldError("data.format", f"one of {', '.join(SITE_DATA_FORMATS)}",
+                               type_name(fmt), 'set format = "nifti", "medmnist" or "pacs"'))
+    root_raw = data.get("root")
+    root: Path | None = None
+    if not isinstance(root_raw, str) or not root_raw:
+        errs.append(FieldError("data.root", "a path to the site's data", type_name(root_raw),
+                               'set root = "/data/hippocampus" (relative paths are taken '
+                               "from the config file's folder)"))
+    else:
+        root = Path(os.path.expandvars(root_raw)).expanduser()
+        if not root.is_absolute():
+            root = (base_dir / root).resolve()
+        if not root.exists() and fmt != "pacs":
+            errs.append(FieldError("data.root", "an existing file or folder", str(root),
+                                   "fix the path or mount the data there"))
+        elif fmt == "nifti" and not (root / "images").is_dir():
+            errs.append(FieldError("data.root", "a folder with images/ and labels/", str(root),
+                                   "point root at the folder holding images/ and labels/"))
+        elif fmt == "medmnist" and not root.is_file():
+            errs.append(FieldError("data.root", "a MedMNIST .npz file", str(root),
+                                   "point root at the .npz file"))
+    labels: Path | None = None
+    if "labels" in data or fmt == "pacs":
+        lab_raw = data.get("labels")
+        if not isinstance(lab_raw, str) or not lab_raw:
+            errs.append(FieldError("data.labels", "a CSV of labels (SeriesInstanceUID,label)",
+                                   type_name(lab_raw), 'set labels = "labels.csv"'))
+        else:
+            labels = Path(os.path.expandvars(lab_raw)).expanduser()
+            labels = labels if labels.is_absolute() else (base_dir / labels).resolve()
+            if not labels.is_file():
+                errs.append(FieldError("data.labels", "an existing CSV file", str(labels),
+                                       "write the label manifest or fix the path"))
+
+    def _int(sec: dict[str, Any], key: str, default: int, lo: int, prefix: str) -> int:
+        v = sec.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            errs.append(FieldError(f"{prefix}{key}", f"an integer >= {lo}", type_name(v),
+                                   f"set {key} = {default}"))
+            return default
+        return v
+
+    def _frac(sec: dict[str, Any], key: str, default: float, prefix: str) -> float:
+        v = sec.get(key, default)
+        if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v < 1:
+            errs.append(FieldError(f"{prefix}{key}", "a number in [0, 1)", type_name(v),
+                                   f"set {key} = {default}"))
+            return default
+        return float(v)
+
+    partition = _int(data, "partition", 0, 0, "data.")
+    num_parts = _int(data, "num_partitions", 1, 1, "data.")
+    if partition >= num_parts:
+        errs.append(FieldError("data.partition", f"an integer in 0..{num_parts - 1}",
+                               str(partition), "partition must be below num_partitions"))
+    holdout = _frac(data, "holdout_fraction", 0.2, "data.")
+    val = _frac(data, "val_fraction", 0.15, "data.")
+    seed = _int(data, "seed", 0, 0, "data.")
+    threads = _int(comp, "threads", DEFAULT_THREADS, 0, "compute.")
+    device = comp.get("device", DEFAULT_DEVICE)
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda")
+                                           or device.startswith("cuda:")):
+        errs.append(FieldError("compute.device", "auto, cpu, cuda or cuda:N", type_name(device),
+                               'set device = "auto"'))
+    preprocess = parse_preprocess(data, fmt, errs)
+    ingest = parse_ingest(raw, base_dir, errs) if "pacs" in raw else None
+    security = parse_security(section(raw, "security", errs), base_dir, errs)
+    if errs:
+        raise ConfigError(source, errs)
+    assert root is not None and isinstance(name, str) and isinstance(task, str)
+    return SiteConfig(
+        name=name.strip(), task=task,
+        data=DataSpec(format=fmt, root=root, partition=partition, num_partitions=num_parts,
+                      holdout_fraction=holdout, val_fraction=val, seed=seed, labels=labels),
+        compute=ComputeConfig(device=str(device), threads=threads), source=source,
+        ingest=ingest, custom_task=custom,
+        security=security, preprocess=preprocess,
+    )
+
+
+def parse_security(sec: dict[str, Any], base_dir: Path, errs: list[FieldError]
+                   ) -> SecurityConfig:
+    """The [security] table; appends problems to ``errs``."""
+    check_unknown(sec, {f.name for f in fields(SecurityConfig)}, "security.", errs)
+    flags: dict[str, bool] = {}
+    for key, default in (("require_secagg", True), ("allow_unsigned_apps", False)):
+        v = sec.get(key, default)
+        if not isinstance(v, bool):
+            errs.append(FieldError(f"security.{key}", "true or false", type_name(v),
+                                   f"set {key} = {str(default).lower()}"))
+            v = default
+        flags[key] = v
+    raw_keys = sec.get("trusted_app_keys", [])
+    keys: list[Path] = []
+    if not isinstance(raw_keys, list) or not all(isinstance(k, str) for k in raw_keys):
+        errs.append(FieldError("security.trusted_app_keys", "a list of public key paths",
+                               type_name(raw_keys),
+                               'e.g. trusted_app_keys = ["keys/coordinator.pub"]'))
+        raw_keys = []
+    for k in raw_keys:
+        path = Path(os.path.expandvars(k)).expanduser()
+        path = path if path.is_absolute() else (base_dir / path).resolve()
+        if not path.is_file():
+            errs.append(FieldError("security.trusted_app_keys", "existing public key files",
+                                   str(path), "copy the coordinator's app-signing .pub here"))
+        keys.append(path)
+    return SecurityConfig(require_secagg=flags["require_secagg"], trusted_app_keys=tuple(keys),
+                          allow_unsigned_apps=flags["allow_unsigned_apps"])
+
+
+def parse_preprocess(data: dict[str, Any], fmt: object, errs: list[FieldError]) -> PacsPreprocess:
+    """[data] window and spacing (PACS volumes only); appends problems to ``errs``."""
+    window = data.get("window", "")
+    if "window" in data:
+        err = window_error(window, "data.window")
+        if err is not None:
+            errs.append(err)
+            window = ""
+    spacing_raw = data.get("spacing")
+    spacing: tuple[float, float, float] | None = None
+    if spacing_raw is not None:
+        if (isinstance(spacing_raw, list) and len(spacing_raw) == 3
+                and all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+                        for v in spacing_raw)):
+            spacing = (float(spacing_raw[0]), float(spacing_raw[1]), float(spacing_raw[2]))
+        else:
+            errs.append(FieldError("data.spacing", "3 positive numbers in mm: [slice, row, "
+                                   "column]", type_name(spacing_raw),
+                                   "e.g. spacing = [1.0, 1.0, 1.0], or remove the key to keep "
+                                   "each series' own spacing"))
+    for key in ("window", "spacing"):
+        if key in data and fmt != "pacs":
+            errs.append(FieldError(f"data.{key}", 'used only with format = "pacs" (volumes '
+                                   "ingested from the PACS)", f"format {fmt!r}",
+                                   f"remove data.{key}, or set format = \"pacs\""))
+    return PacsPreprocess(window=str(window), spacing=spacing)
+
+
+def parse_ingest(raw: dict[str, Any], base_dir: Path, errs: list[FieldError]) -> IngestConfig:
+    """The [pacs] and [cohort] tables; appends problems to ``errs``."""
+    pacs = section(raw, "pacs", errs)
+    cohort = section(raw, "cohort", errs)
+    defaults = PacsConfig()
+    allowed = {f.name for f in fields(PacsConfig)} | {"cache_dir"}
+    check_unknown(pacs, allowed, "pacs.", errs)
+    check_unknown(cohort, {f.name for f in fields(CohortQuery)}, "cohort.", errs)
+    values: dict[str, Any] = {}
+    for f in fields(PacsConfig):
+        v = pacs.get(f.name, getattr(defaults, f.name))
+        want = type(getattr(defaults, f.name))
+        ok = isinstance(v, want) or (want is float and isinstance(v, int))
+        if isinstance(v, bool) or not ok:
+            errs.append(FieldError(f"pacs.{f.name}", want.__name__, type_name(v),
+                                   f"set pacs.{f.name} = {getattr(defaults, f.name)!r}"))
+            continue
+        values[f.name] = float(v) if want is float else v
+    method = values.get("method")
+    problem = method_error(method) or dicomweb_url_error(str(method),
+                                                         values.get("dicomweb_url", ""))
+    if problem is not None and "method" in values:  # a non-string is reported above
+        errs.append(problem)
+    for key in ("port", "storage_port"):
+        if not 0 < int(values.get(key, 1)) < 65536:
+            errs.append(FieldError(f"pacs.{key}", "a TCP port 1..65535", str(values.get(key)),
+                                   "use the port the PACS listens on / this site may use"))
+    for key in ("called_ae", "calling_ae", "move_destination"):
+        ae = str(values.get(key, ""))
+        if len(ae) > 16 or (key != "move_destination" and not ae):
+            errs.append(FieldError(f"pacs.{key}", "an AE title of 1..16 characters", repr(ae),
+                                   "use the AE title configured at the PACS"))
+    uids = cohort.get("study_uids", [])
+    if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
+        errs.append(FieldError("cohort.study_uids", "a list of StudyInstanceUID strings",
+                               type_name(uids), 'e.g. study_uids = ["1.2.3"]'))
+        uids = []
+    for key in ("date_from", "date_to"):
+        v = cohort.get(key, "")
+        if v and (not isinstance(v, str) or len(v) != 8 or not v.isdigit()):
+            errs.append(FieldError(f"cohort.{key}", "a date YYYYMMDD", type_name(v),
+                                   f'e.g. {key} = "20200101"'))
+    query = CohortQuery(**{k: str(cohort.get(k, "")) for k in (
+        "modality", "study_description", "series_description", "date_from", "date_to")},
+        study_uids=tuple(uids))
+    cache_raw = str(pacs.get("cache_dir", "pacs-cache"))
+    cache = Path(os.path.expandvars(cache_raw)).expanduser()
+    cache = cache if cache.is_absolute() else (base_dir / cache).resolve()
+    try:
+        pacs_cfg = PacsConfig(**values)
+    except TypeError:
+        pacs_cfg = PacsConfig()
+    return IngestConfig(pacs=pacs_cfg, cohort=query, cache_dir=cache)
+
+
+def load_site_config(path: str | Path | None = None) -> SiteConfig:
+    """Resolve (argument, then $FEDPACS_SITE_CONFIG) and parse a site config file."""
+    chosen = path if path not in (None, "") else os.environ.get(SITE_CONFIG_ENV)
+    if not chosen:
+        raise ConfigError("site config", [FieldError(
+            "site-config", "a path to the site's TOML file", "nothing",
+            f"pass --config, set ${SITE_CONFIG_ENV}, or start the SuperNode with "
+            f"--node-config '{SITE_CONFIG_NODE_KEY}=\"/path/site.toml\"'")])
+    p = Path(str(chosen)).expanduser().resolve()
+    return parse_site_config(read_toml(p), source=str(p), base_dir=p.parent)
+

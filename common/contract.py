@@ -1,0 +1,104 @@
+"""The server -> site contract of one round, as one typed record used by both sides.
+
+The ServerApp builds :class:`RoundInstructions` from its RunConfig and sends it as the
+message's ConfigRecord (``to_record``); the site reads it back with ``from_record``, which
+checks every key's presence and type (no string keys read back with local defaults). What
+a site then *does* with it is still its own policy (fedpacs.client.config.SecurityConfig).
+
+SecAgg+ train messages use Flower's legacy layout: the same record travels as
+``fitins.config`` beside the model in ``fitins.parameters``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from fedpacs.common.config import RunConfig
+from fedpacs.common.errors import ConfigError, FieldError
+
+# Keys of the records inside a Flower message (FedAvg uses "arrays" and "config").
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"  # the round's instructions in plain messages
+METRICS_KEY = "metrics"
+SITE_KEY = "site"
+XVAL_MODEL_KEY = "xval-model"  # which model a cross-site validation message carries
+NUM_EXAMPLES = "num-examples"  # the weighting key FedAvg reads from each reply's metrics
+# SecAgg+ train messages (Flower's legacy fitins layout)
+LEGACY_FIT_CONFIG = "fitins.config"  # SecAgg+ train messages (Flower's legacy fitins)
+LEGACY_FIT_ARRAYS = "fitins.parameters"
+
+
+def _key(name: str) -> str:
+    return XVAL_MODEL_KEY if name == "xval_model" else name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RoundInstructions:
+    """What the server asks of a site for one round. Keys on the wire are the field
+    names with '-' for '_'; Flower's strategies set ``server-round`` themselves."""
+
+    task: str
+    server_round: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    network: str
+    task_json: str
+    proximal_mu: float
+    fedbn: bool
+    secagg: bool
+    secagg_clip: float
+    secagg_max_weight: float
+    dp_clip: float
+    dp_epsilon: float
+    dp_delta: float
+    xval_model: str = ""  # which model a cross-site validation message carries
+
+    @classmethod
+    def for_round(cls, cfg: RunConfig, server_round: int, *, xval_model: str = "",
+                  fedbn: bool | None = None) -> RoundInstructions:
+        """The instructions of round ``server_round`` of run ``cfg`` (no server paths)."""
+        return cls(task=cfg.task, server_round=server_round, local_epochs=cfg.local_epochs,
+                   batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, network=cfg.network,
+                   task_json=cfg.task_json, proximal_mu=cfg.proximal_mu,
+                   fedbn=cfg.fedbn if fedbn is None else fedbn, secagg=cfg.secagg,
+                   secagg_clip=cfg.secagg_clip, secagg_max_weight=cfg.secagg_max_weight,
+                   dp_clip=cfg.dp_clip, dp_epsilon=cfg.dp_epsilon, dp_delta=cfg.dp_delta,
+                   xval_model=xval_model)
+
+    def to_dict(self) -> dict[str, bool | int | float | str]:
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(self.to_dict())  # type: ignore[arg-type]
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord | dict[str, Any]) -> RoundInstructions:
+        """Parse and check a received record; ConfigError names every bad or missing key."""
+        errs: list[FieldError] = []
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = _key(f.name)
+            if key not in record:
+                if f.name == "xval_model":
+                    values[f.name] = ""
+                    continue
+                errs.append(FieldError(f"config.{key}", "a value from the server", "nothing",
+                                       "run the same fedpacs version on server and site"))
+                continue
+            v = record[key]
+            want = {"str": str, "int": int, "float": float, "bool": bool}[str(f.type)]
+            if want is float and isinstance(v, int) and not isinstance(v, bool):
+                v = float(v)
+            if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+                errs.append(FieldError(f"config.{key}", want.__name__, repr(v),
+                                       "run the same fedpacs version on server and site"))
+                continue
+            values[f.name] = v
+        if errs:
+            raise ConfigError("round instructions from the server", errs)
+        return cls(**values)

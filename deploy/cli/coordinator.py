@@ -1,0 +1,321 @@
+"""The coordinator's commands: `fedpacs provision|federation|run|registry|metrics ...`.
+Each parses, validates and calls one library function in fedpacs.server.coordinator (or
+fedpacs.server for the registry and reports)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedpacs.common.strategies import SECAGG_STRATEGIES, STRATEGY_TABLE
+
+provision_cli = typer.Typer(no_args_is_help=True,
+                            help="Coordinator: CA, SuperLink TLS and site keys.")
+federation_cli = typer.Typer(no_args_is_help=True,
+                             help="Coordinator: bring a federation up or down, revoke or "
+                             "rotate a site.")
+run_cli = typer.Typer(no_args_is_help=True, help="Coordinator: start, watch and stop runs.")
+registry_cli = typer.Typer(no_args_is_help=True, help="Coordinator: serve the model registry.")
+metrics_cli = typer.Typer(no_args_is_help=True, help="Prometheus exporter for a metrics folder.")
+
+
+@provision_cli.command("init")
+def provision_init(
+    out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
+    site: Annotated[list[str] | None, typer.Option(help="site name (repeat)")] = None,
+    host: Annotated[list[str] | None, typer.Option(
+        help="extra SuperLink host name/IP for the TLS certificate (repeat)")] = None,
+    force: Annotated[bool, typer.Option(help="replace existing keys and certificates")] = False,
+) -> None:
+    """Create the CA, the SuperLink's TLS certificate and one key pair per site."""
+    from fedpacs.server.coordinator.pki import provision
+
+    pki = provision(out, sites=site or [], hosts=host or [], force=force)
+    typer.echo(f"CA {pki.ca_cert}\nSuperLink TLS {pki.server_cert} / {pki.server_key}")
+    for name in pki.site_names():
+        keys = pki.site(name)
+        typer.echo(f"site {name}: private {keys.private_key} (give to the site only), "
+                   f"public {keys.public_key} (register at the SuperLink)")
+
+
+@provision_cli.command("signing-key")
+def provision_signing_key(
+    out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
+) -> None:
+    """Create the coordinator's Ed25519 key that signs global-model artifacts."""
+    from fedpacs.common.signing import generate_signing_key
+
+    pub = generate_signing_key(out / "signing.key")
+    typer.echo(f"private {out / 'signing.key'} (server only), public {pub} (give to researchers)")
+
+
+@provision_cli.command("add-site")
+def provision_add_site(
+    name: Annotated[str, typer.Argument(help="site name, e.g. hospital-d")],
+    out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
+) -> None:
+    """Create a key pair for one more site, leaving the others untouched."""
+    from fedpacs.server.coordinator.pki import Pki, create_site_key
+
+    keys = create_site_key(Pki(out), name)
+    typer.echo(f"site {name}: private {keys.private_key}, public {keys.public_key}")
+
+
+@provision_cli.command("revoke-site")
+def provision_revoke_site(
+    name: Annotated[str, typer.Argument(help="site name")],
+    out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
+) -> None:
+    """Retire one site's key (kept under revoked/ and logged); others are untouched. On a
+    running federation use `fedpacs federation revoke`, which also unregisters the node."""
+    from fedpacs.server.coordinator.pki import Pki, revoke_site_key
+
+    typer.echo(f"site {name}: key revoked, moved to {revoke_site_key(Pki(out), name)}")
+
+
+@provision_cli.command("rotate-site")
+def provision_rotate_site(
+    name: Annotated[str, typer.Argument(help="site name")],
+    out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
+) -> None:
+    """Revoke one site's key and issue it a new one; others are untouched."""
+    from fedpacs.server.coordinator.pki import Pki, rotate_site_key
+
+    keys = rotate_site_key(Pki(out), name)
+    typer.echo(f"site {name}: new private {keys.private_key}, public {keys.public_key} "
+               "(register the public key at the SuperLink)")
+
+
+WorkdirOpt = Annotated[Path, typer.Option(help="the federation's folder")]
+STRATEGY_HELP = "; ".join(f"{s.name}: {s.summary}" for s in STRATEGY_TABLE.values()) + \
+    " (default fedavg; under SecAgg+ only " + ", ".join(SECAGG_STRATEGIES) + ")"
+
+
+@federation_cli.command("up")
+def federation_up_cmd(
+    workdir: WorkdirOpt = Path("runs/federation"),
+    task: Annotated[str, typer.Option(help="preset whose shared data the generated sites "
+                                           "get")] = "hippocampus",
+    sites: Annotated[int, typer.Option(help="number of generated sites (disjoint partitions)")
+                     ] = 3,
+    data_dir: Annotated[Path | None, typer.Option(help="shared data folder")] = None,
+    site_config: Annotated[list[Path] | None, typer.Option(
+        help="run these site files (each named by its file stem) instead of generated "
+             "ones (repeat)")] = None,
+    require_secagg: Annotated[bool, typer.Option(
+        help="generated sites train only in SecAgg+ runs")] = True,
+) -> None:
+    """Start a SuperLink (TLS, node auth), a metrics exporter and one site daemon per site,
+    in the background; `federation down` stops them."""
+    from fedpacs.deploy.demo import demo_sites, site_names, site_specs
+    from fedpacs.server.coordinator.federation import Federation
+    from fedpacs.server.coordinator.pki import provision
+
+    work = workdir.resolve()
+    if site_config:
+        specs = site_specs(site_config)  # each validated before anything starts
+        pki = provision(work / "pki", sites=[s.name for s in specs])
+    else:
+        names = site_names(sites)
+        pki = provision(work / "pki", sites=names)
+        specs = demo_sites(work, pki, task=task, data_dir=data_dir, names=names,
+                           require_secagg=require_secagg)
+    fed = Federation.up(work, pki, specs)
+    urls = fed.state.metrics_urls()
+    typer.echo(f"SuperLink {fed.address} (pid {fed.state.superlink_pid}), server metrics "
+               f"{urls['server']}")
+    for name, site in fed.state.sites.items():
+        typer.echo(f"site {name}: daemon pid {site.pid}, metrics {urls.get(name, '-')}")
+
+
+@federation_cli.command("revoke")
+def federation_revoke_cmd(name: Annotated[str, typer.Argument(help="site name")],
+                          workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Revoke one site: unregister its key at the SuperLink, stop its daemon, retire the key."""
+    from fedpacs.server.coordinator.federation import Federation
+
+    node = Federation.load(workdir).revoke(name)
+    typer.echo(f"site {name}: node {node} unregistered, key revoked")
+
+
+@federation_cli.command("rotate")
+def federation_rotate_cmd(name: Annotated[str, typer.Argument(help="site name")],
+                          workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Give one site a new key: revoke the old, register the new, restart its daemon."""
+    from fedpacs.server.coordinator.federation import Federation
+
+    proc = Federation.load(workdir).rotate(name)
+    typer.echo(f"site {name}: new key registered, daemon pid {proc.pid}")
+
+
+@federation_cli.command("down")
+def federation_down_cmd(workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Stop the federation's processes by PID."""
+    from fedpacs.server.coordinator.federation import Federation
+
+    typer.echo(f"stopped pids {Federation.load(workdir).down()}")
+
+
+@run_cli.command("start")
+def run_start(
+    workdir: WorkdirOpt = Path("runs/federation"),
+    config: Annotated[Path | None, typer.Option(
+        help="run.toml with [run] [training] [strategy] [evaluation] [secagg] [screening] "
+             "[dp] (and [task] for a custom task); flags override it")] = None,
+    task: Annotated[str | None, typer.Option(help="task preset")] = None,
+    task_file: Annotated[Path | None, typer.Option(
+        help="a custom task (TOML with the TaskConfig fields) instead of a preset")] = None,
+    network: Annotated[str | None, typer.Option(help="network (default: the task's)")] = None,
+    strategy: Annotated[str | None, typer.Option(help=STRATEGY_HELP)] = None,
+    rounds: Annotated[int | None, typer.Option(help="federated rounds (default 5)")] = None,
+    min_sites: Annotated[int | None, typer.Option(help="sites needed per round (default 3)")
+                         ] = None,
+    round_timeout: Annotated[float | None, typer.Option(
+        help="seconds to wait for sites per round (default 900)")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="default: the task's")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="default: the task's")] = None,
+    lr: Annotated[float | None, typer.Option(help="local learning rate (default: the "
+                                                  "task's)")] = None,
+    proximal_mu: Annotated[float | None, typer.Option(help="FedProx mu")] = None,
+    fedbn: Annotated[bool | None, typer.Option(
+        "--fedbn/--no-fedbn", help="keep normalisation layers local")] = None,
+    eval_root: Annotated[str | None, typer.Option(
+        help="held-out data on this host (a MedMNIST .npz or a NIfTI folder) the server "
+             "evaluates every round (default: none)")] = None,
+    eval_format: Annotated[str | None, typer.Option(
+        help="medmnist | nifti (default: from --eval-root)")] = None,
+    secagg: Annotated[bool | None, typer.Option(
+        "--secagg/--no-secagg",
+        help="SecAgg+: the server sees only the sum of the updates (default on)")] = None,
+    secagg_clip: Annotated[float | None, typer.Option(
+        help="SecAgg+ clipping range of weight * num_examples / max-weight (default 8)")
+                           ] = None,
+    secagg_max_weight: Annotated[float | None, typer.Option(
+        help="SecAgg+: the largest number of examples one site may report (default 10000)")
+                                 ] = None,
+    max_update_norm: Annotated[float | None, typer.Option(
+        help="drop an update (or aggregate) further than this L2 distance from the global "
+             "model (default 0: off)")] = None,
+    dp_clip: Annotated[float | None, typer.Option(
+        help="local DP: clip each site's update to this L2 norm and add noise (0: off)")
+                       ] = None,
+    dp_epsilon: Annotated[float | None, typer.Option(help="local DP epsilon")] = None,
+    dp_delta: Annotated[float | None, typer.Option(help="local DP delta")] = None,
+) -> None:
+    """Validate a run against the federation, then start it; prints the run id."""
+    from fedpacs.common.config import custom_task_fields, load_run_config, read_toml
+    from fedpacs.server.coordinator.federation import Federation
+
+    flags = {k: v for k, v in {
+        "task": task, "network": network, "strategy": strategy, "rounds": rounds,
+        "min_sites": min_sites, "round_timeout_s": round_timeout,
+        "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
+        "proximal_mu": proximal_mu, "fedbn": fedbn, "eval_root": eval_root,
+        "eval_format": eval_format, "secagg": secagg, "secagg_clip": secagg_clip,
+        "secagg_max_weight": secagg_max_weight, "max_update_norm": max_update_norm,
+        "dp_clip": dp_clip, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
+    }.items() if v is not None}
+    if task_file is not None:
+        flags |= custom_task_fields(read_toml(task_file), str(task_file))
+    fed = Federation.load(workdir)
+    run_id, run_dir = fed.start_run(load_run_config(config, flags))
+    typer.echo(f"run {run_id} started; run directory {run_dir}")
+
+
+@run_cli.command("status")
+def run_status_cmd(run_id: Annotated[int, typer.Argument()],
+                   workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Status, round progress and latest metrics of a run (JSON)."""
+    import json
+
+    from fedpacs.server.coordinator.federation import Federation
+
+    typer.echo(json.dumps(Federation.load(workdir).run_status(run_id), indent=2, default=str))
+
+
+@run_cli.command("stop")
+def run_stop_cmd(run_id: Annotated[int, typer.Argument()],
+                 workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Stop a run."""
+    from fedpacs.server.coordinator.federation import Federation
+
+    Federation.load(workdir).stop_run(run_id)
+    typer.echo(f"run {run_id} stopped")
+
+
+@run_cli.command("report")
+def run_report_cmd(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """(Re)write a run's report: PNG plots per round, per site, cross-site, and HTML."""
+    from fedpacs.server.report import write_report
+
+    typer.echo(str(write_report(run_dir)))
+
+
+@run_cli.command("logs")
+def run_logs_cmd(run_id: Annotated[int, typer.Argument()],
+                 workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Print the run's logs (ServerApp side)."""
+    from fedpacs.server.coordinator.federation import Federation
+
+    typer.echo(Federation.load(workdir).logs(run_id))
+
+
+@registry_cli.command("add-token")
+def registry_add_token(
+    researcher: Annotated[str, typer.Argument(help="researcher name, e.g. alice@uni")],
+    tokens: Annotated[Path, typer.Option(help="token file (hashes only)")] = Path(
+        "registry/tokens.json"),
+) -> None:
+    """Create a researcher's bearer token (printed once; only its hash is stored)."""
+    from fedpacs.server.registry import TokenStore
+
+    typer.echo(TokenStore(tokens).add(researcher))
+
+
+@registry_cli.command("publish")
+def registry_publish(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
+    model_id: Annotated[str, typer.Option("--id", help="model id in the registry")],
+    root: Annotated[Path, typer.Option(help="registry folder")] = Path("registry/models"),
+) -> None:
+    """Add a finished run (final model + card) to the registry."""
+    from fedpacs.server.registry import Registry
+
+    typer.echo(str(Registry(root).publish(run_dir, model_id)))
+
+
+@registry_cli.command("serve")
+def registry_serve(
+    root: Annotated[Path, typer.Option(help="registry folder")] = Path("registry/models"),
+    tokens: Annotated[Path, typer.Option(help="token file")] = Path("registry/tokens.json"),
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8470,
+) -> None:
+    """Serve the registry's HTTP API (bearer tokens) until interrupted."""
+    import time
+
+    from fedpacs.server.registry import Registry, RegistryServer, TokenStore
+
+    with RegistryServer(Registry(root), TokenStore(tokens), host=host, port=port) as srv:
+        typer.echo(f"registry on {srv.url}/v1/models ({len(srv.registry.model_ids())} models)")
+        while True:
+            time.sleep(3600)
+
+
+@metrics_cli.command("serve")
+def metrics_serve(
+    directory: Annotated[Path, typer.Option("--dir", help="PROMETHEUS_MULTIPROC_DIR to serve")],
+    port: Annotated[int, typer.Option(help="port on 127.0.0.1")],
+) -> None:
+    """Serve the metrics that ServerApp/ClientApp processes wrote to a folder."""
+    import time
+
+    from fedpacs.common.telemetry import serve_multiprocess
+
+    serve_multiprocess(directory, port)
+    typer.echo(f"metrics of {directory} on http://127.0.0.1:{port}/metrics")
+    while True:
+        time.sleep(3600)
+
