@@ -18,6 +18,7 @@ stages, which never train, then start in about a second.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,14 @@ from fedpacs.common.contract import (
     LEGACY_FIT_CONFIG,
     RoundInstructions,
 )
-from fedpacs.common.errors import ConfigError, FedpacsError, FieldError, describe
+from fedpacs.common.errors import (
+    ConfigError,
+    ExitCode,
+    FedpacsError,
+    FieldError,
+    PolicyError,
+    describe,
+)
 
 if TYPE_CHECKING:
     from fedpacs.client.config import SiteConfig
@@ -46,6 +54,15 @@ log = logging.getLogger("fedpacs.site")
 SECAGG_CONFIG_KEY = RECORD_KEY_CONFIGS  # the config record SecAgg+ messages carry
 
 Work = Callable[["SiteConfig", RecordDict, RecordDict], RecordDict]
+
+
+CODED_REASON = re.compile(r"^FP(\d{3}) [A-Za-z_][A-Za-z0-9_]*: (.*)$")
+
+
+def is_coded(reason: str) -> bool:
+    """True for fedpacs' own error reason: a code, a type name and that code's help text."""
+    m = CODED_REASON.match(reason)
+    return m is not None and m.group(2) == describe(int(m.group(1)))
 
 
 def site_error_reply(msg: Message, err: FedpacsError) -> Message:
@@ -75,6 +92,28 @@ def handle(msg: Message, context: Context, work: Work) -> Message:
         return refuse(msg, err)
 
 
+def site_boundary_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The outermost layer of every reply that leaves the site: any exception (a
+    FileNotFoundError naming a cache path and a SeriesInstanceUID, say) becomes a code and
+    its type name, with the details in the site's own log; an error reply that is not
+    fedpacs' own coded one is rewritten the same way. Flower would otherwise send
+    ``str(exception)`` to the server."""
+    try:
+        out = call_next(msg, context)
+    except Exception as exc:  # noqa: BLE001 - the site boundary: nothing may pass uncoded
+        log.exception("site error on message %s (kept on this site)", msg.metadata.message_type)
+        site_metrics().errors.labels(code=str(int(ExitCode.FAILURE))).inc()
+        return Message(error=Error(code=int(ExitCode.FAILURE), reason=(
+            f"FP{int(ExitCode.FAILURE):03d} {type(exc).__name__}: "
+            f"{describe(ExitCode.FAILURE)}")), reply_to=msg)
+    if out.has_error() and not is_coded(out.error.reason or ""):
+        log.error("site error reply rewritten before it left: %s", out.error.reason)
+        return Message(error=Error(code=int(ExitCode.FAILURE), reason=(
+            f"FP{int(ExitCode.FAILURE):03d} SiteError: {describe(ExitCode.FAILURE)}")),
+            reply_to=msg)
+    return out
+
+
 def is_secagg(msg: Message) -> bool:
     return SECAGG_CONFIG_KEY in msg.content.config_records
 
@@ -89,7 +128,7 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         try:
             site = load_site(context)
             if site.require_secagg:
-                raise ConfigError(site.source, [FieldError(
+                raise PolicyError("a plain train message", [FieldError(
                     "security.require_secagg", "a SecAgg+ run (secagg = true)",
                     "a plain train message (secagg = false)",
                     "ask the coordinator to start the run with SecAgg+, or set "
@@ -106,9 +145,31 @@ class _Refused(Exception):
 
 
 def _secagg(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's SecAgg+ mod; when the site refuses to train (an error reply, already
-    logged with its reason) that reply goes back as it is: the site drops out of this
-    round and the server unmasks the others from their shares."""
+    """Flower's SecAgg+ mod, behind this site's own SecAgg+ policy.
+
+    Before the mod runs a stage, the request is checked against the site's [security]
+    floor and against what the site agreed to at setup (``check_secagg_request``); a
+    request that breaks it gets the coded error reply (the reasons stay in the site log)
+    and the site forgets this round's secrets, so that nothing more can be asked of them.
+
+    When the site refuses to train (an error reply, already logged with its reason) that
+    reply goes back as it is: the site drops out of this round and the server unmasks the
+    others from their shares."""
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Key, Stage
+
+    from fedpacs.client.secure import SECAGG_ROUND_KEY
+
+    records = context.state.config_records
+    is_setup = msg.content.config_records[SECAGG_CONFIG_KEY].get(Key.STAGE) == Stage.SETUP
+    if msg.metadata.message_type == "train":
+        try:
+            _check_secagg_policy(msg, context)
+        except FedpacsError as err:
+            records.pop(RECORD_KEY_STATE, None)
+            records.pop(SECAGG_ROUND_KEY, None)
+            return refuse(msg, err)
+
     def train_or_refuse(m: Message, c: Context) -> Message:
         out = call_next(m, c)
         if out.has_error():
@@ -116,12 +177,36 @@ def _secagg(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
         return out
 
     try:
-        return secaggplus_mod(msg, context, train_or_refuse)
+        reply = secaggplus_mod(msg, context, train_or_refuse)
     except _Refused as refused:
         return refused.reply
+    if msg.metadata.message_type == "train" and is_setup and not reply.has_error():
+        records[SECAGG_ROUND_KEY] = ConfigRecord({"group_id": msg.metadata.group_id})
+    return reply
 
 
-app = ClientApp(mods=[secure_aggregation_mod])
+def _check_secagg_policy(msg: Message, context: Context) -> None:
+    """Raise PolicyError when this SecAgg+ stage request breaks the site's own policy."""
+    from flwr.app import ConfigRecord
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Key
+
+    from fedpacs.client.secure import SECAGG_ROUND_KEY, check_secagg_request
+    from fedpacs.common.errors import PolicyError
+
+    site = load_site(context)
+    records = context.state.config_records
+    request = msg.content.config_records[SECAGG_CONFIG_KEY]
+    setup_round = records.get(SECAGG_ROUND_KEY, ConfigRecord()).get("group_id")
+    errors = check_secagg_request(
+        request, records.get(RECORD_KEY_STATE, ConfigRecord()), site.security,
+        round_id=msg.metadata.group_id,
+        setup_round_id=setup_round if isinstance(setup_round, str) else None)
+    if errors:
+        raise PolicyError(f"SecAgg+ {request.get(Key.STAGE)!r} request from the server",
+                          errors)
+
+
+app = ClientApp(mods=[site_boundary_mod, secure_aggregation_mod])
 
 
 def train_work(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:

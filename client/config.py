@@ -49,11 +49,25 @@ class SecurityConfig:
     * ``trusted_app_keys``: Ed25519 public keys (OpenSSH) whose signature an app must carry
       before this site runs it (checked by the site daemon's app gate).
     * ``allow_unsigned_apps``: run apps without a signature check (development only).
+    * ``secagg_min_sites``, ``secagg_min_threshold``: the SecAgg+ floor this site enforces
+      whatever the server announces: at least this many sites in the round and at least this
+      many shares needed to rebuild a site's secrets (and always a majority of the shares).
+    * ``allowed_networks``, ``max_rounds``, ``max_dp_epsilon``: ceilings on what the site
+      agrees to run (empty / 0: no ceiling); ``max_dp_epsilon > 0`` makes local DP with at
+      most that epsilon a condition of training.
+    * ``share_local_model``: let the server send this site's last local model to the other
+      sites for cross-site validation (plain mode only; off: only the global model is sent).
     """
 
     require_secagg: bool = True
     trusted_app_keys: tuple[Path, ...] = ()
     allow_unsigned_apps: bool = False
+    secagg_min_sites: int = 3
+    secagg_min_threshold: int = 2
+    allowed_networks: tuple[str, ...] = ()
+    max_rounds: int = 0
+    max_dp_epsilon: float = 0.0
+    share_local_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -195,14 +209,36 @@ def parse_security(sec: dict[str, Any], base_dir: Path, errs: list[FieldError]
                    ) -> SecurityConfig:
     """The [security] table; appends problems to ``errs``."""
     check_unknown(sec, {f.name for f in fields(SecurityConfig)}, "security.", errs)
-    flags: dict[str, bool] = {}
-    for key, default in (("require_secagg", True), ("allow_unsigned_apps", False)):
+    defaults = SecurityConfig()
+    flags: dict[str, Any] = {}
+    for key in ("require_secagg", "allow_unsigned_apps", "share_local_model"):
+        default = getattr(defaults, key)
         v = sec.get(key, default)
         if not isinstance(v, bool):
             errs.append(FieldError(f"security.{key}", "true or false", type_name(v),
                                    f"set {key} = {str(default).lower()}"))
             v = default
         flags[key] = v
+    for key, lo in (("secagg_min_sites", 3), ("secagg_min_threshold", 2), ("max_rounds", 0)):
+        default = getattr(defaults, key)
+        v = sec.get(key, default)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            errs.append(FieldError(f"security.{key}", f"an integer >= {lo}", type_name(v),
+                                   f"set {key} = {default}"))
+            v = default
+        flags[key] = v
+    eps = sec.get("max_dp_epsilon", defaults.max_dp_epsilon)
+    if not isinstance(eps, int | float) or isinstance(eps, bool) or eps < 0:
+        errs.append(FieldError("security.max_dp_epsilon", "a number >= 0 (0: DP not required)",
+                               type_name(eps), "e.g. max_dp_epsilon = 8"))
+        eps = defaults.max_dp_epsilon
+    flags["max_dp_epsilon"] = float(eps)
+    nets = sec.get("allowed_networks", [])
+    if not isinstance(nets, list) or not all(isinstance(n, str) for n in nets):
+        errs.append(FieldError("security.allowed_networks", "a list of network names",
+                               type_name(nets), 'e.g. allowed_networks = ["unet", "resnet18"]'))
+        nets = []
+    flags["allowed_networks"] = tuple(nets)
     raw_keys = sec.get("trusted_app_keys", [])
     keys: list[Path] = []
     if not isinstance(raw_keys, list) or not all(isinstance(k, str) for k in raw_keys):
@@ -217,8 +253,7 @@ def parse_security(sec: dict[str, Any], base_dir: Path, errs: list[FieldError]
             errs.append(FieldError("security.trusted_app_keys", "existing public key files",
                                    str(path), "copy the coordinator's app-signing .pub here"))
         keys.append(path)
-    return SecurityConfig(require_secagg=flags["require_secagg"], trusted_app_keys=tuple(keys),
-                          allow_unsigned_apps=flags["allow_unsigned_apps"])
+    return SecurityConfig(trusted_app_keys=tuple(keys), **flags)
 
 
 def parse_preprocess(data: dict[str, Any], fmt: object, errs: list[FieldError]) -> PacsPreprocess:
@@ -251,6 +286,8 @@ def parse_preprocess(data: dict[str, Any], fmt: object, errs: list[FieldError]) 
 
 def parse_ingest(raw: dict[str, Any], base_dir: Path, errs: list[FieldError]) -> IngestConfig:
     """The [pacs] and [cohort] tables; appends problems to ``errs``."""
+    from fedpacs.client.pacs import max_instance_mb_error, study_uids_error
+
     pacs = section(raw, "pacs", errs)
     cohort = section(raw, "cohort", errs)
     defaults = PacsConfig()
@@ -276,15 +313,24 @@ def parse_ingest(raw: dict[str, Any], base_dir: Path, errs: list[FieldError]) ->
         if not 0 < int(values.get(key, 1)) < 65536:
             errs.append(FieldError(f"pacs.{key}", "a TCP port 1..65535", str(values.get(key)),
                                    "use the port the PACS listens on / this site may use"))
-    for key in ("called_ae", "calling_ae", "move_destination"):
+    for key in ("called_ae", "calling_ae", "move_destination", "move_source_ae"):
         ae = str(values.get(key, ""))
-        if len(ae) > 16 or (key != "move_destination" and not ae):
+        if len(ae) > 16 or (key in ("called_ae", "calling_ae") and not ae):
             errs.append(FieldError(f"pacs.{key}", "an AE title of 1..16 characters", repr(ae),
                                    "use the AE title configured at the PACS"))
+    if "max_instance_mb" in values:
+        mb_err = max_instance_mb_error(values["max_instance_mb"])
+        if mb_err is not None:
+            errs.append(mb_err)
+            values.pop("max_instance_mb")
     uids = cohort.get("study_uids", [])
     if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
         errs.append(FieldError("cohort.study_uids", "a list of StudyInstanceUID strings",
                                type_name(uids), 'e.g. study_uids = ["1.2.3"]'))
+        uids = []
+    uids_err = study_uids_error(uids)
+    if uids_err is not None:
+        errs.append(uids_err)
         uids = []
     for key in ("date_from", "date_to"):
         v = cohort.get(key, "")

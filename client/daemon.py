@@ -2,6 +2,13 @@
 
 ``fedpacs site start`` refuses to start (exit code 3, every bad field named) when the site
 config is invalid, so a hospital never joins a federation it cannot serve.
+
+The daemon runs two processes: the SuperNode (``--isolation process``: it starts no task
+launcher of its own, its Runtime API on 127.0.0.1 only) and the site's SuperExec from the
+app gate (fedpacs.client.gate), which runs ClientApp tasks only, each behind the signature
+check. Both see the gate folder first on PATH and a Flower home of the site's own (the
+folder apps are installed into and imported from). If either exits, the daemon stops the
+other and exits.
 """
 
 from __future__ import annotations
@@ -11,13 +18,20 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedpacs.client.config import SITE_CONFIG_NODE_KEY, SiteConfig, load_site_config
 from fedpacs.client.data import load_site_data
-from fedpacs.client.gate import TRUST_ENV, install_gate
-from fedpacs.common.errors import AuthError, ConfigError, DataError, FieldError
+from fedpacs.client.gate import (
+    GATE_DIR_ENV,
+    SUPEREXEC_COMMAND,
+    TRUST_ENV,
+    install_gate,
+)
+from fedpacs.common.errors import AuthError, ConfigError, DataError, ExitCode, FieldError
 from fedpacs.common.procs import child_env, tool
 from fedpacs.common.tasks import get_task
 from fedpacs.common.telemetry import MULTIPROC_ENV, fresh_dir, serve_multiprocess
@@ -56,6 +70,11 @@ class DaemonOptions:
     state_dir: Path | None = None  # where ClientApp processes write metrics (default: a tmp dir)
 
 
+RUNTIME_HOST = "127.0.0.1"  # the SuperNode's Runtime API: this machine only
+STOP_GRACE_S = 10.0  # how long a stopped process has before it is killed
+POLL_S = 0.5  # how often the daemon looks at its two processes
+
+
 def supernode_argv(opts: DaemonOptions, site_config: Path) -> list[str]:
     for field, path in (("--root-certificates", opts.root_certificates),
                         ("--auth-key", opts.auth_key)):
@@ -67,33 +86,80 @@ def supernode_argv(opts: DaemonOptions, site_config: Path) -> list[str]:
             "--root-certificates", str(opts.root_certificates),
             "--auth-supernode-private-key", str(opts.auth_key),
             "--node-config", f'{SITE_CONFIG_NODE_KEY}="{site_config}"',
-            "--port", str(opts.runtime_port)]
+            "--isolation", "process",  # the daemon starts the site's own SuperExec
+            "--host", RUNTIME_HOST, "--port", str(opts.runtime_port)]
     if opts.max_wait_s is not None:
         argv += ["--max-wait-time", str(opts.max_wait_s)]
     return argv
 
 
+def gate_dir(state: Path) -> Path:
+    return state / "gate-bin"
+
+
+def superexec_argv(opts: DaemonOptions, state: Path, supernode_pid: int) -> list[str]:
+    """The site's SuperExec (fedpacs.client.gate), by absolute path, for the SuperNode's
+    Runtime API; it exits with the SuperNode."""
+    return [str(gate_dir(state) / SUPEREXEC_COMMAND),
+            "--runtime-api-address", f"{RUNTIME_HOST}:{opts.runtime_port}", "--insecure",
+            "--parent-pid", str(supernode_pid)]
+
+
 def gate_env(site: SiteConfig, state: Path, path: str) -> dict[str, str]:
-    """PATH and trust settings that put the app gate in front of every ClientApp."""
+    """PATH and trust settings that put the app gate in front of every task launcher."""
     sec = site.security
-    if sec.allow_unsigned_apps:
-        log.warning("site %s: security.allow_unsigned_apps = true: apps are NOT checked "
-                    "against a signature (development only)", site.name)
-        return {}
-    if not sec.trusted_app_keys:
+    if not sec.allow_unsigned_apps and not sec.trusted_app_keys:
         raise ConfigError(site.source, [FieldError(
             "security.trusted_app_keys", "at least one public key the site trusts to sign apps",
             "none", "add the coordinator's signing.pub (or, for development only, set "
             "allow_unsigned_apps = true)")])
-    gate = install_gate(state / "gate-bin")
-    log.info("site %s: runs only apps signed by %s", site.name,
+    gate = install_gate(gate_dir(state), check_signatures=not sec.allow_unsigned_apps)
+    env = {"PATH": f"{gate}{os.pathsep}{path}", GATE_DIR_ENV: str(gate)}
+    if sec.allow_unsigned_apps:
+        log.warning("site %s: security.allow_unsigned_apps = true: apps are NOT checked "
+                    "against a signature (development only); still only ClientApps run",
+                    site.name)
+        return env
+    log.info("site %s: runs only ClientApps signed by %s", site.name,
              ", ".join(str(k) for k in sec.trusted_app_keys))
-    return {"PATH": f"{gate}{os.pathsep}{path}",
-            TRUST_ENV: os.pathsep.join(str(k) for k in sec.trusted_app_keys)}
+    return env | {TRUST_ENV: os.pathsep.join(str(k) for k in sec.trusted_app_keys)}
+
+
+def stop(proc: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace_s)
+
+
+def supervise(supernode: subprocess.Popen[bytes], superexec: subprocess.Popen[bytes],
+              *, stopping: Callable[[], bool] = lambda: False, poll_s: float = POLL_S) -> int:
+    """Wait until either process exits, stop the other; returns the SuperNode's exit code,
+    or ExitCode.PROCESS when the SuperExec went first (no task could run without it) while
+    the daemon was not ``stopping``."""
+    while True:
+        code = supernode.poll()
+        if code is not None:
+            stop(superexec)
+            return code
+        if superexec.poll() is not None:
+            if stopping():
+                stop(supernode)
+                return int(supernode.returncode)
+            log.error("the site's SuperExec (pid %d) exited with code %s; stopping the "
+                      "SuperNode, which could run no task without it", superexec.pid,
+                      superexec.returncode)
+            stop(supernode)
+            return int(ExitCode.PROCESS)
+        time.sleep(poll_s)
 
 
 def run_daemon(opts: DaemonOptions) -> int:
-    """Validate, then run the SuperNode in the foreground until it exits or is signalled."""
+    """Validate, then run the SuperNode and the site's SuperExec in the foreground until
+    either exits or the daemon is signalled."""
     summary = check_site(opts.config)
     site_config = Path(summary.site.source)
     argv = supernode_argv(opts, site_config)
@@ -102,17 +168,28 @@ def run_daemon(opts: DaemonOptions) -> int:
     env = child_env()
     state = opts.state_dir or Path(tempfile.mkdtemp(prefix=f"fedpacs-{summary.site.name}-"))
     env.update(gate_env(summary.site, state, env["PATH"]))
+    env["FLWR_HOME"] = str(state / "flwr-home")  # apps are installed here, by this site only
     if opts.metrics_port:
         mdir = fresh_dir(state / "metrics")
         serve_multiprocess(mdir, opts.metrics_port)
         env[MULTIPROC_ENV] = str(mdir)
         log.info("site %s: metrics on http://127.0.0.1:%d/metrics", summary.site.name,
                  opts.metrics_port)
-    proc = subprocess.Popen(argv, env=env)
+    supernode = subprocess.Popen(argv, env=env)
+    try:
+        superexec = subprocess.Popen(superexec_argv(opts, state, supernode.pid), env=env)
+    except OSError:
+        stop(supernode)
+        raise
+
+    signalled: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        proc.send_signal(signum)
+        signalled.append(signum)
+        for proc in (supernode, superexec):
+            if proc.poll() is None:
+                proc.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    return proc.wait()
+    return supervise(supernode, superexec, stopping=lambda: bool(signalled))

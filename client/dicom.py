@@ -12,6 +12,7 @@ training by :func:`prepare_image` and :func:`prepare_mask`.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,17 @@ UNREADABLE = "unreadable"
 TRUNCATED = "truncated"
 NO_PIXELS = "no-pixels"
 MISSING_SLICES = "missing-slices"
+BAD_UID = "bad-uid"      # a Study/Series/SOP Instance UID that is not a DICOM UID
+TOO_LARGE = "too-large"  # more bytes (received, or promised as pixels) than the site's cap
+# The largest instance a site accepts unless [pacs] max_instance_mb says otherwise: as
+# received, and as its header's decoded pixel data (Rows x Columns x frames x samples x bits).
+DEFAULT_MAX_INSTANCE_MB = 512
+MIB = 1024 * 1024
+MAX_UID_LENGTH = 64
+# Digits and dots, no empty component (PS3.5 9.1; a leading zero is tolerated: PACS send them).
+_UID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)*", re.ASCII)
+UID_TAGS = {"StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E,
+            "SOPInstanceUID": 0x00080018}
 # A gap this many times the typical spacing means slices are missing.
 MISSING_GAP_FACTOR = 1.9
 # With instance numbers that skip, a smaller gap already counts as missing.
@@ -79,6 +91,58 @@ class PacsPreprocess:
     spacing: tuple[float, float, float] | None = None
 
 
+def valid_uid(uid: object) -> bool:
+    """A DICOM UID: 1..64 characters, digits and dots, no empty component. Only such a
+    string may become part of a cache path or a URL (``..``, ``1..2``, ``a/b`` never do)."""
+    return (isinstance(uid, str) and 0 < len(uid) <= MAX_UID_LENGTH
+            and _UID_RE.fullmatch(uid) is not None)
+
+
+def shown(value: object, limit: int = 70) -> str:
+    """A value from the network, safe to put in a local log or message: printable ASCII
+    as it is, anything else ASCII-escaped (no terminal control characters); cut to
+    ``limit`` characters."""
+    text = value if isinstance(value, str) and value.isascii() and value.isprintable() \
+        else ascii(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def uid_problem(uid: object, field: str) -> str:
+    """Why ``uid`` is not a DICOM UID, for a DataError's ``problem``."""
+    return (f"{field} {shown(uid)} is not a DICOM UID (1..{MAX_UID_LENGTH} digits and dots, "
+            "no empty component)")
+
+
+def header_uid(ds: Dataset, keyword: str) -> str | None:
+    """A UID element as the bytes on the wire say (None when absent), without pydicom's
+    own value conversion, so that a hostile value is judged by :func:`valid_uid` alone."""
+    elem = ds.get_item(UID_TAGS[keyword])
+    if elem is None:
+        return None
+    value = elem.value
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").rstrip("\0 ")
+    return value if isinstance(value, str) else str(value)  # a multi-value: never valid
+
+
+def check_uids(ds: Dataset, label: str) -> tuple[str, str, str]:
+    """(study, series, SOP instance) UIDs of an instance, each a valid DICOM UID, or a
+    DataError: ``unreadable`` when one is missing, ``bad-uid`` when one is not a UID."""
+    out = []
+    for keyword in UID_TAGS:
+        uid = header_uid(ds, keyword)
+        if not uid:
+            raise DataError(label, f"no {keyword}", "only complete instances can be cached",
+                            kind=UNREADABLE)
+        if not valid_uid(uid):
+            raise DataError(label, uid_problem(uid, keyword), "ask the PACS administrator "
+                            "to correct the instance; it was not written", kind=BAD_UID)
+        out.append(uid)
+    return out[0], out[1], out[2]
+
+
 def read_dicom(source: bytes | Path, label: str) -> Dataset:
     """Parse one DICOM instance (Part-10 bytes or a file), or raise a DataError naming
     ``label`` with kind ``not-dicom`` (no DICOM preamble/meta) or ``unreadable``."""
@@ -92,14 +156,65 @@ def read_dicom(source: bytes | Path, label: str) -> Dataset:
                         "retrieve the instance again", kind=UNREADABLE) from exc
 
 
-def read_instance(path: Path) -> Dataset:
-    """Read one DICOM file with pixels, or raise a DataError naming it and the fix."""
+def read_instance(path: Path, *,
+                  max_pixel_bytes: int = DEFAULT_MAX_INSTANCE_MB * MIB) -> Dataset:
+    """Read one DICOM file with pixels, or raise a DataError naming it and the fix (also
+    when its header promises more than ``max_pixel_bytes`` of decoded pixels)."""
     ds = read_dicom(path, str(path))
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise DataError(str(path), "no pixel data", "only image instances can be converted",
                         kind=NO_PIXELS)
+    check_pixel_size(ds, path, max_pixel_bytes)
     check_pixel_length(ds, path)
     return ds
+
+
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def _header_int(ds: Dataset, keyword: str, default: int | None, label: str) -> int:
+    """A non-negative integer header field (``default`` when absent; required if None)."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        if default is None:
+            raise DataError(label, f"pixel data without {keyword}", "re-export the instance",
+                            kind=UNREADABLE)
+        return default
+    try:
+        n = int(value)
+    except (TypeError, ValueError) as exc:
+        raise DataError(label, f"{keyword} {shown(value)} is not a whole number",
+                        "re-export the instance", kind=UNREADABLE) from exc
+    if n < 0:
+        raise DataError(label, f"{keyword} {n} is negative", "re-export the instance",
+                        kind=UNREADABLE)
+    return n
+
+
+def promised_pixel_bytes(ds: Dataset, path: Path | str) -> int:
+    """Decoded pixel bytes the header promises: Rows x Columns x NumberOfFrames x
+    SamplesPerPixel x BitsAllocated / 8 (0 without pixel data). Python integers: a
+    crafted header cannot overflow it. A header without those fields is ``unreadable``."""
+    if not any(t in ds for t in _PIXEL_TAGS):
+        return 0
+    label = str(path)
+    rows = _header_int(ds, "Rows", None, label)
+    cols = _header_int(ds, "Columns", None, label)
+    bits = _header_int(ds, "BitsAllocated", None, label)
+    samples = _header_int(ds, "SamplesPerPixel", 1, label)
+    frames = _header_int(ds, "NumberOfFrames", 1, label) or 1
+    return (rows * cols * frames * samples * bits + 7) // 8
+
+
+def check_pixel_size(ds: Dataset, path: Path | str, max_bytes: int) -> None:
+    """Refuse (kind ``too-large``) an instance whose header promises more decoded pixel
+    bytes than ``max_bytes``, before anything decodes it (compressed pixel data is small
+    on the wire whatever the header says)."""
+    promised = promised_pixel_bytes(ds, path)
+    if promised > max_bytes:
+        raise DataError(str(path), f"header promises {promised} bytes of pixels, more than "
+                        f"the {max_bytes // MIB} MB allowed", "raise [pacs] max_instance_mb "
+                        "if such instances are expected; it was not decoded", kind=TOO_LARGE)
 
 
 def check_pixel_length(ds: Dataset, path: Path | str) -> None:
@@ -107,9 +222,7 @@ def check_pixel_length(ds: Dataset, path: Path | str) -> None:
     if "PixelData" not in ds or ds.file_meta.get("TransferSyntaxUID") is None \
             or ds.file_meta.TransferSyntaxUID.is_compressed:
         return
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-                * int(ds.BitsAllocated) // 8 * frames)
+    expected = promised_pixel_bytes(ds, path)
     got = len(ds.PixelData)
     if got < expected:
         raise DataError(str(path), f"truncated: {got} pixel bytes, header promises {expected}",
@@ -219,17 +332,19 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
     return 1.0, 1.0
 
 
-def build_volume(paths: list[Path], *, series_uid: str = "",
-                 resample_irregular: bool = True) -> Volume:
+def build_volume(paths: list[Path], *, series_uid: str = "", resample_irregular: bool = True,
+                 max_pixel_bytes: int = DEFAULT_MAX_INSTANCE_MB * MIB) -> Volume:
     """Stack one series' instances into a volume sorted along the slice normal.
 
     Raises DataError when a file is unreadable, orientations disagree, two slices share
-    a position, or slices are missing (a gap far above the typical spacing). Irregular
-    spacing without missing slices (e.g. variable-pitch CT) is resampled to the median.
+    a position, slices are missing (a gap far above the typical spacing) or an instance's
+    header promises more than ``max_pixel_bytes`` of pixels (checked before decoding).
+    Irregular spacing without missing slices (e.g. variable-pitch CT) is resampled to the
+    median.
     """
     if not paths:
         raise DataError(series_uid or "series", "no instances", "retrieve the series again")
-    datasets = [(p, read_instance(p)) for p in paths]
+    datasets = [(p, read_instance(p, max_pixel_bytes=max_pixel_bytes)) for p in paths]
     first = datasets[0][1]
     frames = []
     for p, ds in datasets:

@@ -4,6 +4,12 @@ The cache is keyed by SOP Instance UID (``instances/<study>/<series>/<sop>.dcm``
 file written atomically after it was read back and checked, so a second ingest downloads
 nothing new and a failed transfer never leaves a corrupt file. Converted series go to
 ``volumes/<series>.npz`` with their geometry.
+
+Only a valid DICOM UID becomes a path component (``..`` or ``1..2`` never does: such an
+instance or series is skipped as ``bad-uid`` before any path is built), an instance must
+belong to the series (and be one of the instances) that was asked for, and nothing larger
+than ``[pacs] max_instance_mb`` (as received, or as the pixels its header promises) is
+written or decoded.
 """
 
 from __future__ import annotations
@@ -18,19 +24,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedpacs.client import volumes
-from fedpacs.client.dicom import UNREADABLE, Volume, build_volume, check_pixel_length, read_dicom
-from fedpacs.client.pacs import CohortQuery, PacsConfig, SeriesRef, Transport, make_transport
+from fedpacs.client.dicom import (
+    BAD_UID,
+    DEFAULT_MAX_INSTANCE_MB,
+    MIB,
+    TOO_LARGE,
+    UNREADABLE,
+    Volume,
+    build_volume,
+    check_pixel_length,
+    check_pixel_size,
+    check_uids,
+    read_dicom,
+    shown,
+    uid_problem,
+    valid_uid,
+)
+from fedpacs.client.pacs import (
+    REJECTED_PEER,
+    REJECTED_SERIES,
+    CohortQuery,
+    PacsConfig,
+    Refusal,
+    SeriesRef,
+    Transport,
+    make_transport,
+)
 from fedpacs.common.errors import DataError, PacsError
 
-__all__ = ["NOT_RETRIEVED", "PACS_UNREACHABLE", "RETRIEVE_FAILED", "InstanceCache",
-           "IngestSummary", "Skipped", "import_folder", "ingest"]
+__all__ = ["BAD_UID", "NOT_RETRIEVED", "PACS_UNREACHABLE", "REJECTED_PEER", "REJECTED_SERIES",
+           "RETRIEVE_FAILED", "TOO_LARGE", "InstanceCache", "IngestSummary", "Skipped",
+           "import_folder", "ingest"]
 
 log = logging.getLogger("fedpacs.ingest")
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 # Skip kinds of the ingest itself (instance and series problems carry the DataError kinds
-# of fedpacs.client.dicom: not-dicom, unreadable, truncated, no-pixels, missing-slices).
+# of fedpacs.client.dicom: not-dicom, unreadable, truncated, no-pixels, missing-slices,
+# bad-uid, too-large; refusals of the transport: rejected-peer, rejected-series).
 PACS_UNREACHABLE = "pacs-unreachable"  # the cohort query failed: nothing was ingested
 RETRIEVE_FAILED = "retrieve-failed"    # the PACS refused or broke off one series' transfer
 NOT_RETRIEVED = "not-retrieved"        # instances the PACS listed but did not send
@@ -75,18 +107,26 @@ class IngestSummary:
 
 
 class InstanceCache:
-    """Instances by SOP Instance UID, plus converted volumes, under one folder."""
+    """Instances by SOP Instance UID, plus converted volumes, under one folder.
 
-    def __init__(self, root: Path) -> None:
+    Every path below ``root`` is built from UIDs checked by :func:`valid_uid` (digits and
+    dots), so none can point outside it; anything else is a DataError of kind ``bad-uid``.
+    """
+
+    def __init__(self, root: Path, *,
+                 max_instance_bytes: int = DEFAULT_MAX_INSTANCE_MB * MIB) -> None:
         self.root = root
+        self.max_instance_bytes = max_instance_bytes
         (root / "instances").mkdir(parents=True, exist_ok=True)
         (root / volumes.VOLUMES_DIR).mkdir(parents=True, exist_ok=True)
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
-        return self.root / "instances" / _safe(study_uid) / _safe(series_uid)
+        return self.root / "instances" / _component(study_uid, "StudyInstanceUID") / \
+            _component(series_uid, "SeriesInstanceUID")
 
     def path(self, s: SeriesRef, sop_uid: str) -> Path:
-        return self.series_dir(s.study_uid, s.series_uid) / f"{_safe(sop_uid)}.dcm"
+        return self.series_dir(s.study_uid, s.series_uid) / \
+            f"{_component(sop_uid, 'SOPInstanceUID')}.dcm"
 
     def has(self, s: SeriesRef, sop_uid: str) -> bool:
         return self.path(s, sop_uid).is_file()
@@ -94,21 +134,32 @@ class InstanceCache:
     def files(self, s: SeriesRef) -> list[Path]:
         return sorted(self.series_dir(s.study_uid, s.series_uid).glob("*.dcm"))
 
-    def store(self, data: bytes, *, expect_sop: str = "", source: str = "") -> SeriesRef:
-        """Check an instance (readable, complete, right UID) and write it atomically."""
+    def store(self, data: bytes, *, expect_sop: str = "", expect_series: SeriesRef | None = None,
+              source: str = "") -> SeriesRef:
+        """Check an instance and write it atomically: at most ``max_instance_bytes`` (as
+        received and as promised pixels), readable, valid UIDs, the requested SOP instance
+        of the requested series (when given), pixel data complete."""
         label = source or expect_sop or "instance"
+        if len(data) > self.max_instance_bytes:
+            raise DataError(label, f"{len(data)} bytes, more than the "
+                            f"{self.max_instance_bytes // MIB} MB allowed",
+                            "raise [pacs] max_instance_mb if such instances are expected; it "
+                            "was not written", kind=TOO_LARGE)
         ds = read_dicom(data, label)
-        for tag in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-            if not ds.get(tag):
-                raise DataError(label, f"no {tag}", "only complete instances can be cached",
-                                kind=UNREADABLE)
-        if expect_sop and str(ds.SOPInstanceUID) != expect_sop:
-            raise DataError(label, f"SOP Instance UID {ds.SOPInstanceUID} != requested "
-                            f"{expect_sop}", "report this PACS answer", kind=UNREADABLE)
+        study, series, sop = check_uids(ds, label)
+        if expect_sop and sop != expect_sop:
+            raise DataError(label, f"SOP Instance UID {sop} != requested {shown(expect_sop)}",
+                            "report this PACS answer", kind=UNREADABLE)
+        if expect_series is not None and (series, study) != (expect_series.series_uid,
+                                                              expect_series.study_uid):
+            raise DataError(label, f"instance of series {series} (study {study}) while series "
+                            f"{expect_series.series_uid} was retrieved", "report this PACS "
+                            "answer; it was not written", kind=REJECTED_SERIES)
+        check_pixel_size(ds, label, self.max_instance_bytes)
         check_pixel_length(ds, label)
-        ref = SeriesRef(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
-                        str(ds.get("Modality", "")), str(ds.get("SeriesDescription", "")))
-        dest = self.path(ref, str(ds.SOPInstanceUID))
+        ref = SeriesRef(study, series, str(ds.get("Modality", "")),
+                        str(ds.get("SeriesDescription", "")))
+        dest = self.path(ref, sop)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_bytes(data)
@@ -116,7 +167,7 @@ class InstanceCache:
         return ref
 
     def volume_path(self, series_uid: str) -> Path:
-        return volumes.volume_path(self.root, _safe(series_uid))
+        return volumes.volume_path(self.root, _component(series_uid, "SeriesInstanceUID"))
 
     def save_volume(self, vol: Volume, fingerprint: str) -> Path:
         meta = {"modality": vol.modality, "study_uid": vol.study_uid,
@@ -131,9 +182,19 @@ class InstanceCache:
         return str(volumes.volume_meta(self.volume_path(series_uid)).get("fingerprint", ""))
 
 
-def _safe(uid: str) -> str:
-    return "".join(c for c in uid if c.isdigit() or c == ".") or hashlib.sha1(
-        uid.encode()).hexdigest()
+def _component(uid: str, field: str) -> str:
+    """A UID as a path component: only a valid DICOM UID (no ``..``, no separators)."""
+    if not valid_uid(uid):
+        raise DataError(shown(uid), uid_problem(uid, field), "nothing was written for it; ask "
+                        "the PACS administrator to correct the instance", kind=BAD_UID)
+    return uid
+
+
+def _ref_problem(s: SeriesRef) -> str | None:
+    for name, uid in (("StudyInstanceUID", s.study_uid), ("SeriesInstanceUID", s.series_uid)):
+        if not valid_uid(uid):
+            return uid_problem(uid, name) + " in the PACS' answer: series not retrieved"
+    return None
 
 
 def _fingerprint(files: list[Path]) -> str:
@@ -149,7 +210,8 @@ def convert_series(cache: InstanceCache, s: SeriesRef, summary: IngestSummary) -
         summary.converted += 1
         return
     try:
-        vol = build_volume(files, series_uid=s.series_uid)
+        vol = build_volume(files, series_uid=s.series_uid,
+                           max_pixel_bytes=cache.max_instance_bytes)
     except DataError as err:
         summary.skipped.append(Skipped(err.path, err.kind, err.problem))
         return
@@ -164,13 +226,20 @@ def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
 
     Problems become skips in the summary (an unreachable PACS: ``summary.unreachable``);
     a [pacs] config no transport can use (dicomweb without a URL) raises ConfigError.
+    Series and instances whose UIDs are not DICOM UIDs are skipped (``bad-uid``) before
+    anything is asked or written; what the transport refuses (another peer, another series,
+    too large) and what arrives but was not asked for are skipped with their reason code.
     """
     t0 = time.monotonic()
     summary = IngestSummary()
-    cache = InstanceCache(cache_dir)
+    cache = InstanceCache(cache_dir, max_instance_bytes=pacs.max_instance_bytes)
     tr = transport or make_transport(pacs)
+
+    def refuse(r: Refusal) -> None:
+        summary.skipped.append(Skipped(r.item, r.kind, r.reason))
+
     try:
-        series = tr.find_series(query)
+        series = tr.find_series(query, refuse=refuse)
     except PacsError as err:
         summary.skipped.append(Skipped(pacs.describe(), PACS_UNREACHABLE, str(err)))
         summary.seconds = time.monotonic() - t0
@@ -180,30 +249,22 @@ def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
     for i, s in enumerate(series):
         if progress:
             progress("retrieve", i, len(series))
+        problem = _ref_problem(s)
+        if problem:
+            refuse(Refusal(BAD_UID, shown(s.series_uid), problem))
+            continue
         try:
-            sops = tr.find_instances(s)
-            summary.instances_found += len(sops)
+            listed = tr.find_instances(s)
+            summary.instances_found += len(listed)
+            sops = [u for u in listed if valid_uid(u)]
+            for u in listed:
+                if not valid_uid(u):
+                    refuse(Refusal(BAD_UID, f"{s.series_uid}/{shown(u)}",
+                                   uid_problem(u, "SOPInstanceUID") + ": not retrieved"))
             missing = [u for u in sops if not cache.has(s, u)]
             summary.already_cached += len(sops) - len(missing)
-            if missing:
-                bad: dict[str, Skipped] = {}  # SOP UID -> why its instance was rejected
-
-                def sink(data: bytes, sop: str, bad: dict[str, Skipped] = bad,
-                         series_uid: str = s.series_uid) -> None:
-                    try:
-                        cache.store(data, expect_sop=sop, source=f"{series_uid}/{sop}")
-                    except DataError as err:
-                        bad[sop] = Skipped(err.path, err.kind, err.problem)
-
-                got = tr.retrieve(s, None if len(missing) == len(sops) else missing, sink)
-                summary.skipped.extend(bad.values())
-                summary.retrieved += got - len(bad)
-                # arrived-but-rejected instances are reported once, with their own kind
-                still = [u for u in missing if not cache.has(s, u) and u not in bad]
-                if still:
-                    summary.skipped.append(Skipped(
-                        s.series_uid, NOT_RETRIEVED,
-                        f"{len(still)} of {len(sops)} instances did not arrive"))
+            if missing:  # the whole series when nothing listed is cached or refused
+                _retrieve(tr, cache, s, missing, summary, whole=len(missing) == len(listed))
         except PacsError as err:
             summary.skipped.append(Skipped(s.series_uid, RETRIEVE_FAILED, str(err)))
             continue
@@ -217,18 +278,68 @@ def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
     return summary
 
 
+def _retrieve(tr: Transport, cache: InstanceCache, s: SeriesRef, missing: list[str],
+              summary: IngestSummary, *, whole: bool) -> None:
+    """Fetch ``missing`` of series ``s`` (with one series-level request when ``whole``);
+    cache what was asked for and passes the checks, report the rest once each."""
+    wanted = set(missing)
+    bad: dict[str, Skipped] = {}  # requested SOP UID -> why its instance was rejected
+    stored: set[str] = set()
+    refused: list[Skipped] = []   # from the transport, and instances nobody asked for
+
+    def refuse(r: Refusal) -> None:
+        if r.sop_uid in wanted and r.sop_uid not in stored:
+            bad[r.sop_uid] = Skipped(r.item, r.kind, r.reason)
+        else:
+            refused.append(Skipped(r.item, r.kind, r.reason))
+
+    def sink(data: bytes, sop: str) -> None:
+        source = f"{s.series_uid}/{shown(sop)}"
+        if sop not in wanted:  # also any UID that is not one (wanted holds valid UIDs only)
+            refused.append(Skipped(source, REJECTED_SERIES if valid_uid(sop) else BAD_UID,
+                                   "an instance that was not requested: not written"))
+            return
+        try:
+            cache.store(data, expect_sop=sop, expect_series=s, source=source)
+        except DataError as err:
+            bad[sop] = Skipped(err.path, err.kind, err.problem)
+            return
+        stored.add(sop)
+        bad.pop(sop, None)
+
+    try:
+        tr.retrieve(s, None if whole else missing, sink, refuse=refuse)
+    finally:  # also when the transfer broke off (then a retrieve-failed skip follows)
+        summary.skipped.extend(refused)
+        summary.skipped.extend(bad.values())
+        summary.retrieved += len(stored)
+    # arrived-but-rejected instances are reported once, with their own kind
+    still = [u for u in missing if u not in stored and u not in bad]
+    if still:
+        summary.skipped.append(Skipped(s.series_uid, NOT_RETRIEVED,
+                                       f"{len(still)} of {len(missing)} instances did not "
+                                       "arrive"))
+
+
 def import_folder(folder: Path, cache_dir: Path, *, convert: bool = True,
-                  progress: Progress | None = None) -> IngestSummary:
-    """Import DICOM files from a folder (CD, export) into the cache, then convert."""
+                  progress: Progress | None = None,
+                  max_instance_mb: int = DEFAULT_MAX_INSTANCE_MB) -> IngestSummary:
+    """Import DICOM files from a folder (CD, export) into the cache, then convert. Files
+    over ``max_instance_mb`` are not read; the checks of :meth:`InstanceCache.store` apply."""
     t0 = time.monotonic()
     summary = IngestSummary()
-    cache = InstanceCache(cache_dir)
+    cache = InstanceCache(cache_dir, max_instance_bytes=max_instance_mb * MIB)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     series: dict[str, SeriesRef] = {}
     for i, f in enumerate(files):
         if progress:
             progress("import", i, len(files))
         try:
+            size = f.stat().st_size
+            if size > cache.max_instance_bytes:
+                raise DataError(str(f), f"{size} bytes, more than the {max_instance_mb} MB "
+                                "allowed", "raise [pacs] max_instance_mb if such instances "
+                                "are expected; it was not read", kind=TOO_LARGE)
             ref = cache.store(f.read_bytes(), source=str(f))
         except DataError as err:
             summary.skipped.append(Skipped(err.path, err.kind, err.problem))

@@ -13,14 +13,20 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedpacs.client import policy
 from fedpacs.client.config import SiteConfig
 from fedpacs.client.data import load_site_data
 from fedpacs.client.metrics import site_metrics
 from fedpacs.common import wire
-from fedpacs.common.contract import CONFIG_KEY, RoundInstructions
+from fedpacs.common.contract import (
+    CONFIG_KEY,
+    SHARE_LOCAL_MODEL_KEY,
+    XVAL_GLOBAL,
+    RoundInstructions,
+)
 from fedpacs.common.datasets import SiteData
 from fedpacs.common.engine import TrainParams, evaluate, train
-from fedpacs.common.errors import ConfigError, FieldError
+from fedpacs.common.errors import ConfigError, FieldError, PolicyError
 from fedpacs.common.models import build_model, norm_state_keys, pick_device
 from fedpacs.common.tasks import TaskConfig, task_with_network
 
@@ -77,11 +83,20 @@ class OpenRound:
 FEDBN_STATE_KEY = "fedbn-local"
 
 
-def open_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> OpenRound:
-    """Parse the round's instructions, load the site's data and the global weights (with
-    this site's own normalisation layers under FedBN, once it has trained)."""
+def open_round(site: SiteConfig, content: RecordDict, state: RecordDict, *,
+               training: bool) -> OpenRound:
+    """Parse the round's instructions, check them against the site's policy, load the
+    site's data and the global weights (with this site's own normalisation layers under
+    FedBN, once it has trained)."""
     ins = RoundInstructions.from_record(content.config_records[CONFIG_KEY])
     task, device = prepare(site, ins.task, ins.network, ins.task_json)
+    policy.enforce(site, ins, task, training=training)
+    if not training and ins.xval_model not in ("", XVAL_GLOBAL) \
+            and not site.security.share_local_model:
+        raise PolicyError("a cross-site validation message", [FieldError(
+            "security.share_local_model", "only the global model to evaluate",
+            "another site's local model (cross-site validation)",
+            "set share_local_model = true if this site takes part in exchanging local models")])
     data = load_data(site, task)
     model = build_model(task)
     wire.load_arrays(model, wire.named_arrays(model, content.array_records[wire.ARRAYS_KEY]))
@@ -102,7 +117,7 @@ def keep_norm_layers(model: torch.nn.Module, state: RecordDict) -> None:
 
 def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
     """Load the global model from ``content``, train locally, reply with the new weights."""
-    r = open_round(site, content, state)
+    r = open_round(site, content, state, training=True)
     ins, task, device, data, model = r.ins, r.task, r.device, r.data, r.model
     seed = ins.seed * 1_000_003 + ins.server_round * 101 + site.data.partition
     res = train(model, data.train, task=task, device=device, seed=seed, params=TrainParams(
@@ -122,12 +137,14 @@ def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> Rec
                             "train-seconds": res.seconds})
     return RecordDict({wire.ARRAYS_KEY: wire.model_to_arrays(model),
                        wire.METRICS_KEY: metrics,
-                       wire.SITE_KEY: ConfigRecord({"name": site.name})})
+                       wire.SITE_KEY: ConfigRecord({
+                           "name": site.name,
+                           SHARE_LOCAL_MODEL_KEY: site.security.share_local_model})})
 
 
 def evaluate_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
     """Evaluate the global model in ``content`` on the site's validation split."""
-    r = open_round(site, content, state)
+    r = open_round(site, content, state, training=False)
     ins, task, device, data, model = r.ins, r.task, r.device, r.data, r.model
     values = evaluate(model, data.val, task=task, device=device)
     site_metrics().val_samples.set(len(data.val))

@@ -60,6 +60,10 @@ def check_unknown(sec: dict[str, Any], allowed: set[str], prefix: str,
 if TYPE_CHECKING:
     from fedpacs.common.datasets import DataSpec
 
+# RunConfig fields that name coordinator paths, keys or ports: they stay on the coordinator.
+SERVER_SIDE_FIELDS = frozenset({"run_dir", "eval_format", "eval_root", "eval_holdout_fraction",
+                                "eval_seed", "metrics_port", "artifact_key"})
+
 
 # --------------------------------------------------------------------------- run config
 @dataclass(frozen=True)
@@ -90,7 +94,9 @@ class RunConfig:
     metrics_port: int = 0  # Prometheus endpoint of the ServerApp; 0: off
     cross_site: bool = True  # NxN validation of the global and each local model at the end
     task_json: str = ""  # a custom task (TaskConfig as JSON) when `task` is not a preset
-    signing_key: str = ""  # server-side Ed25519 key: sign the run's artifacts at the end
+    artifact_key: str = ""  # server-side Ed25519 key: sign the run's artifacts at the end
+    run_name: str = ""  # the run's folder name under the coordinator's runs/ (set by run start)
+    cross_site_local: bool = False  # also cross-validate each consenting site's local model
     # Secure aggregation (SecAgg+): the server only ever sees the sum of the sites' updates.
     secagg: bool = True
     secagg_threshold: float = 0.66  # fraction of a site's key shares needed to unmask it
@@ -113,6 +119,16 @@ class RunConfig:
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def to_app_config(self) -> dict[str, bool | int | float | str]:
+        """What the run's app carries (every site receives it): no server-side field, so
+        no coordinator path or key name ever travels to a site."""
+        return {k: v for k, v in self.to_flat().items()
+                if k.replace("-", "_") not in SERVER_SIDE_FIELDS}
+
+    def server_side(self) -> dict[str, Any]:
+        """The fields that stay on the coordinator (written beside the run for its ServerApp)."""
+        return {k: v for k, v in asdict(self).items() if k in SERVER_SIDE_FIELDS}
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any], *, source: str = "run config",
@@ -201,11 +217,17 @@ class RunConfig:
                                    "secagg (the server sees only the sum of the updates)",
                                    repr(self.strategy), "set secagg = false (--no-secagg) to use "
                                    "a strategy that needs each site's update"))
+        if self.secagg and self.cross_site_local:
+            errs.append(FieldError("cross-site-local", "false with secagg (no local model is "
+                                   "ever seen)", "true", "set secagg = false, or drop "
+                                   "cross-site-local"))
         if self.secagg and self.min_sites < 3:
             errs.append(FieldError("min-sites", ">= 3 with secagg", str(self.min_sites),
                                    "add sites or set secagg = false (--no-secagg)"))
-        if not 0 < self.secagg_threshold <= 1:
-            errs.append(FieldError("secagg-threshold", "in (0, 1]", str(self.secagg_threshold),
+        if not 0.5 < self.secagg_threshold <= 1:
+            errs.append(FieldError("secagg-threshold", "in (0.5, 1]: a strict majority of the "
+                                   "shares (sites refuse anything less)",
+                                   str(self.secagg_threshold),
                                    "e.g. 0.66: a site's mask is rebuilt from 2 of 3 shares"))
         for name in ("secagg_clip", "secagg_max_weight"):
             if not getattr(self, name) > 0:
@@ -256,7 +278,7 @@ class RunConfig:
 RUN_TOML_SECTIONS: dict[str, dict[str, str]] = {
     "run": {"task": "task", "network": "network", "rounds": "rounds",
             "min_sites": "min_sites", "round_timeout_s": "round_timeout_s", "seed": "seed",
-            "cross_site": "cross_site"},
+            "cross_site": "cross_site", "cross_site_local": "cross_site_local"},
     "training": {"local_epochs": "local_epochs", "batch_size": "batch_size", "lr": "lr"},
     "strategy": {"name": "strategy", "proximal_mu": "proximal_mu", "server_lr": "server_lr",
                  "trimmed_beta": "trimmed_beta", "krum_malicious": "krum_malicious",

@@ -25,6 +25,8 @@ CONFIG_KEY = "config"  # the round's instructions in plain messages
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
 XVAL_MODEL_KEY = "xval-model"  # which model a cross-site validation message carries
+XVAL_GLOBAL = "global"  # ... the global one (every other name is a site's local model)
+SHARE_LOCAL_MODEL_KEY = "share-local-model"  # a site's consent, in its train reply
 NUM_EXAMPLES = "num-examples"  # the weighting key FedAvg reads from each reply's metrics
 # SecAgg+ train messages (Flower's legacy fitins layout)
 LEGACY_FIT_CONFIG = "fitins.config"  # SecAgg+ train messages (Flower's legacy fitins)

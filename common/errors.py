@@ -25,6 +25,7 @@ class ExitCode(IntEnum):
     PROCESS = 7
     AUTH = 8
     PACS = 9
+    POLICY = 10
     INTERRUPTED = 130
 
 
@@ -45,6 +46,10 @@ EXIT_CODES: dict[ExitCode, str] = {
     ExitCode.AUTH: "Authentication failed or a key/certificate is missing or invalid.",
     ExitCode.PACS: "The PACS could not be reached or refused the association/request; "
     "check the [pacs] host, port and AE titles and that the PACS knows this site's AE.",
+    ExitCode.POLICY: "A site refused what the coordinator asked because its own [security] "
+    "policy forbids it (e.g. SecAgg+ with fewer sites or a lower reconstruction threshold "
+    "than the site's floor, or a SecAgg+ request inconsistent with the round); the site's "
+    "log names each rule and the fix.",
     ExitCode.INTERRUPTED: "Interrupted by the user (Ctrl-C); child processes were stopped.",
 }
 
@@ -141,3 +146,17 @@ class PacsError(FedpacsError):
     """The PACS was unreachable or refused a request; names the PACS and the fix."""
 
     code = ExitCode.PACS
+
+
+class PolicyError(FedpacsError):
+    """A request from the coordinator that this site's own policy refuses; names each rule
+    broken (what the site requires, what was asked) and the fix."""
+
+    code = ExitCode.POLICY
+
+    def __init__(self, source: str, errors: list[FieldError]) -> None:
+        self.source = source
+        self.errors = list(errors)
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(f"{source} refused by this site's policy ({len(self.errors)} "
+                         f"problem(s)):\n{lines}")

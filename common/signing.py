@@ -8,11 +8,14 @@ of that manifest. Anyone with the public key can check that nothing was changed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import io
 import json
 import os
+import re
+import tempfile
 import tomllib
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -33,11 +36,22 @@ MANIFEST_FORMAT = "fedpacs-manifest/1"
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write key material readable by the owner only (created with mode 600)."""
+    """Write secrets readable by the owner only, atomically: a temp file created with mode
+    600 next to ``path`` is renamed over it, so the result is 600 even when ``path`` already
+    existed with a wider mode, and readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # mkstemp's 600, whatever the umask
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def generate_signing_key(private_path: Path) -> Path:
@@ -57,7 +71,7 @@ def _load_private(path: Path) -> Ed25519PrivateKey:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError) as exc:
         raise AuthError(f"{path}: not a readable Ed25519 private key ({exc}). Fix: create one "
-                        "with `fedpacs provision signing-key`") from exc
+                        "with `fedpacs provision signing-keys`") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise AuthError(f"{path}: expected an Ed25519 key, got {type(key).__name__}")
     return key
@@ -68,7 +82,8 @@ def _load_public(path: Path) -> Ed25519PublicKey:
         key = serialization.load_pem_public_key(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise AuthError(f"{path}: not a readable Ed25519 public key ({exc}). Fix: use the "
-                        "coordinator's signing.pub") from exc
+                        "coordinator's app-signing.pub (apps) or artifact-signing.pub "
+                        "(runs)") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise AuthError(f"{path}: expected an Ed25519 public key, got {type(key).__name__}")
     return key
@@ -128,6 +143,43 @@ def verify_run(run_dir: Path, public_key: Path) -> Verification:
     return Verification(not problems, problems, len(files))
 
 
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def verify_manifest(raw: bytes, signature: bytes, public_key: Path) -> dict[str, str]:
+    """Check a manifest received as bytes (e.g. from the registry) against its signature
+    file's content and a pinned public key; returns its files (run-relative path -> SHA-256)
+    or raises AuthError naming what is wrong."""
+    key = _load_public(public_key)
+    try:
+        sig = base64.b64decode(signature.strip(), validate=True)
+    except ValueError as exc:
+        raise AuthError(f"{SIGNATURE}: expected a base64 Ed25519 signature, got unreadable "
+                        f"content ({exc}). Fix: do not use this model; ask the coordinator to "
+                        "re-sign the run") from exc
+    try:
+        key.verify(sig, raw)
+    except InvalidSignature as exc:
+        raise AuthError(f"{SIGNATURE}: the signature does not match {MANIFEST} for the "
+                        f"pinned key {public_key} (the manifest was changed, or signed by "
+                        "another key). Fix: do not use this model; check with the coordinator "
+                        "that you pinned their artifact-signing.pub") from exc
+    try:
+        manifest = json.loads(raw)
+        files = manifest["files"]
+        fmt = manifest.get("format")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AuthError(f"{MANIFEST}: signed but not a fedpacs manifest ({exc}). Fix: ask the "
+                        "coordinator to re-sign the run with this fedpacs version") from exc
+    if fmt != MANIFEST_FORMAT or not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _SHA256_RE.match(v)
+            for k, v in files.items()):
+        raise AuthError(f"{MANIFEST}: expected format {MANIFEST_FORMAT!r} with a SHA-256 per "
+                        f"file, got format {fmt!r}. Fix: ask the coordinator to re-sign the "
+                        "run with this fedpacs version")
+    return dict(files)
+
+
 # --------------------------------------------------------------------------- signed apps
 APP_SIGNATURE = "fedpacs-app.sig.json"  # inside the app folder, so it travels in the FAB
 APP_SIGNATURE_FORMAT = "fedpacs-app-signature/1"
@@ -182,7 +234,8 @@ def verify_app_files(files: Mapping[str, bytes], trusted: Sequence[Path]) -> str
     if signer not in keys:
         raise AuthError(f"the app is signed by key {signer!r}, which this site does not trust "
                         f"(trusted: {', '.join(sorted(keys)) or 'none'}). Fix: add the "
-                        "coordinator's signing.pub to security.trusted_app_keys, if you trust it")
+                        "coordinator's app-signing.pub to security.trusted_app_keys, if you "
+                        "trust it")
     try:
         keys[signer].verify(sig, _canonical(doc))
     except InvalidSignature as exc:
@@ -201,11 +254,33 @@ def verify_app_files(files: Mapping[str, bytes], trusted: Sequence[Path]) -> str
     return signer
 
 
-def verify_fab(fab: bytes, trusted: Sequence[Path]) -> str:
-    """:func:`verify_app_files` over a Flower App Bundle (a zip)."""
+# A fedpacs app is a pyproject.toml and its signature: a bundle far beyond these is refused
+# before anything is decompressed (a zip bomb never gets inflated in the site's memory).
+MAX_APP_FILES = 256
+MAX_APP_BYTES = 16 * 2**20
+
+
+def verify_fab(fab: bytes, trusted: Sequence[Path], *, max_files: int = MAX_APP_FILES,
+               max_bytes: int = MAX_APP_BYTES) -> str:
+    """:func:`verify_app_files` over a Flower App Bundle (a zip), read within bounds: at
+    most ``max_files`` entries and ``max_bytes`` decompressed in all (checked while
+    inflating, since a zip's declared sizes may lie)."""
     try:
         with zipfile.ZipFile(io.BytesIO(fab)) as z:
-            files = {n: z.read(n) for n in z.namelist() if not n.endswith("/")}
-    except zipfile.BadZipFile as exc:
-        raise AuthError(f"the app bundle is not a zip file ({exc})") from exc
+            names = [n for n in z.namelist() if not n.endswith("/")]
+            if len(names) > max_files:
+                raise AuthError(f"the app bundle holds {len(names)} files, expected at most "
+                                f"{max_files}. Fix: sign and send only the fedpacs app")
+            files: dict[str, bytes] = {}
+            budget = max_bytes
+            for n in names:
+                with z.open(n) as f:
+                    data = f.read(budget + 1)
+                if len(data) > budget:
+                    raise AuthError(f"the app bundle inflates past {max_bytes} bytes (at "
+                                    f"{n!r}). Fix: sign and send only the fedpacs app")
+                budget -= len(data)
+                files[n] = data
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError) as exc:
+        raise AuthError(f"the app bundle is not a readable zip file ({exc})") from exc
     return verify_app_files(files, trusted)

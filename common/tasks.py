@@ -6,6 +6,7 @@ A task is the contract between server and sites: both build the network from the
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -13,6 +14,13 @@ from fedpacs.common.errors import ConfigError, FieldError
 
 TaskKind = Literal["classification", "segmentation"]
 TASK_KINDS: tuple[str, ...] = ("classification", "segmentation")
+# Upper bounds on what a task may ask of a site's memory (a run's task travels from the
+# coordinator: a site builds no network beyond these).
+MAX_SIDE = 1024
+MAX_VOXELS = 2**24
+MAX_CHANNELS = 64
+MAX_CLASSES = 1000
+MAX_WIDTH = 256
 
 
 @dataclass(frozen=True)
@@ -75,15 +83,17 @@ def validate_task_dict(d: dict[str, Any], *, source_prefix: str) -> list[FieldEr
                                "use 2 for slices/X-rays, 3 for volumes"))
     shape = d["input_shape"]
     if not isinstance(shape, list | tuple) or len(shape) != d["spatial_dims"] or not all(
-        isinstance(s, int) and s > 0 for s in shape
-    ):
-        errs.append(FieldError(f"{p}input_shape", f"{d['spatial_dims']} positive integers",
+        isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_SIDE for s in shape
+    ) or math.prod(shape) > MAX_VOXELS:
+        errs.append(FieldError(f"{p}input_shape", f"{d['spatial_dims']} integers in "
+                               f"1..{MAX_SIDE}, at most {MAX_VOXELS} voxels in all",
                                repr(shape), "e.g. input_shape = [48, 64, 48]"))
-    for key in ("in_channels", "num_classes"):
-        v = d[key]
-        if not isinstance(v, int) or v < 1 or (key == "num_classes" and v < 2):
-            errs.append(FieldError(f"{p}{key}", "an integer >= 1 (num_classes >= 2)", repr(v),
-                                   f"set {key} to the number of channels/classes"))
+    for key, lo, hi in (("in_channels", 1, MAX_CHANNELS), ("num_classes", 2, MAX_CLASSES),
+                        ("width", 1, MAX_WIDTH)):
+        v = d.get(key, 16)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            errs.append(FieldError(f"{p}{key}", f"an integer in {lo}..{hi}", repr(v),
+                                   f"set {key} to the number of channels/classes/features"))
     # the network must exist and fit the task kind
     from fedpacs.common.models import MODELS
 

@@ -101,13 +101,16 @@ def site_names(n: int) -> list[str]:
 
 def write_site_configs(folder: Path, *, task: str, data: Path, fmt: str, names: list[str],
                        threads: int, seed: int, trusted_keys: Sequence[Path] = (),
-                       require_secagg: bool = True) -> list[Path]:
+                       require_secagg: bool = True, share_local_model: bool = False
+                       ) -> list[Path]:
     """One site file per site: same data set, disjoint partitions (the server never sees it).
-    Each site runs only apps signed by ``trusted_keys`` (none: unsigned apps allowed) and,
-    with ``require_secagg``, trains only in SecAgg+ runs."""
+    Each site runs only apps signed by ``trusted_keys`` (none: unsigned apps allowed), with
+    ``require_secagg`` trains only in SecAgg+ runs, and with ``share_local_model`` takes part
+    in exchanging local models for cross-site validation."""
     folder.mkdir(parents=True, exist_ok=True)
     keys = ", ".join(f'"{k.resolve()}"' for k in trusted_keys)
     security = (f"[security]\nrequire_secagg = {str(require_secagg).lower()}\n"
+                f"share_local_model = {str(share_local_model).lower()}\n"
                 + (f"trusted_app_keys = [{keys}]\n" if trusted_keys
                    else "allow_unsigned_apps = true\n"))
     paths = []
@@ -125,7 +128,8 @@ def write_site_configs(folder: Path, *, task: str, data: Path, fmt: str, names: 
 
 
 def demo_sites(work: Path, pki: Pki, *, task: str, data_dir: Path | None, names: list[str],
-               threads: int = 1, seed: int = 0, require_secagg: bool = True) -> list[SiteSpec]:
+               threads: int = 1, seed: int = 0, require_secagg: bool = True,
+               share_local_model: bool = False) -> list[SiteSpec]:
     """Site configs for ``names`` on disjoint partitions of a preset's shared data set,
     each trusting the coordinator's app key: the sites of ``fedpacs demo`` and of
     ``fedpacs federation up --task``."""
@@ -135,7 +139,8 @@ def demo_sites(work: Path, pki: Pki, *, task: str, data_dir: Path | None, names:
     td = DEMO_DATA[task]
     files = write_site_configs(work / "sites", task=task, data=demo_data_path(task, data_dir),
                                fmt=td.format, names=names, threads=threads, seed=seed,
-                               trusted_keys=[pki.signing_pub], require_secagg=require_secagg)
+                               trusted_keys=[pki.app_pub], require_secagg=require_secagg,
+                               share_local_model=share_local_model)
     return [SiteSpec(n, f, task, free_port()) for n, f in zip(names, files, strict=True)]
 
 
@@ -240,5 +245,5 @@ def run_once(work: Path, pki: Pki, sites: list[SiteSpec], cfg: RunConfig, *, tim
     echo(f"  model card    {run_dir / 'final' / 'model_card.json'}")
     echo(f"  metrics       {run_dir / 'metrics.json'}")
     echo(f"  report        {run_dir / 'report' / 'index.html'}")
-    echo(f"  signed        fedpacs models verify {run_dir} --public-key {pki.signing_pub}")
+    echo(f"  signed        fedpacs models verify {run_dir} --public-key {pki.artifact_pub}")
     return DemoResult(run_id, run_dir, final, read_rounds(run_dir), status, seconds, urls)

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpacs.common import wire
 from fedpacs.common.config import RunConfig
-from fedpacs.common.contract import RoundInstructions
+from fedpacs.common.contract import XVAL_GLOBAL, RoundInstructions
 from fedpacs.common.datasets import load_holdout
 from fedpacs.common.engine import evaluate
 from fedpacs.common.errors import ConfigError, FieldError
@@ -32,7 +32,7 @@ from fedpacs.common.wire import XVAL_MODEL_KEY
 from fedpacs.server.metrics import ServerMetrics
 from fedpacs.server.recorder import RoundRecord, RoundRecorder, metric_dict, site_name
 from fedpacs.server.report import write_report
-from fedpacs.server.rundir import RunDirectory
+from fedpacs.server.rundir import RUNS_DIR_ENV, RunDirectory, read_server_side
 from fedpacs.server.secure import run_secure
 from fedpacs.server.strategies import make_strategy
 
@@ -49,7 +49,8 @@ class FederatedRun:
         if not cfg.run_dir:
             raise ConfigError("run config", [FieldError(
                 "run-dir", "the server-side folder for this run's checkpoints", "nothing",
-                "start runs with `fedpacs run start` (it sets run-dir)")])
+                "start runs with `fedpacs run start` (it writes the run's server.json and "
+                f"starts the SuperLink with ${RUNS_DIR_ENV})")])
         self.grid, self.cfg, self.context = grid, cfg, context
         self.task = cfg.task_config()
         torch.manual_seed(cfg.seed)
@@ -112,9 +113,11 @@ class FederatedRun:
                                     total=cfg.rounds, error=type(exc).__name__)
             raise
         wire.load_arrays(self.model, final_arrays)
-        # under SecAgg+ no site's local model is ever seen: only the global one is validated
-        cross = (cross_site_validation(self.grid, {"global": final_arrays,
-                                                   **self.recorder.local_models},
+        # The global model goes to every site. A site's local model (plain mode only; under
+        # SecAgg+ none is ever seen) goes to the others only when the run asks for it and
+        # the site consented in its config; each receiving site checks its own consent too.
+        local = self.recorder.shared_local_models() if cfg.cross_site_local else {}
+        cross = (cross_site_validation(self.grid, {XVAL_GLOBAL: final_arrays, **local},
                                        cfg, timeout_s=cfg.round_timeout_s)
                  if cfg.cross_site else {})
         final = self.run_dir.save_final(self.model, {
@@ -128,8 +131,8 @@ class FederatedRun:
             if cfg.dp_clip > 0 else "off",
         })
         write_report(self.run_dir.root)
-        if cfg.signing_key:
-            sign_run(self.run_dir.root, Path(cfg.signing_key))
+        if cfg.artifact_key:
+            sign_run(self.run_dir.root, Path(cfg.artifact_key))
         self.run_dir.set_status("finished", round_=cfg.rounds, total=cfg.rounds)
         return final
 
@@ -191,4 +194,7 @@ def update_metrics(m: ServerMetrics, record: RoundRecord, arrays: ArrayRecord, *
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, RunConfig.from_flat(dict(context.run_config)), context)
+    app_config = dict(context.run_config)
+    server_side = read_server_side(str(app_config.get("run-name", "")))
+    flat = app_config | {k.replace("_", "-"): v for k, v in server_side.items()}
+    run_federation(grid, RunConfig.from_flat(flat), context)

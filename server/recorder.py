@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedpacs.common import wire
+from fedpacs.common.contract import SHARE_LOCAL_MODEL_KEY
 
 
 def site_name(record: RecordDict, index: int) -> str:
@@ -103,6 +104,8 @@ class RoundRecorder:
 
     site_samples: dict[str, int] = field(default_factory=dict)
     local_models: dict[str, ArrayRecord] = field(default_factory=dict)
+    # sites whose train reply consents to their local model going to the other sites
+    shares_local_model: dict[str, bool] = field(default_factory=dict)
     _train: Phase | None = None
     _evaluate: Phase | None = None
     _rejected: dict[str, str] = field(default_factory=dict)
@@ -113,6 +116,9 @@ class RoundRecorder:
         agg, self._train = self._phase(records, key)
         for i, name in enumerate(self._train.sites):
             self.site_samples[name] = int(self._train.sites[name].get(wire.NUM_EXAMPLES, 0))
+            site = records[i].config_records.get(wire.SITE_KEY)
+            self.shares_local_model[name] = bool(site.get(SHARE_LOCAL_MODEL_KEY, False)) \
+                if site is not None else False
             local = next(iter(records[i].array_records.values()), None)
             if local is not None and len(local) > 0:  # (empty once a strategy popped it)
                 self.local_models[name] = local
@@ -129,6 +135,10 @@ class RoundRecorder:
         bytes_in = sum(ar.count_bytes() for r in records for ar in r.array_records.values())
         return agg, Phase({k: v for k, v in agg.items() if isinstance(v, int | float)}, sites,
                           bytes_in)
+
+    def shared_local_models(self) -> dict[str, ArrayRecord]:
+        """The local models whose sites consented to cross-site validation."""
+        return {n: m for n, m in self.local_models.items() if self.shares_local_model.get(n)}
 
     def keep_local_model(self, site: str, arrays: ArrayRecord) -> None:
         """A copy of a site's update as it arrived (some strategies pop arrays as they go)."""

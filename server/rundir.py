@@ -14,6 +14,8 @@ Layout::
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,5 +77,31 @@ def read_status(run_dir: Path) -> dict[str, Any]:
     """``status.json`` of a run ({} before the ServerApp wrote it)."""
     try:
         return dict(json.loads((run_dir / "status.json").read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+# A run's server-side settings (run dir, held-out data, artifact key, metrics port) never
+# travel in its app (every site receives the app): `run start` writes them beside the run,
+# and the ServerApp finds them under the runs folder its SuperLink was started with.
+RUNS_DIR_ENV = "FEDPACS_RUNS_DIR"
+SERVER_SIDE_FILE = "server.json"
+RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def write_server_side(run_dir: Path, fields: dict[str, Any]) -> Path:
+    path = run_dir / SERVER_SIDE_FILE
+    write_json(path, fields)
+    return path
+
+
+def read_server_side(run_name: str) -> dict[str, Any]:
+    """The server-side fields of run ``run_name`` ({} when this ServerApp was not started
+    by a fedpacs coordinator, or the run has no such name)."""
+    runs = os.environ.get(RUNS_DIR_ENV, "")
+    if not runs or not RUN_NAME_RE.match(run_name):
+        return {}
+    try:
+        return dict(json.loads((Path(runs) / run_name / SERVER_SIDE_FILE).read_text()))
     except (OSError, ValueError):
         return {}

@@ -10,6 +10,7 @@ the aggregate is checked here (each site checks its own update before masking it
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -40,11 +41,26 @@ def check_update(reference: dict[str, torch.Tensor], update: dict[str, np.ndarra
     return errors
 
 
-def screen(replies: Iterable[Message], reference: dict[str, torch.Tensor], *, max_norm: float
-           ) -> tuple[list[Message], dict[str, str]]:
+def check_weight(num_examples: object, *, max_weight: float) -> list[FieldError]:
+    """A site's self-reported weight must be a whole number of examples in 1..max_weight:
+    one site claiming 1e12 would otherwise replace the global model."""
+    ok = isinstance(num_examples, int | float) and not isinstance(num_examples, bool) \
+        and math.isfinite(num_examples) and float(num_examples).is_integer() \
+        and 0 < num_examples <= max_weight
+    if ok:
+        return []
+    return [FieldError("num-examples", f"a whole number of examples in 1..{max_weight:g} "
+                       "(the run's max-weight)", repr(num_examples),
+                       "the site reports its real training-sample count; raise "
+                       "--secagg-max-weight if a site really has more")]
+
+
+def screen(replies: Iterable[Message], reference: dict[str, torch.Tensor], *, max_norm: float,
+           max_weight: float) -> tuple[list[Message], dict[str, str]]:
     """Split a round's train replies into those to aggregate and the rejected ones
-    (site -> reason). Error replies are kept: the strategy logs and skips them. Pure: the
-    replies and the reference are not changed."""
+    (site -> reason): wrong keys/shapes/dtypes, NaN/Inf, too far from the global model, or a
+    weight outside 1..max_weight. Error replies are kept: the strategy logs and skips them.
+    Pure: the replies and the reference are not changed."""
     kept: list[Message] = []
     rejected: dict[str, str] = {}
     for i, reply in enumerate(replies):
@@ -56,6 +72,9 @@ def screen(replies: Iterable[Message], reference: dict[str, torch.Tensor], *, ma
         errors = ([FieldError("arrays", "an ArrayRecord", "none", "send the weights")]
                   if arrays is None else
                   check_update(reference, wire.arrays_to_numpy(arrays), max_norm=max_norm))
+        metrics = reply.content.metric_records.get(wire.METRICS_KEY)
+        errors += check_weight(metrics.get(wire.NUM_EXAMPLES) if metrics is not None else None,
+                               max_weight=max_weight)
         if errors:
             rejected[site] = str(UpdateError(errors))
             continue
@@ -82,10 +101,11 @@ class ScreenedStrategy(Strategy):
     round's global weights (the run loads each new global model into it)."""
 
     def __init__(self, inner: Strategy, *, model: nn.Module, max_norm: float,
-                 recorder: RoundRecorder) -> None:
+                 max_weight: float, recorder: RoundRecorder) -> None:
         self.inner = inner
         self.model = model
         self.max_norm = max_norm
+        self.max_weight = max_weight
         self.recorder = recorder
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -94,7 +114,8 @@ class ScreenedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, rejected = screen(replies, self.model.state_dict(), max_norm=self.max_norm)
+        kept, rejected = screen(replies, self.model.state_dict(), max_norm=self.max_norm,
+                                max_weight=self.max_weight)
         for site, reason in rejected.items():
             log.error("round %d: update from %s dropped: %s", server_round, site, reason)
         self.recorder.reject(rejected)

@@ -47,7 +47,7 @@ from fedpacs.common.config import RunConfig
 from fedpacs.common.contract import RoundInstructions
 from fedpacs.common.errors import UpdateError
 from fedpacs.server.recorder import RoundRecorder
-from fedpacs.server.screening import screen_aggregate
+from fedpacs.server.screening import check_weight, screen_aggregate
 
 log = logging.getLogger("fedpacs.server")
 
@@ -110,6 +110,17 @@ class SecureFedAvg(LegacyFedAvg):
             log.warning("round %d: a site failed under SecAgg+: %s", server_round, failure)
         if not results:
             return None, {}
+        # weights travel in the clear: one beyond max-weight wrapped modulo 2^32 inside the
+        # masked sum, so the whole aggregate is refused (the global model is kept)
+        overweight = {str(res.metrics.get("site", "")) or f"site-{i}": str(UpdateError(errs))
+                      for i, (_, res) in enumerate(results)
+                      if (errs := check_weight(res.num_examples,
+                                               max_weight=self.cfg.secagg_max_weight))}
+        if overweight:
+            log.error("round %d: aggregate refused, the global model is kept: %s",
+                      server_round, overweight)
+            self.recorder.reject(overweight)
+            return None, dict(agg)
         values = parameters_to_ndarrays(results[0][1].parameters)  # the unmasked mean
         try:
             named = screen_aggregate(self.model, values, max_norm=self.cfg.max_update_norm)

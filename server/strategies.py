@@ -57,4 +57,4 @@ def make_strategy(cfg: RunConfig, recorder: RoundRecorder, model: nn.Module | No
     if model is None:
         return inner
     return ScreenedStrategy(inner, model=model, max_norm=cfg.max_update_norm,
-                            recorder=recorder)
+                            max_weight=cfg.secagg_max_weight, recorder=recorder)

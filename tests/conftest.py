@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,3 +30,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+@pytest.fixture()
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's task identity, as a ClientApp/ServerApp process has it, for code run in
+    this process (the in-memory grid; `pytestmark = usefixtures("task_identity")`)."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

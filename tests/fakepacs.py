@@ -5,8 +5,10 @@ Series are built from pydicom's bundled ``CT_small.dcm`` (a 128x128 CT slice in 
 rescale) under new UIDs, one slice every ``slice_mm`` along the normal. A test can make the
 PACS misbehave the ways a real one does: list instances it then does not send
 (``withhold``), send broken bytes for an instance (``corrupt``), refuse a series' transfer
-(``fail_series``) or not answer at all (``unreachable``). End-to-end tests use a real
-Orthanc (fedpacs.deploy.orthanc) instead.
+(``fail_series``) or not answer at all (``unreachable``), or push instances nobody asked
+for along with a series (``extra``). It checks nothing itself (like a naive PACS: UIDs such
+as ``..`` are listed and sent as they are), so the ingest's own checks are what a test sees.
+End-to-end tests use a real Orthanc (fedpacs.deploy.orthanc) instead.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from fedpacs.client.pacs import CohortQuery, SeriesRef, Sink, series_matches
+from fedpacs.client.pacs import (
+    CohortQuery,
+    Refuse,
+    SeriesRef,
+    Sink,
+    log_refusal,
+    series_matches,
+)
 from fedpacs.common.errors import PacsError
 
 FAKE_PACS = "FAKEPACS@memory"
@@ -72,6 +81,8 @@ class FakePacs:
     corrupt: dict[str, bytes] = field(default_factory=dict)  # SOP UID -> bytes sent instead
     fail_series: set[str] = field(default_factory=set)  # series whose retrieve fails
     unreachable: bool = False
+    # series UID -> (bytes, SOP UID) sent after that series' own instances (a push)
+    extra: dict[str, list[tuple[bytes, str]]] = field(default_factory=dict)
     sent: list[str] = field(default_factory=list)  # SOP UIDs handed to a sink, in order
     retrieves: list[tuple[str, list[str] | None]] = field(default_factory=list)
 
@@ -86,7 +97,8 @@ class FakePacs:
             out.setdefault(str(ds.SeriesInstanceUID), []).append(ds)
         return out
 
-    def find_series(self, query: CohortQuery) -> list[SeriesRef]:
+    def find_series(self, query: CohortQuery, *,
+                    refuse: Refuse = log_refusal) -> list[SeriesRef]:
         self._check_up()
         refs = []
         for items in self._series().values():
@@ -112,7 +124,8 @@ class FakePacs:
         self._check_up()
         return sop_uids(self._series().get(series.series_uid, []))
 
-    def retrieve(self, series: SeriesRef, sop_uids: list[str] | None, sink: Sink) -> int:
+    def retrieve(self, series: SeriesRef, sop_uids: list[str] | None, sink: Sink, *,
+                 refuse: Refuse = log_refusal) -> int:
         self._check_up()
         self.retrieves.append((series.series_uid, None if sop_uids is None else list(sop_uids)))
         if series.series_uid in self.fail_series:
@@ -125,6 +138,10 @@ class FakePacs:
             if (wanted is not None and sop not in wanted) or sop in self.withhold:
                 continue
             sink(self.corrupt[sop] if sop in self.corrupt else part10(ds), sop)
+            self.sent.append(sop)
+            n += 1
+        for data, sop in self.extra.get(series.series_uid, []):
+            sink(data, sop)
             self.sent.append(sop)
             n += 1
         return n

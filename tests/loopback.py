@@ -65,3 +65,12 @@ class LoopbackGrid(Grid):
             self.received.append(reply)
             replies.append(reply)
         return replies
+
+
+def send_stage(grid: Grid, contents: dict[int, RecordDict], *, group_id: str = "1",
+               message_type: str = "train") -> dict[int, Message]:
+    """One message per node, as a (possibly malicious) server workflow would send it; the
+    replies by node id (a dropped node has none)."""
+    messages = [Message(content=content, dst_node_id=nid, message_type=message_type,
+                        group_id=group_id) for nid, content in contents.items()]
+    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpacs.client.app import handle
 from fedpacs.client.trainer import evaluate_round, train_round
@@ -18,13 +17,7 @@ from fedpacs.common.errors import ExitCode
 from fedpacs.common.models import build_model
 from fedpacs.common.tasks import TASK_PRESETS
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages are built as inside a Flower task process (which sets these)."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _message(task: str) -> Message:
@@ -91,7 +84,7 @@ def test_fedbn_keeps_the_site_norm_layers(tmp_path: Path, data_dir: Path) -> Non
     # next round: the global norm layers are replaced by this site's own
     nxt = _message("breastmnist")
     nxt.content.config_records["config"]["fedbn"] = True
-    r = open_round(site, nxt.content, state)
+    r = open_round(site, nxt.content, state, training=False)
     assert r.fedbn_restored == len(local)
     global_state = build_model(TASK_PRESETS["breastmnist"]).state_dict()
     trained = reply["arrays"].to_torch_state_dict()
@@ -146,7 +139,7 @@ def test_site_requiring_secagg_refuses_a_plain_round(tmp_path: Path, data_dir: P
 
     site = _site(tmp_path, data_dir)  # no [security] table: require_secagg defaults to true
     reply = app(_message("breastmnist"), _context(str(site)))
-    assert reply.has_error() and reply.error.code == ExitCode.CONFIG
+    assert reply.has_error() and reply.error.code == ExitCode.POLICY
     site.write_text(site.read_text() + "[security]\nrequire_secagg = false\n")
     assert not app(_message("breastmnist"), _context(str(site))).has_error()
 

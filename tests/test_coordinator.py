@@ -36,7 +36,7 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
     # `federation up` detaches its processes and exits, so it runs as its own process here
     up = subprocess.run([tool("fedpacs"), "federation", "up", "--workdir", str(work), "--task",
                          "breastmnist", "--sites", "2", "--data-dir", str(data_dir),
-                         "--no-require-secagg"],
+                         "--no-require-secagg", "--share-local-models"],
                         capture_output=True, text=True, timeout=300, env=child_env())
     assert up.returncode == 0, up.stderr
     assert "server metrics http://127.0.0.1:" in up.stdout
@@ -56,7 +56,8 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
         assert "strategy" in err and "network" in err
         assert not (work / "runs").exists()
 
-        assert main([*base, "--rounds", "2", "--strategy", "fedmedian", "--fedbn"]) == 0
+        assert main([*base, "--rounds", "2", "--strategy", "fedmedian", "--fedbn",
+                     "--cross-site-local"]) == 0
         run_a = _run_id(capsys.readouterr().out)
         seen: list[str] = []
         deadline = time.monotonic() + 600
@@ -71,8 +72,8 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
         # FedBN across real ClientApp processes: in round 2 every site evaluated with the
         # normalisation layers it kept in its SuperNode state after training
         assert st["latest"]["evaluate"]["fedbn-restored"] > 0  # type: ignore[index]
-        # plain mode: the NxN cross-site matrix (FedMedian pops the updates it reads; the
-        # server keeps each site's local model before that)
+        # plain mode, both sites consenting: the NxN cross-site matrix (FedMedian pops the
+        # updates it reads; the server keeps each site's local model before that)
         card = json.loads((Path(str(st["run_dir"])) / "final" / "model_card.json").read_text())
         assert set(card["cross_site"]) == {"global", "site-a", "site-b"}
         assert all(set(row) == {"site-a", "site-b"} for row in card["cross_site"].values())
@@ -111,8 +112,10 @@ def test_start_watch_stop(tmp_path: Path, data_dir: Path,
         assert not process_alive(old_b) and process_alive(new_b)
         assert rotated["sites"]["site-a"]["pid"] == pids["site-a"]
         assert process_alive(pids["site-a"])
-        rev = subprocess.run([tool("fedpacs"), "federation", "revoke", "site-b", "--workdir",
-                              str(work)], capture_output=True, text=True, timeout=120,
+        # the offline-looking `provision revoke-site` finds the running federation of its
+        # PKI and unregisters the node too (as `federation revoke` does)
+        rev = subprocess.run([tool("fedpacs"), "provision", "revoke-site", "site-b", "--dir",
+                              str(work / "pki")], capture_output=True, text=True, timeout=120,
                              env=child_env())
         assert rev.returncode == 0 and "unregistered" in rev.stdout, rev.stderr
         after = json.loads((work / "federation.json").read_text())

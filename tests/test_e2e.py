@@ -23,7 +23,6 @@ from fedpacs.common.signing import generate_signing_key, sign_app, verify_run
 from fedpacs.common.tasks import TASK_PRESETS
 from fedpacs.deploy.cli import main
 from fedpacs.deploy.demo import DemoOptions, run_demo, write_site_configs
-from fedpacs.server.coordinator.bundle import write_app
 from fedpacs.server.coordinator.federation import Federation, SiteSpec
 from fedpacs.server.coordinator.pki import SiteKeys, create_site_key, provision
 from fedpacs.server.registry import Registry, RegistryServer, TokenStore
@@ -109,7 +108,7 @@ def test_federated_run_end_to_end(tmp_path: Path, data_dir: Path) -> None:
         assert cross["global"][s]["dice-mean"] == pytest.approx(
             res.rounds[-1]["evaluate_sites"][s]["val-dice-mean"], abs=1e-6)
     # the artifacts are signed with the coordinator's key, and verify
-    check = verify_run(res.run_dir, tmp_path / "demo" / "pki" / "signing.pub")
+    check = verify_run(res.run_dir, tmp_path / "demo" / "pki" / "artifact-signing.pub")
     assert check.ok and check.checked == 3 + 2 * 3, check.problems
     report = (res.run_dir / "report" / "index.html").read_text()
     assert "cross_site.png" in report and "rounds.png" in report
@@ -125,8 +124,11 @@ def test_federated_run_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     tokens = TokenStore(tmp_path / "tokens.json")
     token = tokens.add("researcher")
     with RegistryServer(registry, tokens) as srv:
+        # checked against the run's manifest, signed by the coordinator's pinned key
         assert main(["models", "pull", "hippo-e2e", "--out", str(tmp_path / "pulled"),
+                     "--public-key", str(tmp_path / "demo" / "pki" / "artifact-signing.pub"),
                      "--url", srv.url, "--token", token]) == 0
+        assert (tmp_path / "pulled" / "hippo-e2e" / "MANIFEST.sig").is_file()
         base = f"{srv.url}/v1/models"
         for url, tok, code in ((base, "not-a-token", 401),
                                (f"{base}/..%2F..%2Ftokens.json/files/model.pt", token, 404),
@@ -220,21 +222,20 @@ def test_site_runs_only_apps_signed_by_a_trusted_key(tmp_path: Path, data_dir: P
     (site_file,) = write_site_configs(
         tmp_path / "sites", task="breastmnist", fmt="medmnist", names=["site-a"], threads=1,
         seed=0, data=data_dir / "medmnist_breast" / "breastmnist.npz",
-        trusted_keys=[pki.signing_pub], require_secagg=False)
+        trusted_keys=[pki.app_pub], require_secagg=False)
     site_log = tmp_path / "logs" / "supernode-site-a.log"
 
     def run(name: str, prepare: Callable[[Path], None]) -> dict[str, object]:
         cfg = RunConfig(task="breastmnist", rounds=1, local_epochs=1, batch_size=64,
-                        min_sites=1, secagg=False, cross_site=False, round_timeout_s=120,
-                        run_dir=str(tmp_path / "runs" / name))
-        app = write_app(tmp_path / "apps" / name, cfg)
+                        min_sites=1, secagg=False, cross_site=False, round_timeout_s=120)
+        app, run_dir = fed.prepare_run(cfg)  # written unsigned; `prepare` plays the attacker
         prepare(app)
         assert _wait_finished(fed, fed.submit(app)) == "finished:completed"
-        rounds = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["rounds"]
+        rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
         return dict(rounds[1])
 
     def tamper(app: Path) -> None:  # signed, then the round count is edited
-        sign_app(app, pki.signing_key)
+        sign_app(app, pki.app_key)
         toml = app / "pyproject.toml"
         toml.write_text(toml.read_text().replace('local-epochs = 1', 'local-epochs = 50'))
 
@@ -260,7 +261,7 @@ def test_site_runs_only_apps_signed_by_a_trusted_key(tmp_path: Path, data_dir: P
         assert "which this site does not trust" in site_log.read_text()
 
         # control: the same app signed by the coordinator's key is run
-        signed = run("signed", lambda app: _sign(app, pki.signing_key))
+        signed = run("signed", lambda app: _sign(app, pki.app_key))
         sites = signed["train_sites"]
         assert isinstance(sites, dict) and set(sites) == {"site-a"}
         assert site_log.read_text().count("REFUSED app") >= 3
@@ -274,13 +275,13 @@ def test_secagg_round_survives_a_site_dropping_out(tmp_path: Path, data_dir: Pat
     src = data_dir / "medmnist_breast" / "breastmnist.npz"
     files = dict(zip(names, write_site_configs(
         tmp_path / "sites", task="breastmnist", fmt="medmnist", names=names, threads=1, seed=0,
-        data=src, trusted_keys=[pki.signing_pub]), strict=True))
+        data=src, trusted_keys=[pki.app_pub]), strict=True))
     doomed = tmp_path / "site-c-data" / "breastmnist.npz"
     doomed.parent.mkdir()
     doomed.write_bytes(src.read_bytes())
     files["site-c"].write_text(files["site-c"].read_text().replace(str(src), str(doomed)))
     cfg = RunConfig(task="breastmnist", rounds=1, local_epochs=1, batch_size=64, min_sites=3,
-                    cross_site=False, round_timeout_s=300, run_dir=str(tmp_path / "run"))
+                    cross_site=False, round_timeout_s=300)
     with Federation.new(tmp_path, pki) as fed:
         fed.start_superlink()
         for name in names:
@@ -288,9 +289,9 @@ def test_secagg_round_survives_a_site_dropping_out(tmp_path: Path, data_dir: Pat
             fed.start_site(SiteSpec(name, files[name], "breastmnist"))
         fed.wait_nodes_online(3)
         doomed.unlink()  # site-c's disk fails: it can join the key exchange, not train
-        app = write_app(tmp_path / "app", cfg, signing_key=pki.signing_key)
-        assert _wait_finished(fed, fed.submit(app), 600) == "finished:completed"
-    rounds = json.loads((tmp_path / "run" / "metrics.json").read_text())["rounds"]
+        run_id, run_dir = fed.start_run(cfg)
+        assert _wait_finished(fed, run_id, 600) == "finished:completed"
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert rounds[1]["secagg"] == {"sites_summed": 2, "sites_dropped": 1}
     assert set(rounds[1]["train_sites"]) == {"site-a", "site-b"}
     assert rounds[1]["model_sha256"] != rounds[0]["model_sha256"]  # the model moved on

@@ -55,7 +55,7 @@ def test_sites_train_on_what_they_ingested(tmp_path: Path, data_dir: Path) -> No
                 f'[compute]\nthreads = 1\n\n[pacs]\nmethod = "{method}"\nport = '
                 f'{server.dicom_port}\ndicomweb_url = "{server.dicomweb_url}"\n'
                 f'cache_dir = "cache"\n\n[security]\nrequire_secagg = false\n'
-                f'trusted_app_keys = ["{pki.signing_pub}"]\n')
+                f'trusted_app_keys = ["{pki.app_pub}"]\n')
             assert main(["site", "ingest", "--config", str(cfg)]) == 0
             # the hospital labels its ingested series (here: 1 = CT, 0 = MR)
             with (home / "labels.csv").open("w", newline="") as f:

@@ -3,7 +3,10 @@
 * no reply the server receives holds a readable update, yet the aggregate equals plain
   FedAvg of the same local models within the quantisation error;
 * a site that drops out after the key exchange is unmasked from its neighbours' shares;
-* in plain mode a NaN update and a wrong-shaped update are dropped while the round completes.
+* in plain mode a NaN update and a wrong-shaped update are dropped while the round completes;
+* a malicious server that picks the SecAgg+ parameters (a one-site round with threshold 1)
+  or lists a site as both active and dropped gets a coded refusal and nothing of the
+  site's update, where Flower's ``secaggplus_mod`` alone hands it the exact update.
 """
 
 from __future__ import annotations
@@ -16,28 +19,48 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app.typing import ConfigRecordValues
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import FitIns, ndarrays_to_parameters
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+    factor_extract,
+    parameters_addition,
+    parameters_mod,
+    parameters_subtraction,
+)
+from flwr.common.secure_aggregation.quantization import dequantize
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+    Stage,
+)
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedpacs.client.app import app as client_app
+from fedpacs.client.app import train as site_train
 from fedpacs.client.config import load_site_config
 from fedpacs.client.trainer import train_round
 from fedpacs.common import wire
 from fedpacs.common.artifacts import load_model
 from fedpacs.common.config import RunConfig
 from fedpacs.common.contract import RoundInstructions
+from fedpacs.common.errors import ExitCode, describe
 from fedpacs.common.models import build_model
 from fedpacs.server.app import run_federation
-from tests.loopback import LoopbackGrid
+from fedpacs.server.secure import MODULUS_RANGE, QUANTIZATION_RANGE
+from tests.loopback import LoopbackGrid, send_stage
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 TASK = "breastmnist"
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def _sites(tmp_path: Path, data_dir: Path, n: int = 3) -> dict[int, Path]:
@@ -211,3 +234,283 @@ def test_serverapp_refuses_a_run_without_its_run_dir() -> None:
         run_federation(LoopbackGrid(client_app, {}), RunConfig(secagg=False),
                        Context(1, 0, {}, RecordDict(), {}))
     assert [e.field for e in exc.value.errors] == ["run-dir"]
+
+
+# --- a malicious coordinator -----------------------------------------------------------------
+
+Lists = tuple[list[int], list[int]]  # an unmask request: (active, dropped) node ids
+
+
+def _flower_only() -> ClientApp:
+    """The site without its own SecAgg+ policy: Flower's ``secaggplus_mod`` alone in front
+    of fedpacs' training, answering whatever the server asks (the control that shows each
+    attack is real)."""
+    bare = ClientApp(mods=[secaggplus_mod])
+    bare.train()(site_train)
+    return bare
+
+
+def _record(values: dict[str, ConfigRecordValues], content: RecordDict | None = None
+            ) -> RecordDict:
+    out = content if content is not None else RecordDict()
+    out.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(values)
+    return out
+
+
+def _values(reply: Message, key: str) -> list[ConfigRecordValues]:
+    value = reply.content.config_records[RECORD_KEY_CONFIGS][key]
+    return list(value) if isinstance(value, list) else [value]
+
+
+class RogueServer:
+    """A coordinator that runs the SecAgg+ stages with parameters of its choosing, over the
+    loopback grid to the sites' ClientApp, pressing on past refusals; then tries to unmask
+    one site's update from what the sites sent it."""
+
+    def __init__(self, grid: LoopbackGrid, cfg: RunConfig) -> None:
+        self.grid, self.cfg = grid, cfg
+        self.replies: dict[str, dict[int, Message]] = {}
+        self.setup_params: dict[str, ConfigRecordValues] = {}
+        self.pk1: dict[int, bytes] = {}
+        self.sources: dict[int, list[int]] = {}
+        self.asked: dict[int, Lists] = {}
+
+    def ok(self, stage: str) -> dict[int, Message]:
+        return {nid: r for nid, r in self.replies.get(stage, {}).items() if not r.has_error()}
+
+    def until_unmask(self, nodes: list[int], *, n: int, m: int, t: int) -> None:
+        self.setup_params = {
+            Key.SAMPLE_NUMBER: n, Key.SHARE_NUMBER: m, Key.THRESHOLD: t,
+            Key.CLIPPING_RANGE: self.cfg.secagg_clip, Key.TARGET_RANGE: QUANTIZATION_RANGE,
+            Key.MOD_RANGE: MODULUS_RANGE, Key.MAX_WEIGHT: self.cfg.secagg_max_weight}
+        self.replies[Stage.SETUP] = send_stage(self.grid, {nid: _record(
+            {Key.STAGE: Stage.SETUP} | self.setup_params) for nid in nodes})
+        pks: dict[str, ConfigRecordValues] = {}
+        for nid in nodes:  # a refusing site gets made-up keys: the server presses on
+            reply = self.ok(Stage.SETUP).get(nid)
+            pk1, pk2 = ((_values(reply, Key.PUBLIC_KEY_1)[0], _values(reply, Key.PUBLIC_KEY_2)[0])
+                        if reply else (bytes([nid]) * 32, bytes([nid + 1]) * 32))
+            assert isinstance(pk1, bytes) and isinstance(pk2, bytes)
+            self.pk1[nid], pks[str(nid)] = pk1, [pk1, pk2]
+        self.replies[Stage.SHARE_KEYS] = send_stage(self.grid, {nid: _record(
+            {Key.STAGE: Stage.SHARE_KEYS} | pks) for nid in nodes})
+        fwd: dict[int, tuple[list[int], list[bytes]]] = {nid: ([], []) for nid in nodes}
+        for src, reply in self.ok(Stage.SHARE_KEYS).items():
+            for dst, ct in zip(_values(reply, Key.DESTINATION_LIST),
+                               _values(reply, Key.CIPHERTEXT_LIST), strict=True):
+                assert isinstance(dst, int) and isinstance(ct, bytes)
+                fwd[dst][0].append(src)
+                fwd[dst][1].append(ct)
+        self.sources = {nid: fwd[nid][0] for nid in nodes}
+        self.replies[Stage.COLLECT_MASKED_VECTORS] = send_stage(self.grid, {nid: _record(
+            {Key.STAGE: Stage.COLLECT_MASKED_VECTORS, Key.SOURCE_LIST: fwd[nid][0],
+             Key.CIPHERTEXT_LIST: fwd[nid][1]}, self._fitins()) for nid in nodes})
+
+    def unmask(self, lists: dict[int, Lists]) -> dict[int, Message]:
+        self.asked = lists
+        self.replies[Stage.UNMASK] = send_stage(self.grid, {nid: _record(
+            {Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active,
+             Key.DEAD_NODE_ID_LIST: dead}) for nid, (active, dead) in lists.items()})
+        return self.replies[Stage.UNMASK]
+
+    def _fitins(self) -> RecordDict:
+        model = build_model(self.cfg.task_config(), seed=self.cfg.seed)
+        params = ndarrays_to_parameters(wire.to_numpy_list(wire.model_to_arrays(model)))
+        ins = FitIns(params, RoundInstructions.for_round(self.cfg, 1).to_dict())
+        return compat.fitins_to_recorddict(ins, keep_input=True)
+
+    def recover(self, victim: int) -> np.ndarray | None:
+        """The victim's own update, unmasked with the shares the sites handed over (as the
+        server would: its mask seed, then each pairwise mask from either end's key); None
+        when the shares are too few."""
+        masked = self.ok(Stage.COLLECT_MASKED_VECTORS).get(victim)
+        if masked is None:
+            return None
+        t, mod = self.setup_params[Key.THRESHOLD], self.setup_params[Key.MOD_RANGE]
+        assert isinstance(t, int) and isinstance(mod, int)
+        seeds: dict[int, list[bytes]] = {}
+        keys: dict[int, list[bytes]] = {}
+        for holder, reply in self.ok(Stage.UNMASK).items():
+            active, dead = self.asked[holder]
+            shares = _values(reply, Key.SHARE_LIST)
+            for i, (owner, share) in enumerate(zip(active + dead, shares, strict=True)):
+                assert isinstance(share, bytes)  # first the seed shares, then the key shares
+                (seeds if i < len(active) else keys).setdefault(owner, []).append(share)
+        if len(seeds.get(victim, [])) < t:
+            return None
+        vec = [np.asarray(a) for a in _masked_vector(masked)]
+        shapes = [a.shape for a in vec]
+        vec = parameters_subtraction(vec, pseudo_rand_gen(
+            combine_shares(seeds[victim]), mod, shapes))
+        for peer in self.sources[victim]:  # pairwise masks: from either end's mask key
+            if len(keys.get(victim, [])) >= t:
+                secret, public = combine_shares(keys[victim]), self.pk1[peer]
+            elif len(keys.get(peer, [])) >= t:
+                secret, public = combine_shares(keys[peer]), self.pk1[victim]
+            else:
+                return None
+            mask = pseudo_rand_gen(generate_shared_key(
+                bytes_to_private_key(secret), bytes_to_public_key(public)), mod, shapes)
+            vec = (parameters_subtraction if victim > peer else parameters_addition)(vec, mask)
+        q_ratio, quantized = factor_extract(parameters_mod(vec, mod))
+        clip, target = float(self.cfg.secagg_clip), QUANTIZATION_RANGE
+        values = dequantize(quantized, clip, target)
+        return np.concatenate([v.ravel() * target / q_ratio for v in values])
+
+
+def _flat(weights: dict[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(v, np.float64).ravel() for v in weights.values()])
+
+
+def _secrets(grid: LoopbackGrid, victim: int) -> set[bytes]:
+    """The victim's mask seed and mask keys, and every share of them any site holds."""
+    out: set[bytes] = set()
+    for nid, ctx in grid.contexts.items():
+        state = ctx.state.config_records.get(RECORD_KEY_STATE, ConfigRecord())
+        if nid == victim:
+            out |= {v for k in ("rd_seed", "sk1", "sk2") if isinstance(v := state.get(k), bytes)}
+        for kind in ("rd_seed_share_dict", "sk1_share_dict"):
+            owners, shares = state.get(f"{kind}:K", []), state.get(f"{kind}:V", [])
+            assert isinstance(owners, list) and isinstance(shares, list)
+            out |= {s for o, s in zip(owners, shares, strict=True)
+                    if o == victim and isinstance(s, bytes)}
+    return out
+
+
+def _leaked(replies: list[Message], secrets: set[bytes]) -> list[bytes]:
+    """The secrets found (whole or inside any byte string) in what the server received."""
+    blobs = [b for r in replies if r.has_content()
+             for rec in r.content.config_records.values() for v in rec.values()
+             for b in (v if isinstance(v, list) else [v]) if isinstance(b, bytes)]
+    return [s for s in secrets if any(s in b for b in blobs)]
+
+
+def _assert_refused(reply: Message) -> None:
+    assert reply.has_error() and not reply.has_content()
+    assert reply.error.code == ExitCode.POLICY
+    assert reply.error.reason == f"FP010 PolicyError: {describe(ExitCode.POLICY)}"
+
+
+def test_a_one_site_round_with_threshold_one_gets_nothing(
+        tmp_path: Path, data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Attack (a): sample_num = share_num = threshold = 1 with only the victim; its single
+    Shamir share is its mask seed."""
+    sites = _sites(tmp_path, data_dir)
+    cfg = _cfg(tmp_path)
+    victim = 1
+    alone = {victim: sites[victim]}
+    # control: Flower's mod alone hands the server the victim's exact update
+    rogue = RogueServer(LoopbackGrid(_flower_only(), alone), cfg)
+    rogue.until_unmask([victim], n=1, m=1, t=1)
+    rogue.unmask({victim: ([victim], [])})
+    recovered = rogue.recover(victim)
+    truth = _flat(_local_models(cfg, alone)[victim][0])
+    assert recovered is not None and np.max(np.abs(recovered - truth)) < 1e-3
+
+    # fedpacs: refused at setup, and every later stage gets nothing either
+    grid = LoopbackGrid(client_app, alone)
+    rogue = RogueServer(grid, cfg)
+    with caplog.at_level(logging.ERROR, logger="fedpacs.site"):
+        rogue.until_unmask([victim], n=1, m=1, t=1)
+        rogue.unmask({victim: ([victim], [])})
+    assert set(rogue.replies) == set(Stage.all())
+    for replies in rogue.replies.values():
+        _assert_refused(replies[victim])  # no public keys, no shares, no masked vector
+    assert not any(r.has_content() for r in grid.received)
+    assert rogue.recover(victim) is None
+    assert RECORD_KEY_STATE not in grid.contexts[victim].state.config_records  # nothing held
+    # the reasons stay in the site's log
+    assert "secaggplus_configs.sample_num: expected >= 3 sites" in caplog.text
+    assert "secaggplus_configs.threshold: expected >= 2 (this site's secagg_min_threshold)" \
+        in caplog.text
+    assert "'collect_masked_vectors' request from the server refused" in caplog.text
+
+
+def test_a_site_listed_as_active_and_dropped_gives_no_share(
+        tmp_path: Path, data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Attack (b): an honest 3-site round up to the masked vectors, then each site is asked
+    for the victim's mask-seed share (active) and its mask-key share (dropped)."""
+    sites = _sites(tmp_path, data_dir)
+    cfg = _cfg(tmp_path)
+    victim, nodes = 1, sorted(sites)
+    both = {nid: (list(nodes), [victim]) for nid in nodes}
+    # control: Flower's mod alone answers, the shares rebuild both secrets, the update shows
+    grid = LoopbackGrid(_flower_only(), sites)
+    rogue = RogueServer(grid, cfg)
+    rogue.until_unmask(nodes, n=3, m=3, t=2)
+    secrets = _secrets(grid, victim)
+    rogue.unmask(both)
+    recovered = rogue.recover(victim)
+    truth = _flat(_local_models(cfg, {victim: sites[victim]})[victim][0])
+    assert recovered is not None and np.max(np.abs(recovered - truth)) < 1e-3
+    assert _leaked(grid.received, secrets)  # the scan below sees shares when they are sent
+
+    # fedpacs: the honest stages go through, the unmask request is refused by every site
+    grid = LoopbackGrid(client_app, sites)
+    rogue = RogueServer(grid, cfg)
+    rogue.until_unmask(nodes, n=3, m=3, t=2)
+    for stage in (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS):
+        assert set(rogue.ok(stage)) == set(nodes)
+    secrets = _secrets(grid, victim)
+    assert len(secrets) == 3 + 2 * 3  # rd_seed, sk1, sk2; each site's share of two of them
+    with caplog.at_level(logging.ERROR, logger="fedpacs.site"):
+        replies = rogue.unmask(both)
+    for nid in nodes:
+        _assert_refused(replies[nid])
+    assert rogue.recover(victim) is None  # not one share of anything
+    assert _leaked(grid.received, secrets) == []
+    assert "dead_nids: expected no node also listed as active" in caplog.text
+    assert "got [1] in both lists" in caplog.text
+    # the masked vector the server holds is noise without the shares
+    masked = np.concatenate([v.astype(np.float64).ravel() for v in _masked_vector(
+        rogue.ok(Stage.COLLECT_MASKED_VECTORS)[victim])[1:]])
+    assert abs(np.corrcoef(masked, truth)[0, 1]) < 0.05
+    # the sites forgot the round's secrets: asking again, honestly now, gets nothing either
+    assert all(RECORD_KEY_STATE not in c.state.config_records for c in grid.contexts.values())
+    for reply in rogue.unmask({nid: (list(nodes), []) for nid in nodes}).values():
+        _assert_refused(reply)
+    assert rogue.recover(victim) is None
+
+
+def test_split_views_are_stopped_by_the_majority_threshold(
+        tmp_path: Path, data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Why the threshold must be a strict majority: with 2 of 4 the server can tell each
+    site a different story, each one well-formed (the site itself active, the lists
+    disjoint, at most n - t dropped), and still collect the victim's mask seed and a mask
+    key for every pairwise mask."""
+    from fedpacs.client.config import SecurityConfig
+    from fedpacs.client.secure import check_secagg_request
+
+    sites = _sites(tmp_path, data_dir, n=4)
+    cfg = _cfg(tmp_path, min_sites=4)
+    victim, nodes = 1, sorted(sites)
+    views = {1: ([1, 4], [2, 3]), 2: ([2, 1], [3, 4]), 3: ([3, 1], [2, 4])}
+    grid = LoopbackGrid(_flower_only(), sites)
+    rogue = RogueServer(grid, cfg)
+    rogue.until_unmask(nodes, n=4, m=4, t=2)
+    for nid, (active, dead) in views.items():  # each view alone passes the unmask rules
+        request = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: active,
+                                Key.DEAD_NODE_ID_LIST: dead})
+        state = grid.contexts[nid].state.config_records[RECORD_KEY_STATE]
+        assert check_secagg_request(request, state, SecurityConfig(), round_id="1",
+                                    setup_round_id="1") == []
+    rogue.unmask(views)
+    recovered = rogue.recover(victim)
+    truth = _flat(_local_models(cfg, {victim: sites[victim]})[victim][0])
+    assert recovered is not None and np.max(np.abs(recovered - truth)) < 1e-3
+
+    # fedpacs: 2 of 4 is no majority, so the round is refused at setup
+    grid = LoopbackGrid(client_app, sites)
+    rogue = RogueServer(grid, cfg)
+    with caplog.at_level(logging.ERROR, logger="fedpacs.site"):
+        rogue.until_unmask(nodes, n=4, m=4, t=2)
+    for nid in nodes:
+        _assert_refused(rogue.replies[Stage.SETUP][nid])
+    assert "expected a strict majority of the 4 shares (> 2), got 2" in caplog.text
+    # with 3 of 4 the same stories break the site's rules (at most 1 dropped) and get nothing
+    rogue = RogueServer(LoopbackGrid(client_app, sites), cfg)
+    rogue.until_unmask(nodes, n=4, m=4, t=3)
+    assert set(rogue.ok(Stage.COLLECT_MASKED_VECTORS)) == set(nodes)
+    for reply in rogue.unmask(views).values():
+        _assert_refused(reply)
+    assert rogue.recover(victim) is None

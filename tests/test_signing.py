@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -135,3 +136,53 @@ def test_gate_refuses_before_installing(tmp_path: Path, capsys: pytest.CaptureFi
         install(fab(_files(app) | {"pyproject.toml": b"[project]\nname = 'y'\n"}))
     assert installed == [good]  # nothing of the tampered app was installed
     assert "REFUSED app" in capsys.readouterr().err
+
+
+def test_write_private_ends_0600_even_over_a_world_readable_file(tmp_path: Path) -> None:
+    import stat
+
+    from fedpacs.common.signing import write_private
+
+    path = tmp_path / "keys" / "site.key"
+    path.parent.mkdir()
+    path.write_bytes(b"old")
+    path.chmod(0o644)  # e.g. `provision --force` over a key someone made readable
+    write_private(path, b"new secret")
+    assert path.read_bytes() == b"new secret"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    write_private(tmp_path / "keys" / "fresh.key", b"x")
+    assert stat.S_IMODE((tmp_path / "keys" / "fresh.key").stat().st_mode) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["fresh.key", "site.key"]
+
+
+def test_verify_manifest_from_bytes(signed_run: tuple[Path, Path], tmp_path: Path) -> None:
+    from fedpacs.common.signing import MANIFEST, SIGNATURE, verify_manifest
+
+    run, pub = signed_run
+    raw, sig = (run / MANIFEST).read_bytes(), (run / SIGNATURE).read_bytes()
+    files = verify_manifest(raw, sig, pub)
+    assert files["final/model.pt"] == hashlib.sha256(
+        (run / "final" / "model.pt").read_bytes()).hexdigest()
+    assert len(files) == 7
+    assert verify_manifest(raw, sig + b"\n", pub) == files  # a trailing newline is fine
+    edited = raw.replace(b'"files"', b'"files" ', 1)
+    with pytest.raises(AuthError, match="signature does not match"):
+        verify_manifest(edited, sig, pub)
+    other = generate_signing_key(tmp_path / "other" / "signing.key")
+    with pytest.raises(AuthError, match="signature does not match"):
+        verify_manifest(raw, sig, other)
+    with pytest.raises(AuthError, match="base64"):
+        verify_manifest(raw, b"not base64!", pub)
+    with pytest.raises(AuthError, match="not a readable Ed25519 public key"):
+        verify_manifest(raw, sig, tmp_path / "missing.pub")
+    # signed by the right key, but not a manifest: refused, not half-read
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = serialization.load_pem_private_key(
+        (run.parent / "pki" / "signing.key").read_bytes(), password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    odd = b'{"format":"other/1","files":{"final/model.pt":"not-a-hash"}}'
+    odd_sig = base64.b64encode(key.sign(odd))
+    with pytest.raises(AuthError, match="expected format 'fedpacs-manifest/1'"):
+        verify_manifest(odd, odd_sig, pub)

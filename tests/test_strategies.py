@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpacs.common.config import RunConfig
 from fedpacs.common.errors import ConfigError
@@ -13,15 +12,12 @@ from fedpacs.common.strategies import SECAGG_STRATEGIES, STRATEGY_NAMES
 from fedpacs.server.recorder import RoundRecorder
 from fedpacs.server.strategies import STRATEGIES, make_strategy
 
+pytestmark = pytest.mark.usefixtures("task_identity")
+
 UPDATES = [(np.array([1.0, 2.0, 3.0]), 1), (np.array([2.0, 4.0, 6.0]), 1),
            (np.array([10.0, 20.0, 30.0]), 2)]
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def _replies() -> list[Message]:

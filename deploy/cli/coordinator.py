@@ -33,22 +33,34 @@ def provision_init(
     from fedpacs.server.coordinator.pki import provision
 
     pki = provision(out, sites=site or [], hosts=host or [], force=force)
-    typer.echo(f"CA {pki.ca_cert}\nSuperLink TLS {pki.server_cert} / {pki.server_key}")
+    typer.echo(f"CA {pki.ca_cert}\nSuperLink TLS {pki.server_cert} / {pki.server_key}\n"
+               f"app signing {pki.app_key} (sites trust {pki.app_pub})\n"
+               f"artifact signing {pki.artifact_key} (researchers verify with "
+               f"{pki.artifact_pub})")
     for name in pki.site_names():
         keys = pki.site(name)
         typer.echo(f"site {name}: private {keys.private_key} (give to the site only), "
                    f"public {keys.public_key} (register at the SuperLink)")
 
 
-@provision_cli.command("signing-key")
-def provision_signing_key(
+@provision_cli.command("signing-keys")
+def provision_signing_keys(
     out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
 ) -> None:
-    """Create the coordinator's Ed25519 key that signs global-model artifacts."""
+    """Create the coordinator's two Ed25519 keys: one signs the apps sites run, the other
+    each run's artifacts (existing keys are kept)."""
     from fedpacs.common.signing import generate_signing_key
+    from fedpacs.server.coordinator.pki import Pki
 
-    pub = generate_signing_key(out / "signing.key")
-    typer.echo(f"private {out / 'signing.key'} (server only), public {pub} (give to researchers)")
+    pki = Pki(out)
+    for key in (pki.app_key, pki.artifact_key):
+        if not key.is_file():
+            generate_signing_key(key)
+    typer.echo(f"app signing: private {pki.app_key} (where `run start` runs; never on a "
+               f"ServerApp), public {pki.app_pub} (give to every site: "
+               f"security.trusted_app_keys)")
+    typer.echo(f"artifact signing: private {pki.artifact_key} (the SuperLink host), public "
+               f"{pki.artifact_pub} (give to researchers)")
 
 
 @provision_cli.command("add-site")
@@ -68,11 +80,39 @@ def provision_revoke_site(
     name: Annotated[str, typer.Argument(help="site name")],
     out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
 ) -> None:
-    """Retire one site's key (kept under revoked/ and logged); others are untouched. On a
-    running federation use `fedpacs federation revoke`, which also unregisters the node."""
+    """Retire one site's key (kept under revoked/ and logged); others are untouched. When
+    this PKI belongs to a running federation (WORKDIR/pki), the SuperLink also forgets the
+    node and the site's daemon stops, as with `fedpacs federation revoke`."""
+    from fedpacs.common.procs import process_alive
+    from fedpacs.server.coordinator.federation import STATE_FILE, Federation
     from fedpacs.server.coordinator.pki import Pki, revoke_site_key
 
-    typer.echo(f"site {name}: key revoked, moved to {revoke_site_key(Pki(out), name)}")
+    workdir = out.resolve().parent
+    if (workdir / STATE_FILE).is_file():
+        fed = Federation.load(workdir)
+        if process_alive(fed.state.superlink_pid) and name in fed.node_ids():
+            node = fed.revoke(name)
+            typer.echo(f"site {name}: node {node} unregistered at the running SuperLink, "
+                       "key revoked")
+            return
+    typer.echo(f"site {name}: key revoked, moved to {revoke_site_key(Pki(out), name)} "
+               "(no running federation uses this PKI; a SuperLink elsewhere must "
+               "`flwr supernode unregister` its node id)")
+
+
+@provision_cli.command("registry-cert")
+def provision_registry_cert(
+    host: Annotated[list[str], typer.Option(help="host name/IP researchers connect to "
+                                                 "(repeat)")],
+    out: Annotated[Path, typer.Option("--dir", help="PKI folder")] = Path("pki"),
+) -> None:
+    """A TLS certificate for the model registry from the federation CA (researchers pin
+    ca.pem with `fedpacs models ... --ca`)."""
+    from fedpacs.server.coordinator.pki import Pki, issue_tls_cert
+
+    cert, key = issue_tls_cert(Pki(out), name="registry", hosts=host)
+    typer.echo(f"registry TLS {cert} / {key}: `fedpacs registry serve --tls-cert {cert} "
+               f"--tls-key {key}`; researchers use --ca {Pki(out).ca_cert}")
 
 
 @provision_cli.command("rotate-site")
@@ -106,6 +146,9 @@ def federation_up_cmd(
              "ones (repeat)")] = None,
     require_secagg: Annotated[bool, typer.Option(
         help="generated sites train only in SecAgg+ runs")] = True,
+    share_local_models: Annotated[bool, typer.Option(
+        help="generated sites consent to exchanging local models for cross-site "
+             "validation")] = False,
 ) -> None:
     """Start a SuperLink (TLS, node auth), a metrics exporter and one site daemon per site,
     in the background; `federation down` stops them."""
@@ -121,7 +164,8 @@ def federation_up_cmd(
         names = site_names(sites)
         pki = provision(work / "pki", sites=names)
         specs = demo_sites(work, pki, task=task, data_dir=data_dir, names=names,
-                           require_secagg=require_secagg)
+                           require_secagg=require_secagg,
+                           share_local_model=share_local_models)
     fed = Federation.up(work, pki, specs)
     urls = fed.state.metrics_urls()
     typer.echo(f"SuperLink {fed.address} (pid {fed.state.superlink_pid}), server metrics "
@@ -181,6 +225,11 @@ def run_start(
     proximal_mu: Annotated[float | None, typer.Option(help="FedProx mu")] = None,
     fedbn: Annotated[bool | None, typer.Option(
         "--fedbn/--no-fedbn", help="keep normalisation layers local")] = None,
+    cross_site_local: Annotated[bool | None, typer.Option(
+        "--cross-site-local/--no-cross-site-local",
+        help="plain mode: also send each consenting site's last local model to the other "
+             "consenting sites for cross-site validation (default: only the global model)")
+                                ] = None,
     eval_root: Annotated[str | None, typer.Option(
         help="held-out data on this host (a MedMNIST .npz or a NIfTI folder) the server "
              "evaluates every round (default: none)")] = None,
@@ -212,7 +261,8 @@ def run_start(
         "task": task, "network": network, "strategy": strategy, "rounds": rounds,
         "min_sites": min_sites, "round_timeout_s": round_timeout,
         "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
-        "proximal_mu": proximal_mu, "fedbn": fedbn, "eval_root": eval_root,
+        "proximal_mu": proximal_mu, "fedbn": fedbn, "cross_site_local": cross_site_local,
+        "eval_root": eval_root,
         "eval_format": eval_format, "secagg": secagg, "secagg_clip": secagg_clip,
         "secagg_max_weight": secagg_max_weight, "max_update_norm": max_update_norm,
         "dp_clip": dp_clip, "dp_epsilon": dp_epsilon, "dp_delta": dp_delta,
@@ -279,26 +329,53 @@ def registry_publish(
     run_dir: Annotated[Path, typer.Argument(help="a finished run directory")],
     model_id: Annotated[str, typer.Option("--id", help="model id in the registry")],
     root: Annotated[Path, typer.Option(help="registry folder")] = Path("registry/models"),
+    allow_unsigned: Annotated[bool, typer.Option(
+        "--allow-unsigned", help="publish a run without a signed manifest (development: "
+        "researchers then need `models pull --insecure-no-signature`)")] = False,
 ) -> None:
-    """Add a finished run (final model + card) to the registry."""
+    """Add a finished, signed run (final model, card, metrics, signed manifest) to the
+    registry."""
     from fedpacs.server.registry import Registry
 
-    typer.echo(str(Registry(root).publish(run_dir, model_id)))
+    typer.echo(str(Registry(root).publish(run_dir, model_id, allow_unsigned=allow_unsigned)))
 
 
 @registry_cli.command("serve")
 def registry_serve(
     root: Annotated[Path, typer.Option(help="registry folder")] = Path("registry/models"),
     tokens: Annotated[Path, typer.Option(help="token file")] = Path("registry/tokens.json"),
-    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(
+        help="bind address (beyond loopback only with --tls-cert/--tls-key)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8470,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="TLS certificate (PEM) researchers verify with --ca")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="its private key (PEM)")] = None,
+    timeout: Annotated[float, typer.Option(
+        help="seconds a connection has for the TLS handshake and its request, and each "
+             "write to progress")] = 30.0,
 ) -> None:
-    """Serve the registry's HTTP API (bearer tokens) until interrupted."""
+    """Serve the registry's HTTPS API (bearer tokens) until interrupted; plain HTTP only on
+    a loopback address."""
     import time
 
-    from fedpacs.server.registry import Registry, RegistryServer, TokenStore
+    from fedpacs.common.errors import ConfigError, FieldError
+    from fedpacs.server.registry import (
+        Registry,
+        RegistryServer,
+        ServeLimits,
+        TlsFiles,
+        TokenStore,
+    )
 
-    with RegistryServer(Registry(root), TokenStore(tokens), host=host, port=port) as srv:
+    if (tls_cert is None) != (tls_key is None):
+        given, missing = ("--tls-cert", "--tls-key") if tls_key is None \
+            else ("--tls-key", "--tls-cert")
+        raise ConfigError("registry serve", [FieldError(
+            missing, f"a PEM file, given together with {given}", "nothing",
+            "pass both --tls-cert FILE and --tls-key FILE")])
+    tls = TlsFiles(tls_cert, tls_key) if tls_cert is not None and tls_key is not None else None
+    with RegistryServer(Registry(root), TokenStore(tokens), host=host, port=port, tls=tls,
+                        limits=ServeLimits(timeout_s=timeout)) as srv:
         typer.echo(f"registry on {srv.url}/v1/models ({len(srv.registry.model_ids())} models)")
         while True:
             time.sleep(3600)

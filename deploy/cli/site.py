@@ -69,7 +69,8 @@ def site_ingest(
             state["done"] = max(state["done"], target)
 
         if from_folder:
-            summary = import_folder(from_folder, cfg.cache_dir, progress=progress)
+            summary = import_folder(from_folder, cfg.cache_dir, progress=progress,
+                                    max_instance_mb=cfg.pacs.max_instance_mb)
         else:
             summary = ingest(pacs, cfg.cohort, cfg.cache_dir, progress=progress)
     for line in summary.lines():

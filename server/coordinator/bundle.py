@@ -23,8 +23,9 @@ def _toml_value(v: bool | int | float | str) -> str:
 
 
 def write_app(app_dir: Path, cfg: RunConfig, *, signing_key: Path | None = None) -> Path:
-    """Write the app for ``cfg`` (no site paths: sites read their own config files) and,
-    with ``signing_key``, sign it."""
+    """Write the app for ``cfg`` and, with ``signing_key`` (the app-signing key), sign it.
+    The app carries ``cfg.to_app_config()`` only: no coordinator path or key travels to a
+    site (and sites read their own paths from their own config files)."""
     app_dir.mkdir(parents=True, exist_ok=True)
     lines = [
         "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
@@ -35,7 +36,7 @@ def write_app(app_dir: Path, cfg: RunConfig, *, signing_key: Path | None = None)
         "[tool.flwr.app.components]", 'serverapp = "fedpacs.server.app:app"',
         'clientapp = "fedpacs.client.app:app"', "", "[tool.flwr.app.config]",
     ]
-    lines += [f'"{k}" = {_toml_value(v)}' for k, v in cfg.to_flat().items()]
+    lines += [f'"{k}" = {_toml_value(v)}' for k, v in cfg.to_app_config().items()]
     (app_dir / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     if signing_key is not None:
         sign_app(app_dir, signing_key)

@@ -20,7 +20,13 @@ from typing import Any
 
 from fedpacs.common.artifacts import write_json
 from fedpacs.common.config import RunConfig
-from fedpacs.common.errors import ConfigError, DeadlineError, FieldError, ProcessError
+from fedpacs.common.errors import (
+    AuthError,
+    ConfigError,
+    DeadlineError,
+    FieldError,
+    ProcessError,
+)
 from fedpacs.common.procs import (
     Proc,
     ProcessSet,
@@ -33,10 +39,17 @@ from fedpacs.common.procs import (
     tool,
     wait_until,
 )
+from fedpacs.common.signing import sign_app
 from fedpacs.common.telemetry import MULTIPROC_ENV, fresh_dir
 from fedpacs.server.coordinator.bundle import write_app
-from fedpacs.server.coordinator.pki import Pki, SiteKeys, create_site_key, revoke_site_key
-from fedpacs.server.rundir import read_rounds, read_status
+from fedpacs.server.coordinator.pki import (
+    Pki,
+    SiteKeys,
+    create_site_key,
+    is_revoked,
+    revoke_site_key,
+)
+from fedpacs.server.rundir import RUNS_DIR_ENV, read_rounds, read_status, write_server_side
 
 CONNECTION = "fedpacs"
 STATE_FILE = "federation.json"
@@ -239,7 +252,8 @@ class Federation:
             "--host", self.state.host, "--port", str(self.state.port),
         ]
         write_flwr_home(self.flwr_home, address=self.address, ca_cert=self.pki.ca_cert)
-        env = self.env() | {MULTIPROC_ENV: str(fresh_dir(self.metrics_dir))}
+        env = self.env() | {MULTIPROC_ENV: str(fresh_dir(self.metrics_dir)),
+                            RUNS_DIR_ENV: str(self.runs_dir)}
         proc = self._start(SUPERLINK, argv, env)
         self.state.superlink_pid = proc.pid
         self.save()
@@ -359,7 +373,12 @@ class Federation:
         return {k: int(v) for k, v in json.loads(f.read_text()).items()} if f.is_file() else {}
 
     def register(self, site: SiteKeys) -> int:
-        """Register a site's public key so its SuperNode may connect; returns its node id."""
+        """Register a site's public key so its SuperNode may connect; returns its node id.
+        A key in the revocation log is refused."""
+        if is_revoked(self.pki, site.public_key):
+            raise AuthError(f"{site.public_key}: expected a key that was never revoked, got one "
+                            f"in {self.pki.root / 'revoked.json'}. Fix: `fedpacs federation "
+                            f"rotate {site.name}` issues and registers a new key")
         res = dict(self.flwr_json("supernode", "register", str(site.public_key), CONNECTION,
                                   "--name", site.name))
         ids = self.node_ids() | {site.name: int(res["node-id"])}
@@ -424,16 +443,27 @@ class Federation:
         if errs:
             raise ConfigError("run config", errs)
 
-    def start_run(self, cfg: RunConfig, *, sign: bool = True) -> tuple[int, Path]:
-        """Validate ``cfg`` against the federation, give it a run directory, write and sign
-        the app, submit it; returns (run id, run directory)."""
+    def prepare_run(self, cfg: RunConfig) -> tuple[Path, Path]:
+        """Validate ``cfg`` against the federation, give it a run directory with its
+        server-side settings (server.json) and write its app, unsigned; returns
+        (app folder, run directory)."""
         self.check_run(cfg)
         stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000:06d}"
-        run_dir = self.workdir / "runs" / stamp
-        cfg = replace(cfg, run_dir=str(run_dir),
-                      signing_key=cfg.signing_key or str(self.pki.signing_key))
-        app = write_app(self.workdir / "apps" / stamp, cfg,
-                        signing_key=self.pki.signing_key if sign else None)
+        run_dir = self.runs_dir / stamp
+        cfg = replace(cfg, run_dir=str(run_dir), run_name=stamp,
+                      artifact_key=cfg.artifact_key or str(self.pki.artifact_key))
+        write_server_side(run_dir, cfg.server_side())
+        return write_app(self.workdir / "apps" / stamp, cfg), run_dir
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.workdir / "runs"
+
+    def start_run(self, cfg: RunConfig) -> tuple[int, Path]:
+        """``prepare_run``, sign the app with the app-signing key (sites run only apps
+        signed by a key they trust), submit it; returns (run id, run directory)."""
+        app, run_dir = self.prepare_run(cfg)
+        sign_app(app, self.pki.app_key)
         run_id = self.submit(app)
         self.reload()
         self.state.runs[str(run_id)] = str(run_dir)

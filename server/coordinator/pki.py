@@ -3,11 +3,17 @@ one authentication key pair per site.
 
 Layout of a PKI folder::
 
-    PKI/ca.pem, ca.key                 federation CA (keep ca.key offline in production)
+    PKI/ca.pem, ca.key                 federation CA (ca.key encrypted with
+                                       $FEDPACS_CA_PASSPHRASE when set; keep it offline)
     PKI/superlink.pem, superlink.key   SuperLink TLS (SAN localhost, 127.0.0.1 + extras)
     PKI/sites/NAME/NAME.key            site's SuperNode auth key (OpenSSH, ECDSA P-384)
     PKI/sites/NAME/NAME.pub            its public key, registered with the SuperLink
     PKI/sites/NAME/ca.pem              the CA the site uses to verify the SuperLink
+    PKI/app-signing.key, .pub          signs the apps sites run (used by `run start` only;
+                                       sites trust the .pub); never reaches a ServerApp
+    PKI/artifact-signing.key, .pub     signs each run's artifacts (the ServerApp signs the
+                                       manifest; researchers verify with the .pub)
+    PKI/revoked.json, revoked/         retired site keys (never re-issued silently)
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -28,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedpacs.common.errors import AuthError, ConfigError, FieldError
 from fedpacs.common.signing import generate_signing_key, write_private
 
+CA_PASSPHRASE_ENV = "FEDPACS_CA_PASSPHRASE"
 SITE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 CERT_DAYS = 825
 
@@ -61,12 +69,20 @@ class Pki:
         return self.root / "superlink.key"
 
     @property
-    def signing_key(self) -> Path:
-        return self.root / "signing.key"
+    def app_key(self) -> Path:
+        return self.root / "app-signing.key"
 
     @property
-    def signing_pub(self) -> Path:
-        return self.root / "signing.pub"
+    def app_pub(self) -> Path:
+        return self.root / "app-signing.pub"
+
+    @property
+    def artifact_key(self) -> Path:
+        return self.root / "artifact-signing.key"
+
+    @property
+    def artifact_pub(self) -> Path:
+        return self.root / "artifact-signing.pub"
 
     def site(self, name: str) -> SiteKeys:
         d = self.root / "sites" / name
@@ -102,25 +118,35 @@ def create_ca(pki: Pki, *, common_name: str = "fedpacs federation CA") -> None:
                                      encipher_only=False, decipher_only=False), critical=True)
         .sign(key, hashes.SHA256())
     )
+    passphrase = os.environ.get(CA_PASSPHRASE_ENV, "").encode()
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase
+        else serialization.NoEncryption())
     write_private(pki.ca_key, key.private_bytes(serialization.Encoding.PEM,
-                                                 serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()))
+                                                 serialization.PrivateFormat.PKCS8, encryption))
     _write_public(pki.ca_cert, cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _load_ca(pki: Pki) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    passphrase = os.environ.get(CA_PASSPHRASE_ENV, "").encode() or None
     try:
-        key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=passphrase)
         cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    except TypeError as exc:  # encrypted key, no passphrase (or the other way round)
+        raise AuthError(f"{pki.ca_key}: expected the CA key's passphrase in "
+                        f"${CA_PASSPHRASE_ENV}, got {'one' if passphrase else 'none'} that "
+                        f"does not fit. Fix: export {CA_PASSPHRASE_ENV} (or mount the "
+                        "offline CA) and run the command again") from exc
     except (OSError, ValueError) as exc:
         raise AuthError(f"{pki.root}: cannot read the CA ({type(exc).__name__}: {exc}). "
-                        "Fix: run `fedpacs provision init` to create it") from exc
+                        f"Fix: run `fedpacs provision init` to create it, or check "
+                        f"${CA_PASSPHRASE_ENV}") from exc
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     return key, cert
 
 
-def issue_server_cert(pki: Pki, *, hosts: list[str]) -> None:
-    """TLS certificate for the SuperLink, with every host as a SAN (IPs as IP SANs)."""
+def _issue_cert(pki: Pki, *, hosts: list[str], cert_path: Path, key_path: Path) -> None:
+    """A TLS server certificate from the federation CA, every host a SAN (IPs as IP SANs)."""
     ca_key, ca_cert = _load_ca(pki)
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
@@ -141,10 +167,15 @@ def issue_server_cert(pki: Pki, *, hosts: list[str]) -> None:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    write_private(pki.server_key, key.private_bytes(serialization.Encoding.PEM,
-                                                     serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()))
-    _write_public(pki.server_cert, cert.public_bytes(serialization.Encoding.PEM))
+    write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                              serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()))
+    _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def issue_server_cert(pki: Pki, *, hosts: list[str]) -> None:
+    """TLS certificate for the SuperLink, with every host as a SAN (IPs as IP SANs)."""
+    _issue_cert(pki, hosts=hosts, cert_path=pki.server_cert, key_path=pki.server_key)
 
 
 def check_site_name(name: str) -> None:
@@ -172,7 +203,8 @@ def create_site_key(pki: Pki, name: str) -> SiteKeys:
 def provision(root: Path, *, sites: list[str], hosts: list[str] | None = None,
               force: bool = False) -> Pki:
     """Create what is missing (or everything, with ``force``): CA, SuperLink cert, site keys,
-    and the coordinator's Ed25519 key that signs model artifacts."""
+    and the coordinator's two Ed25519 keys (apps, artifacts). A revoked site is not given a
+    new key here (that takes `provision rotate-site`)."""
     for s in sites:
         check_site_name(s)
     pki = Pki(root)
@@ -182,10 +214,17 @@ def provision(root: Path, *, sites: list[str], hosts: list[str] | None = None,
         force = True  # a new CA invalidates the old server certificate
     if force or not pki.server_cert.is_file():
         issue_server_cert(pki, hosts=["localhost", "127.0.0.1", *(hosts or [])])
-    if force or not pki.signing_key.is_file():
-        generate_signing_key(pki.signing_key)
+    for key in (pki.app_key, pki.artifact_key):
+        if force or not key.is_file():
+            generate_signing_key(key)
+    gone = {r["site"] for r in revoked(pki)}
     for s in sites:
         keys = pki.site(s)
+        if not keys.private_key.is_file() and s in gone:
+            raise ConfigError(str(pki.root), [FieldError(
+                "site", "a site whose key was never revoked", f"{s!r} (revoked: see "
+                f"{pki.root / REVOKED_FILE})", f"issue it a new key on purpose with `fedpacs "
+                f"provision rotate-site {s}`, or pick another name")])
         if force or not keys.private_key.is_file():
             create_site_key(pki, s)
         elif pki.ca_cert.is_file():
@@ -205,7 +244,7 @@ def revoked(pki: Pki) -> list[dict[str, str]]:
 def revoke_site_key(pki: Pki, name: str) -> Path:
     """Take one site's key out of service: its files move to ``revoked/NAME-STAMP/`` and
     the revocation log records its public key. Other sites are untouched. (A running
-    SuperLink must also forget the node: see LocalFederation.revoke.)"""
+    SuperLink must also forget the node: see Federation.revoke.)"""
     check_site_name(name)
     site = pki.site(name)
     if not site.public_key.is_file():
@@ -225,7 +264,35 @@ def revoke_site_key(pki: Pki, name: str) -> Path:
     return dest
 
 
+def is_revoked(pki: Pki, public_key: Path) -> bool:
+    """True when this public key was taken out of service (the revocation log)."""
+    text = public_key.read_text().strip() if public_key.is_file() else ""
+    return any(r.get("public_key") == text for r in revoked(pki))
+
+
 def rotate_site_key(pki: Pki, name: str) -> SiteKeys:
-    """Revoke one site's key and issue it a new one; other sites are untouched."""
-    revoke_site_key(pki, name)
+    """Revoke one site's key (if it still has one) and issue it a new one; other sites are
+    untouched. This is also how a site revoked earlier is let back in, on purpose."""
+    if pki.site(name).public_key.is_file():
+        revoke_site_key(pki, name)
     return create_site_key(pki, name)
+
+
+def issue_tls_cert(pki: Pki, *, name: str, hosts: list[str]) -> tuple[Path, Path]:
+    """A TLS server certificate from the federation CA for another service (e.g. the model
+    registry): ``PKI/NAME.pem`` and ``PKI/NAME.key`` (mode 600), every host a SAN (IPs as IP
+    SANs). Returns (certificate, key)."""
+    errs = []
+    taken = ("ca", "superlink", "signing", "app-signing", "artifact-signing")
+    if not SITE_NAME_RE.match(name) or name in taken:
+        errs.append(FieldError("name", f"lower-case letters, digits and '-', not one of "
+                               f"{', '.join(taken)}", repr(name),
+                               'use a service name such as "registry"'))
+    if not hosts:
+        errs.append(FieldError("hosts", "at least one host name or IP", "none",
+                               "pass the names researchers connect to, e.g. registry.example.org"))
+    if errs:
+        raise ConfigError("TLS certificate", errs)
+    cert_path, key_path = pki.root / f"{name}.pem", pki.root / f"{name}.key"
+    _issue_cert(pki, hosts=hosts, cert_path=cert_path, key_path=key_path)
+    return cert_path, key_path

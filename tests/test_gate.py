@@ -1,0 +1,431 @@
+"""The site's app gate (fedpacs.client.gate, fedpacs.client.daemon).
+
+First what the gate relies on in the installed Flower, pinned: each of these fails loudly
+when a Flower upgrade changes the task kinds, their launchers, how the SuperExec starts
+them, the plugin it builds, the function the ClientApp gate patches, or how a refused
+AgentApp task is answered. Then the gate's refusals, each as an attack: a task of any kind
+but ClientApp is never launched, and every other launcher refuses."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import inspect
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import flwr.supercore.superexec.run_superexec as run_superexec_mod
+import flwr.supernode.runtime.run_clientapp as clientapp_runtime
+import pytest
+from flwr.app import RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
+from flwr.common.constant import SubStatus
+from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PushTaskOutputRequest
+from flwr.proto.task_pb2 import Task
+from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, ExecutorType, TaskType
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.superexec.executor import (
+    ExecutionSpec,
+    LaunchResult,
+    LaunchResultStatus,
+    SubprocessExecutor,
+    get_executor,
+    subprocess_executor,
+)
+from flwr.supercore.superexec.plugin import AutoExecPlugin
+from flwr.supernode import start_client_internal as supernode_main
+from flwr.supernode.nodestate import NodeStateFactory
+from flwr.supernode.servicer.runtime import runtime_handlers
+
+from fedpacs.client import gate
+from fedpacs.client.config import SiteConfig, load_site_config
+from fedpacs.client.daemon import (
+    DaemonOptions,
+    gate_dir,
+    gate_env,
+    superexec_argv,
+    supernode_argv,
+    supervise,
+)
+from fedpacs.client.gate import (
+    GATE_COMMAND,
+    GATE_DIR_ENV,
+    REFUSED_COMMANDS,
+    SUPEREXEC_COMMAND,
+    TRUST_ENV,
+    AppRefused,
+    SitePlugin,
+    check_launchers,
+    finish_refused,
+    install_gate,
+    refuse_main,
+    superexec_main,
+)
+from fedpacs.common.errors import ConfigError, ExitCode
+from fedpacs.common.signing import generate_signing_key
+from fedpacs.deploy.demo import write_site_configs
+
+ALL_KINDS = {"flwr-serverapp", "flwr-clientapp", "flwr-simulation", "flwr-agentapp",
+             "flwr-model", "flwr-connector"}
+
+
+# the CLI modules (their packages' attributes of those names are the functions)
+superexec_cli = importlib.import_module("flwr.supercore.cli.flower_superexec")
+flower_supernode = importlib.import_module("flwr.supernode.cli.flower_supernode")
+clientapp_cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
+
+
+def _source_tree(fn: Any) -> ast.AST:
+    return ast.parse(textwrap.dedent(inspect.getsource(fn)))
+
+
+def _calls(tree: ast.AST, name: str) -> list[ast.Call]:
+    return [n for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and ast.unparse(n.func) == name]
+
+
+# ====================================================================== pinned Flower
+def test_flower_task_kinds_and_launchers_are_the_ones_the_gate_covers() -> None:
+    assert {k.value for k in TaskType} == ALL_KINDS
+    # each kind's launcher is named after it, and the gate has one for each
+    assert {k.value: c for k, c in TASK_TYPE_TO_COMMAND.items()} == {k: k for k in ALL_KINDS}
+    assert set(TASK_TYPE_TO_COMMAND.values()) == {GATE_COMMAND, *REFUSED_COMMANDS}
+    # and they are all of flwr's task launchers (console scripts), plus its SuperExec
+    scripts = {ep.name for ep in importlib.metadata.distribution("flwr").entry_points
+               if ep.group == "console_scripts"}
+    assert {s for s in scripts if s.startswith("flwr-")} == ALL_KINDS
+    assert SUPEREXEC_COMMAND in scripts
+
+
+def test_flower_superexec_starts_each_launcher_by_bare_name(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """So the gate folder, first on PATH, decides which program runs."""
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess_executor.subprocess, "Popen",
+                        lambda args, **_kw: started.append(list(args)))
+    executor = get_executor(ExecutorType.SUBPROCESS)
+    assert isinstance(executor, SubprocessExecutor)
+    # no task is acquired by FAB hash alone, whatever its kind
+    assert executor.get_eligible_capacity(set(TaskType)) == (set(TaskType), set())
+    for kind in TaskType:
+        assert executor.launch(ExecutionSpec(
+            task_type=kind, runtime_api_address="127.0.0.1:1", token="t", insecure=True,
+            root_certificates_path=None, runtime_dependency_install=False, parent_pid=None,
+            suppress_output=False, task_id=1)).status == LaunchResultStatus.ACCEPTED
+    assert [a[0] for a in started] == [k.value for k in TaskType]
+
+
+def test_flower_superexec_serves_every_kind_and_has_no_setting_to_narrow_it() -> None:
+    """Why the site brings its own plugin: Flower's runs all six kinds, and run_superexec
+    builds it from the module name the site's SuperExec replaces."""
+    assert AutoExecPlugin.supported_task_types == frozenset(TaskType)
+    assert run_superexec_mod.AutoExecPlugin is AutoExecPlugin
+    built = _calls(_source_tree(run_superexec_mod.run_superexec), "AutoExecPlugin")
+    assert len(built) == 1
+    assert {k.arg for k in built[0].keywords} == {
+        "runtime_api_address", "insecure", "root_certificates_path",
+        "runtime_dependency_install", "executor"}
+    options = {o for a in superexec_cli._parse_args()._actions for o in a.option_strings}
+    assert not [o for o in options if "task" in o or "plugin-config" in o]
+    assert {"--runtime-api-address", "--insecure", "--parent-pid", "--executor"} <= options
+
+
+def test_supernode_starts_a_superexec_only_in_subprocess_isolation() -> None:
+    tree = _source_tree(supernode_main.start_client_internal)
+    popens = _calls(tree, "subprocess.Popen")
+    guarded = [c for node in ast.walk(tree) if isinstance(node, ast.If)
+               and ast.unparse(node.test) == "isolation == ISOLATION_MODE_SUBPROCESS"
+               for c in _calls(node, "subprocess.Popen")]
+    assert len(popens) == 1 and guarded == popens
+    args = flower_supernode._parse_args_run_supernode().parse_args(
+        ["--isolation", "process", "--host", "127.0.0.1", "--port", "9094"])
+    assert (args.isolation, args.host, args.port) == ("process", "127.0.0.1", 9094)
+
+
+def test_supernode_makes_clientapp_or_agentapp_tasks_as_the_superlink_says() -> None:
+    """The kind of a site's task comes from the run (the SuperLink), not from the site."""
+    (create,) = _calls(_source_tree(supernode_main._pull_and_store_message),
+                       "state.create_task")
+    kind = next(k.value for k in create.keywords if k.arg == "task_type")
+    assert ast.unparse(kind) == ("TaskType.AGENT_APP if run_info.primary_task_type == "
+                                 "TaskType.AGENT_APP else TaskType.CLIENT_APP")
+
+
+def test_flower_trusted_entities_cannot_carry_a_fedpacs_signature() -> None:
+    """The SuperNode's own check wants a Flower-platform verification; the SuperLink keeps
+    none for an uploaded bundle (``flwr run``), so the site checks its own signature."""
+    src = inspect.getsource(supernode_main._pull_and_store_message)
+    assert 'fab.verifications.get("valid_license", "")' in src
+    from flwr.superlink.servicer.control import control_handlers
+
+    start_run = inspect.getsource(control_handlers.start_run)
+    assert "verification_dict: dict[str, str] = {}" in start_run
+    assert "fab_file = request.fab.content" in start_run
+
+
+def test_clientapp_installs_the_bundle_through_the_function_the_gate_patches() -> None:
+    assert clientapp_cli.flwr_clientapp.__globals__["run_clientapp"] \
+        is clientapp_runtime.run_clientapp
+    assert clientapp_runtime.run_clientapp.__globals__ is vars(clientapp_runtime)
+    src = ast.unparse(_source_tree(clientapp_runtime.run_clientapp))
+    assert src.count("install_from_fab(") == 1
+    assert src.index("install_from_fab(fab.content") < src.index("install_app_dependencies(") \
+        < src.index("load_client_app_fn(run.fab_id")
+
+
+def test_a_failed_agentapp_task_whose_message_was_taken_is_answered_with_an_error() -> None:
+    """Pinned with Flower's own Runtime handlers: what :func:`finish_refused` does keeps a
+    refused AgentApp task from stalling the SuperNode (it waits for each reply)."""
+    def one_task(kind: TaskType) -> tuple[Any, Task]:
+        state = NodeStateFactory(objectstore_factory=ObjectStoreFactory()).state()
+        state.set_node_id(7)
+        msg = make_message(Metadata(
+            run_id=5, message_id="", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+            group_id="", created_at=time.time(), ttl=3600, message_type="query"), RecordDict())
+        supernode_main._insert_message(msg, state, state.object_store)
+        task_id = state.create_task(task_type=kind, run_id=5, fab_hash="a" * 64)
+        assert task_id is not None
+        token = state.claim_task(task_id)
+        assert token is not None
+        task = state.get_task_by_token(token)
+        assert task is not None
+        return state, task
+
+    class Handlers:  # the Runtime API calls, straight into Flower's handlers
+        def __init__(self, state: Any, task: Task) -> None:
+            self.state, self.task = state, task
+
+        def PullMessages(self, request: Any) -> Any:  # noqa: N802
+            return runtime_handlers.pull_messages(request, self.state, self.task)
+
+        def PushTaskOutput(self, request: Any) -> Any:  # noqa: N802
+            return runtime_handlers.push_task_output(request, self.state, self.task)
+
+    state, task = one_task(TaskType.AGENT_APP)
+    finish_refused(Handlers(state, task), task.type, "refused")
+    (reply,) = state.get_messages_legacy(is_reply=True)
+    assert reply.has_error()
+    (done,) = state.get_tasks(task_ids=[task.task_id])
+    assert (done.status.sub_status, done.status.details) == (SubStatus.FAILED, "refused")
+
+
+# ====================================================================== the refusals
+class FakeExecutor:
+    def __init__(self) -> None:
+        self.launched: list[ExecutionSpec] = []
+
+    def get_eligible_capacity(self, supported: set[TaskType], **_kw: Any
+                              ) -> tuple[set[TaskType], set[str]]:
+        return supported, set()
+
+    def wait_for_capacity(self, *_a: Any, **_kw: Any) -> None:
+        pass
+
+    def launch(self, spec: ExecutionSpec) -> LaunchResult:
+        self.launched.append(spec)
+        return LaunchResult.accepted()
+
+    def reconcile(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _plugin() -> tuple[SitePlugin, FakeExecutor, list[tuple[str, str, str]]]:
+    executor, refused = FakeExecutor(), []
+    plugin = SitePlugin(runtime_api_address="127.0.0.1:9094", insecure=True,
+                        root_certificates_path=None, runtime_dependency_install=True,
+                        executor=executor, refuse=lambda *a: refused.append(a))
+    return plugin, executor, refused
+
+
+def test_site_superexec_launches_clientapps_only(capsys: pytest.CaptureFixture[str]) -> None:
+    plugin, executor, refused = _plugin()
+    # it takes every kind off the SuperNode's queue, so none is left waiting
+    assert set(plugin.supported_task_types) == set(TaskType)
+    result = plugin.launch_task("tok-c", Task(task_id=1, run_id=9, type="flwr-clientapp"))
+    assert result.status == LaunchResultStatus.ACCEPTED and not refused
+    (spec,) = executor.launched
+    assert (spec.task_type, spec.token) == (TaskType.CLIENT_APP, "tok-c")
+    assert spec.runtime_dependency_install is False  # a site installs nothing at run time
+    for i, kind in enumerate(sorted(ALL_KINDS - {"flwr-clientapp"}), start=2):
+        result = plugin.launch_task(f"tok-{i}", Task(task_id=i, run_id=9, type=kind))
+        assert result.status == LaunchResultStatus.FAILED and kind in str(result.message)
+    assert len(executor.launched) == 1  # nothing else was started
+    assert [(t, k) for t, k, _ in refused] == [
+        (f"tok-{i}", k) for i, k in enumerate(sorted(ALL_KINDS - {"flwr-clientapp"}), 2)]
+    err = capsys.readouterr().err
+    assert err.count("REFUSED task") == 5 and "'flwr-agentapp' task" in err
+
+
+def test_a_refused_task_is_finished_as_failed_and_only_an_agentapp_message_is_taken() -> None:
+    calls: list[tuple[str, Any]] = []
+
+    class Runtime:
+        def PullMessages(self, request: Any) -> Any:  # noqa: N802
+            calls.append(("pull", request))
+
+        def PushTaskOutput(self, request: Any) -> Any:  # noqa: N802
+            calls.append(("output", request))
+
+    finish_refused(Runtime(), "flwr-agentapp", "why")
+    assert [c for c, _ in calls] == ["pull", "output"]
+    assert calls[0][1] == PullAppMessagesRequest()
+    assert calls[1][1] == PushTaskOutputRequest(sub_status=SubStatus.FAILED, details="why")
+    calls.clear()
+    finish_refused(Runtime(), "flwr-model", "why")  # its run's messages are not its own
+    assert [c for c, _ in calls] == ["output"]
+
+
+def test_other_launchers_refuse_and_finish_the_task(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    finished: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(gate, "refuse_task", lambda *a, **kw: finished.append((*a, kw)))
+    for kind in REFUSED_COMMANDS:
+        with pytest.raises(SystemExit) as exc:
+            refuse_main(kind, ["--runtime-api-address", "127.0.0.1:9094", "--token", "tk",
+                               "--insecure", "--parent-pid", "1", "--unknown-new-flag"])
+        assert exc.value.code == ExitCode.POLICY
+    assert [(a[0], a[1], a[2]) for a in finished] == [
+        ("127.0.0.1:9094", "tk", k) for k in REFUSED_COMMANDS]
+    assert finished[0][4] == {"insecure": True, "root_certificates": None}
+    with pytest.raises(SystemExit) as exc:  # unreadable arguments: still refused
+        refuse_main("flwr-agentapp", ["--what"])
+    assert exc.value.code == ExitCode.POLICY and len(finished) == len(REFUSED_COMMANDS)
+    assert capsys.readouterr().err.count("REFUSED flwr-") == len(REFUSED_COMMANDS) + 1
+
+
+def test_gate_folder_holds_every_launcher_and_must_come_first(tmp_path: Path) -> None:
+    folder = install_gate(tmp_path / "gate")
+    names = {p.name for p in folder.iterdir()}
+    assert names == {SUPEREXEC_COMMAND, GATE_COMMAND, *REFUSED_COMMANDS}
+    assert all(os.access(p, os.X_OK) for p in folder.iterdir())
+    venv_bin = str(Path(sys.executable).parent)  # Flower's own launchers live here
+    assert check_launchers(folder, f"{folder}{os.pathsep}{venv_bin}") == []
+    problems = check_launchers(folder, f"{venv_bin}{os.pathsep}{folder}")
+    assert len(problems) == 1 + len(REFUSED_COMMANDS)
+    # allow_unsigned_apps: Flower's own flwr-clientapp, and a stale gate one is removed
+    install_gate(folder, check_signatures=False)
+    assert {p.name for p in folder.iterdir()} == {SUPEREXEC_COMMAND, *REFUSED_COMMANDS}
+
+
+def test_site_superexec_will_not_start_outside_the_gate(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    folder = install_gate(tmp_path / "gate")
+    monkeypatch.setattr(run_superexec_mod, "AutoExecPlugin", AutoExecPlugin)  # restored
+    ran: list[type] = []
+    monkeypatch.setattr(superexec_cli, "flower_superexec",
+                        lambda: ran.append(run_superexec_mod.AutoExecPlugin))
+    argv = ["--runtime-api-address", "127.0.0.1:9094", "--insecure"]
+    for env, extra in (({}, []),  # no gate folder
+                       ({GATE_DIR_ENV: str(folder), "PATH": os.environ["PATH"]}, []),
+                       ({GATE_DIR_ENV: str(folder), "PATH": str(folder)},
+                        ["--executor", "kubernetes"])):
+        monkeypatch.delenv(GATE_DIR_ENV, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        with pytest.raises(SystemExit) as exc:
+            superexec_main([*argv, *extra])
+        assert exc.value.code == ExitCode.CONFIG and not ran
+    assert capsys.readouterr().err.count("SuperExec not started") == 3
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(sys, "argv", ["flower-superexec"])
+    superexec_main(argv)
+    assert ran == [SitePlugin] and sys.argv == ["flower-superexec", *argv]
+
+
+def test_refusing_launcher_script_runs_standalone(tmp_path: Path) -> None:
+    """The real script, as Flower's SuperExec would start it (no Runtime API to reach)."""
+    folder = install_gate(tmp_path / "gate")
+    res = subprocess.run([str(folder / "flwr-agentapp"), "--runtime-api-address",
+                          "127.0.0.1:9", "--token", "ab", "--insecure"],
+                         capture_output=True, text=True, timeout=120,
+                         env=os.environ | {"FLWR_HOME": str(tmp_path / "home")})
+    assert res.returncode == ExitCode.POLICY
+    assert "REFUSED flwr-agentapp" in res.stderr
+    assert "could not finish the refused 'flwr-agentapp' task" in res.stderr
+
+
+def test_clientapp_gate_patches_the_installer_and_refuses_an_unsigned_bundle(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    installed: list[bytes] = []
+    monkeypatch.setattr(clientapp_runtime, "install_from_fab",
+                        lambda fab, **_kw: installed.append(fab))
+    monkeypatch.setattr(clientapp_cli, "flwr_clientapp", lambda: None)
+    pub = generate_signing_key(tmp_path / "k" / "signing.key")
+    monkeypatch.setenv(TRUST_ENV, str(pub))
+    gate.main()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("pyproject.toml", "[project]\nname = 'evil'\n")
+        z.writestr("evil.py", "open('/tmp/pwned', 'w')\n")
+    with pytest.raises(AppRefused, match="not signed"):
+        clientapp_runtime.install_from_fab(buf.getvalue(), skip_prompt=True)
+    assert installed == []
+
+
+# ====================================================================== the daemon
+@pytest.fixture()
+def site(tmp_path: Path, data_dir: Path) -> SiteConfig:
+    pub = generate_signing_key(tmp_path / "pki" / "signing.key")
+    (path,) = write_site_configs(
+        tmp_path / "sites", task="breastmnist", fmt="medmnist", names=["site-a"], threads=1,
+        seed=0, data=data_dir / "medmnist_breast" / "breastmnist.npz", trusted_keys=[pub])
+    return load_site_config(path)
+
+
+def test_daemon_runs_the_supernode_without_a_superexec_and_starts_the_sites(
+        tmp_path: Path) -> None:
+    ca, key = tmp_path / "ca.pem", tmp_path / "site.key"
+    ca.write_text("x")
+    key.write_text("x")
+    opts = DaemonOptions(config=None, superlink="127.0.0.1:9092", root_certificates=ca,
+                         auth_key=key, runtime_port=9555)
+    argv = supernode_argv(opts, tmp_path / "site.toml")
+    assert argv[argv.index("--isolation") + 1] == "process"
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert flower_supernode._parse_args_run_supernode().parse_args(argv[1:]).isolation \
+        == "process"
+    assert superexec_argv(opts, tmp_path, 4242) == [
+        str(gate_dir(tmp_path) / SUPEREXEC_COMMAND), "--runtime-api-address",
+        "127.0.0.1:9555", "--insecure", "--parent-pid", "4242"]
+
+
+def test_gate_env_in_both_modes(site: SiteConfig, tmp_path: Path) -> None:
+    env = gate_env(site, tmp_path / "state", "/usr/bin")
+    folder = gate_dir(tmp_path / "state")
+    assert env["PATH"] == f"{folder}{os.pathsep}/usr/bin" and env[GATE_DIR_ENV] == str(folder)
+    assert env[TRUST_ENV] == str(site.security.trusted_app_keys[0])
+    assert (folder / GATE_COMMAND).is_file()
+    unsigned = replace(site, security=replace(site.security, allow_unsigned_apps=True))
+    env = gate_env(unsigned, tmp_path / "state", "/usr/bin")
+    assert TRUST_ENV not in env and env[GATE_DIR_ENV] == str(folder)
+    assert not (folder / GATE_COMMAND).exists() and (folder / "flwr-agentapp").is_file()
+    untrusting = replace(site, security=replace(site.security, trusted_app_keys=()))
+    with pytest.raises(ConfigError, match="security.trusted_app_keys"):
+        gate_env(untrusting, tmp_path / "state", "/usr/bin")
+
+
+def test_daemon_stops_the_supernode_when_the_superexec_dies() -> None:
+    def proc(code: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    node, execr = proc("import time; time.sleep(60)"), proc("raise SystemExit(3)")
+    assert supervise(node, execr, poll_s=0.05) == ExitCode.PROCESS
+    assert node.poll() is not None  # stopped, not left running
+    node, execr = proc("raise SystemExit(4)"), proc("import time; time.sleep(60)")
+    assert supervise(node, execr, poll_s=0.05) == 4 and execr.poll() is not None
+    # signalled: both were told to stop, the SuperNode's exit code is the daemon's
+    node, execr = proc("import time; time.sleep(60)"), proc("raise SystemExit(0)")
+    assert supervise(node, execr, stopping=lambda: True, poll_s=0.05) == -15  # SIGTERM
