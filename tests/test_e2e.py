@@ -288,7 +288,9 @@ def test_secagg_round_survives_a_site_dropping_out(tmp_path: Path, data_dir: Pat
             fed.register(pki.site(name))
             fed.start_site(SiteSpec(name, files[name], "breastmnist"))
         fed.wait_nodes_online(3)
-        doomed.unlink()  # site-c's disk fails: it can join the key exchange, not train
+        # site-c's data file is corrupted: its config still checks out (it joins the key
+        # exchange under its SecAgg+ policy), but it cannot train
+        doomed.write_bytes(b"not a MedMNIST archive")
         run_id, run_dir = fed.start_run(cfg)
         assert _wait_finished(fed, run_id, 600) == "finished:completed"
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
