@@ -23,12 +23,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import LocalDpMod
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    RECORD_KEY_STATE,
+    Key,
+    Stage,
+)
 
 from fedpacs.client.metrics import site_metrics
 from fedpacs.common.contract import (
@@ -155,10 +160,7 @@ def _secagg(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
     When the site refuses to train (an error reply, already logged with its reason) that
     reply goes back as it is: the site drops out of this round and the server unmasks the
     others from their shares."""
-    from flwr.app import ConfigRecord
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Key, Stage
-
-    from fedpacs.client.secure import SECAGG_ROUND_KEY
+    from fedpacs.client.secure import SECAGG_ROUND_KEY  # (torch-free stages stay fast)
 
     records = context.state.config_records
     is_setup = msg.content.config_records[SECAGG_CONFIG_KEY].get(Key.STAGE) == Stage.SETUP
@@ -187,11 +189,7 @@ def _secagg(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
 
 def _check_secagg_policy(msg: Message, context: Context) -> None:
     """Raise PolicyError when this SecAgg+ stage request breaks the site's own policy."""
-    from flwr.app import ConfigRecord
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Key
-
     from fedpacs.client.secure import SECAGG_ROUND_KEY, check_secagg_request
-    from fedpacs.common.errors import PolicyError
 
     site = load_site(context)
     records = context.state.config_records
