@@ -36,6 +36,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 
 from fedpacs.client.metrics import site_metrics
+from fedpacs.client.secagg_policy import SECAGG_ROUND_KEY, check_secagg_request
 from fedpacs.common.contract import (
     CONFIG_KEY,
     LEGACY_FIT_ARRAYS,
@@ -160,7 +161,6 @@ def _secagg(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
     When the site refuses to train (an error reply, already logged with its reason) that
     reply goes back as it is: the site drops out of this round and the server unmasks the
     others from their shares."""
-    from fedpacs.client.secure import SECAGG_ROUND_KEY  # (torch-free stages stay fast)
 
     records = context.state.config_records
     is_setup = msg.content.config_records[SECAGG_CONFIG_KEY].get(Key.STAGE) == Stage.SETUP
@@ -189,7 +189,6 @@ def _secagg(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
 
 def _check_secagg_policy(msg: Message, context: Context) -> None:
     """Raise PolicyError when this SecAgg+ stage request breaks the site's own policy."""
-    from fedpacs.client.secure import SECAGG_ROUND_KEY, check_secagg_request
 
     site = load_site(context)
     records = context.state.config_records

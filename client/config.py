@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedpacs.client.dicom import PacsPreprocess, window_error
-from fedpacs.client.pacs import CohortQuery, PacsConfig, dicomweb_url_error, method_error
-from fedpacs.common.config import check_unknown, read_toml, section, type_name
-from fedpacs.common.datasets import DataSpec
+from fedpacs.common.config import DataSpec, check_unknown, read_toml, section, type_name
 from fedpacs.common.errors import ConfigError, FieldError
 from fedpacs.common.tasks import TASK_PRESETS, TaskConfig, validate_task_dict
+
+if TYPE_CHECKING:  # (pydicom/pynetdicom are imported only by a site with a [pacs] table:
+    # every ClientApp process, SecAgg+ key exchange included, reads this file)
+    from fedpacs.client.pacs import CohortQuery, PacsConfig
 
 SITE_CONFIG_ENV = "FEDPACS_SITE_CONFIG"
 SITE_CONFIG_NODE_KEY = "site-config"  # key in the SuperNode's --node-config
@@ -24,6 +25,18 @@ SITE_DATA_FORMATS: tuple[str, ...] = ("nifti", "medmnist", "pacs")
 
 DEFAULT_THREADS = 0  # 0: let torch decide
 DEFAULT_DEVICE = "auto"  # cuda when present, else cpu
+
+
+@dataclass(frozen=True)
+class PacsPreprocess:
+    """How a site prepares its converted PACS volumes for training ([data] in the site
+    config). ``window``: a CT window preset name (:data:`WINDOW_PRESETS`) applied to CT
+    volumes before normalisation ("" = none). ``spacing``: (slice, row, column) in mm that
+    each volume (and its mask, with nearest) is resampled to before it is fitted to the
+    task's input shape (None = keep the series' own spacing)."""
+
+    window: str = ""
+    spacing: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +273,8 @@ def parse_preprocess(data: dict[str, Any], fmt: object, errs: list[FieldError]) 
     """[data] window and spacing (PACS volumes only); appends problems to ``errs``."""
     window = data.get("window", "")
     if "window" in data:
+        from fedpacs.client.dicom import window_error
+
         err = window_error(window, "data.window")
         if err is not None:
             errs.append(err)
@@ -286,7 +301,14 @@ def parse_preprocess(data: dict[str, Any], fmt: object, errs: list[FieldError]) 
 
 def parse_ingest(raw: dict[str, Any], base_dir: Path, errs: list[FieldError]) -> IngestConfig:
     """The [pacs] and [cohort] tables; appends problems to ``errs``."""
-    from fedpacs.client.pacs import max_instance_mb_error, study_uids_error
+    from fedpacs.client.pacs import (
+        CohortQuery,
+        PacsConfig,
+        dicomweb_url_error,
+        max_instance_mb_error,
+        method_error,
+        study_uids_error,
+    )
 
     pacs = section(raw, "pacs", errs)
     cohort = section(raw, "cohort", errs)

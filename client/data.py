@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from fedpacs.client.dicom import PacsPreprocess, prepare_image, prepare_mask
+from fedpacs.client.config import PacsPreprocess
+from fedpacs.client.dicom import prepare_image, prepare_mask
 from fedpacs.client.volumes import list_volumes, load_volume
 from fedpacs.common.datasets import (
     DataSpec,

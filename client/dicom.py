@@ -21,6 +21,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from fedpacs.client.config import PacsPreprocess
 from fedpacs.common.datasets import resize
 from fedpacs.common.errors import ConfigError, DataError, FieldError, did_you_mean
 
@@ -77,18 +78,6 @@ class Volume:
     series_description: str = ""
     irregular_spacing: bool = False
     source_files: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class PacsPreprocess:
-    """How a site prepares its converted PACS volumes for training ([data] in the site
-    config). ``window``: a CT window preset name (:data:`WINDOW_PRESETS`) applied to CT
-    volumes before normalisation ("" = none). ``spacing``: (slice, row, column) in mm that
-    each volume (and its mask, with nearest) is resampled to before it is fitted to the
-    task's input shape (None = keep the series' own spacing)."""
-
-    window: str = ""
-    spacing: tuple[float, float, float] | None = None
 
 
 def valid_uid(uid: object) -> bool:

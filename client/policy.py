@@ -2,7 +2,7 @@
 
 Whatever the server's instructions say, a site trains only within the ceilings of its
 ``[security]`` table: allowed networks, a round limit, a required local-DP epsilon (and,
-in fedpacs.client.secure, the SecAgg+ floor). Each refusal is a PolicyError naming the
+in fedpacs.client.secagg_policy, the SecAgg+ floor). Each refusal is a PolicyError naming the
 security field, what the run asked and the fix; the server gets only its code (FP010).
 """
 

@@ -14,7 +14,7 @@ import json
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from fedpacs.common.errors import ConfigError, FieldError, did_you_mean
 from fedpacs.common.strategies import SECAGG_STRATEGIES, STRATEGY_NAMES
@@ -57,8 +57,32 @@ def check_unknown(sec: dict[str, Any], allowed: set[str], prefix: str,
                                repr(k), "remove or rename the key (check its spelling)"))
 
 
-if TYPE_CHECKING:
-    from fedpacs.common.datasets import DataSpec
+# Formats both sides read (sites train on them, the server holds out a split of them);
+# a site's PACS cache ("pacs") is read by fedpacs.client.data alone.
+DataFormat = Literal["nifti", "medmnist", "pacs"]
+DATA_FORMATS: tuple[str, ...] = ("nifti", "medmnist")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a data set lies and which part of it one party uses.
+
+    ``nifti``: ``root`` holds ``images/`` and ``labels/`` with matching file names.
+    ``medmnist``: ``root`` is the ``.npz`` file; its official train/val/test splits are used
+    (train and val are partitioned across sites, test is the held-out split).
+    ``pacs``: ``root`` is a site's ingest cache, ``labels`` its label manifest (read on
+    the site by fedpacs.client.data).
+    """
+
+    format: DataFormat
+    root: Path
+    partition: int = 0
+    num_partitions: int = 1
+    holdout_fraction: float = 0.2
+    val_fraction: float = 0.15
+    seed: int = 0
+    labels: Path | None = None
+
 
 # RunConfig fields that name coordinator paths, keys or ports: they stay on the coordinator.
 SERVER_SIDE_FIELDS = frozenset({"run_dir", "eval_format", "eval_root", "eval_holdout_fraction",
@@ -193,8 +217,6 @@ class RunConfig:
         if not self.round_timeout_s > 0:
             errs.append(FieldError("round-timeout-s", "> 0 seconds", str(self.round_timeout_s),
                                    "e.g. 900"))
-        from fedpacs.common.datasets import DATA_FORMATS
-
         if self.eval_format and self.eval_format not in DATA_FORMATS:
             errs.append(FieldError("eval-format", f"empty or one of {', '.join(DATA_FORMATS)}",
                                    repr(self.eval_format), "leave empty to skip server evaluation"))
@@ -263,8 +285,6 @@ class RunConfig:
         return task_with_network(self.task, self.network)
 
     def eval_spec(self) -> DataSpec | None:
-        from fedpacs.common.datasets import DataSpec
-
         if not self.eval_format:
             return None
         return DataSpec(format=self.eval_format,  # type: ignore[arg-type,unused-ignore]

@@ -10,43 +10,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fedpacs.common.config import DATA_FORMATS, DataFormat, DataSpec
 from fedpacs.common.errors import DataError
 from fedpacs.common.tasks import TaskConfig
 
 log = logging.getLogger(__name__)
 
-# Formats both sides read (sites train on them, the server holds out a split of them);
-# a site's PACS cache ("pacs") is read by fedpacs.client.data alone.
-DataFormat = Literal["nifti", "medmnist", "pacs"]
-DATA_FORMATS: tuple[str, ...] = ("nifti", "medmnist")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
-
-@dataclass(frozen=True)
-class DataSpec:
-    """Where a data set lies and which part of it one party uses.
-
-    ``nifti``: ``root`` holds ``images/`` and ``labels/`` with matching file names.
-    ``medmnist``: ``root`` is the ``.npz`` file; its official train/val/test splits are used
-    (train and val are partitioned across sites, test is the held-out split).
-    ``pacs``: ``root`` is a site's ingest cache, ``labels`` its label manifest (read on
-    the site by fedpacs.client.data).
-    """
-
-    format: DataFormat
-    root: Path
-    partition: int = 0
-    num_partitions: int = 1
-    holdout_fraction: float = 0.2
-    val_fraction: float = 0.15
-    seed: int = 0
-    labels: Path | None = None
+__all__ = ["DATA_FORMATS", "DataFormat", "DataSpec", "SiteData"]  # (the first three live
+# in fedpacs.common.config, light enough for processes that never touch torch)
 
 
 @dataclass

@@ -88,3 +88,17 @@ def test_the_check_catches_each_kind_of_wrong_import() -> None:
     assert violations("from ..client import config", "fedpacs.server.app")
     assert not violations("from fedpacs.common import wire", "fedpacs.client.app")
     assert not violations("from fedpacs.server.rundir import x", "fedpacs.server.coordinator.f")
+
+
+def test_a_site_config_loads_without_torch_or_dicom_libraries() -> None:
+    """Every ClientApp process (each SecAgg+ key-exchange stage too) reads the site config:
+    it must not pull in torch, pydicom or pynetdicom (seconds per process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fedpacs.client.app, fedpacs.client.config, fedpacs.common.contract; "
+            "print(sorted(m for m in ('torch', 'pydicom', 'pynetdicom', 'monai') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

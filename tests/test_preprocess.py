@@ -11,11 +11,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedpacs.client.config import SiteConfig, parse_site_config
+from fedpacs.client.config import PacsPreprocess, SiteConfig, parse_site_config
 from fedpacs.client.data import load_site_data
 from fedpacs.client.dicom import (
     WINDOW_PRESETS,
-    PacsPreprocess,
     prepare_image,
     prepare_mask,
     window_preset,

@@ -479,7 +479,7 @@ def test_split_views_are_stopped_by_the_majority_threshold(
     disjoint, at most n - t dropped), and still collect the victim's mask seed and a mask
     key for every pairwise mask."""
     from fedpacs.client.config import SecurityConfig
-    from fedpacs.client.secure import check_secagg_request
+    from fedpacs.client.secagg_policy import check_secagg_request
 
     sites = _sites(tmp_path, data_dir, n=4)
     cfg = _cfg(tmp_path, min_sites=4)

@@ -1,4 +1,4 @@
-"""The site's own SecAgg+ floor (``client/secure.py: check_secagg_request``), rule by rule.
+"""The site's own SecAgg+ floor (``client/secagg_policy.py: check_secagg_request``), rule by rule.
 
 The states checked against are the ones Flower's ``secaggplus_mod`` keeps: an honest
 three-site round is driven through the real mod, and each test breaks one rule of one
@@ -25,7 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.compat.common import recorddict_compat as compat
 
 from fedpacs.client.config import SecurityConfig
-from fedpacs.client.secure import check_secagg_request
+from fedpacs.client.secagg_policy import check_secagg_request
 from fedpacs.common.errors import FieldError
 
 pytestmark = pytest.mark.usefixtures("task_identity")
