@@ -71,10 +71,16 @@ def is_coded(reason: str) -> bool:
     return m is not None and m.group(2) == describe(int(m.group(1)))
 
 
+def coded_reply(msg: Message, code: ExitCode, type_name: str) -> Message:
+    """An error reply that carries only a code, a type name and that code's help text (no
+    file names, no exception message): the one format :func:`is_coded` accepts."""
+    reason = f"FP{int(code):03d} {type_name}: {describe(code)}"
+    return Message(error=Error(code=int(code), reason=reason), reply_to=msg)
+
+
 def site_error_reply(msg: Message, err: FedpacsError) -> Message:
-    """An error reply that carries only a code and the exception type (no file names)."""
-    reason = f"FP{int(err.code):03d} {type(err).__name__}: {describe(err.code)}"
-    return Message(error=Error(code=int(err.code), reason=reason), reply_to=msg)
+    """An error reply for a fedpacs error: its code and its type."""
+    return coded_reply(msg, err.code, type(err).__name__)
 
 
 def refuse(msg: Message, err: FedpacsError) -> Message:
@@ -109,14 +115,10 @@ def site_boundary_mod(msg: Message, context: Context, call_next: ClientAppCallab
     except Exception as exc:  # noqa: BLE001 - the site boundary: nothing may pass uncoded
         log.exception("site error on message %s (kept on this site)", msg.metadata.message_type)
         site_metrics().errors.labels(code=str(int(ExitCode.FAILURE))).inc()
-        return Message(error=Error(code=int(ExitCode.FAILURE), reason=(
-            f"FP{int(ExitCode.FAILURE):03d} {type(exc).__name__}: "
-            f"{describe(ExitCode.FAILURE)}")), reply_to=msg)
+        return coded_reply(msg, ExitCode.FAILURE, type(exc).__name__)
     if out.has_error() and not is_coded(out.error.reason or ""):
         log.error("site error reply rewritten before it left: %s", out.error.reason)
-        return Message(error=Error(code=int(ExitCode.FAILURE), reason=(
-            f"FP{int(ExitCode.FAILURE):03d} SiteError: {describe(ExitCode.FAILURE)}")),
-            reply_to=msg)
+        return coded_reply(msg, ExitCode.FAILURE, "SiteError")
     return out
 
 
