@@ -42,6 +42,8 @@ bench: setup system-deps
 	$(PY) bench/train_step.py
 	$(PY) bench/ingest.py
 	$(PY) bench/secagg.py
+	$(PY) bench/round_overhead.py --json runs/bench/round_overhead.json
+	$(PY) bench/many_sites.py --json runs/bench/many_sites.json
 
 clean:
 	rm -rf runs .pytest_cache

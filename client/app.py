@@ -35,6 +35,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
     Stage,
 )
 
+from fedpacs.client import timing
 from fedpacs.client.metrics import site_metrics
 from fedpacs.client.secagg_policy import SECAGG_ROUND_KEY, check_secagg_request
 from fedpacs.common.contract import (
@@ -267,6 +268,9 @@ def _reshape(out: Message, fn: Callable[[str, np.ndarray], np.ndarray]) -> Messa
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    import fedpacs.client.trainer  # noqa: F401  (torch, MONAI: t-imports, not t-data)
+
+    timing.mark(timing.READY)
     return with_local_dp(msg, context, lambda m, c: handle(m, c, train_work))
 
 
@@ -274,4 +278,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     from fedpacs.client.trainer import evaluate_round
 
+    timing.mark(timing.READY)
     return handle(msg, context, evaluate_round)

@@ -43,6 +43,9 @@ class PacsPreprocess:
 class ComputeConfig:
     device: str = DEFAULT_DEVICE
     threads: int = DEFAULT_THREADS
+    # keep imports, kernels and decoded data in a warm parent that forks a process per
+    # message (fedpacs.client.warm); false: a cold process per message, as Flower does
+    warm: bool = True
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
     check_unknown(site, {"name", "task"}, "site.", errs)
     check_unknown(data, {"format", "root", "partition", "num_partitions", "holdout_fraction",
                           "val_fraction", "seed", "labels", "window", "spacing"}, "data.", errs)
-    check_unknown(comp, {"device", "threads"}, "compute.", errs)
+    check_unknown(comp, {"device", "threads", "warm"}, "compute.", errs)
 
     name = site.get("name")
     if not isinstance(name, str) or not name.strip():
@@ -202,6 +205,11 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
                                            or device.startswith("cuda:")):
         errs.append(FieldError("compute.device", "auto, cpu, cuda or cuda:N", type_name(device),
                                'set device = "auto"'))
+    warm = comp.get("warm", ComputeConfig.warm)
+    if not isinstance(warm, bool):
+        errs.append(FieldError("compute.warm", "true or false", type_name(warm),
+                               "set warm = true (or false for a cold process per message)"))
+        warm = ComputeConfig.warm
     preprocess = parse_preprocess(data, fmt, errs)
     ingest = parse_ingest(raw, base_dir, errs) if "pacs" in raw else None
     security = parse_security(section(raw, "security", errs), base_dir, errs)
@@ -212,7 +220,7 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
         name=name.strip(), task=task,
         data=DataSpec(format=fmt, root=root, partition=partition, num_partitions=num_parts,
                       holdout_fraction=holdout, val_fraction=val, seed=seed, labels=labels),
-        compute=ComputeConfig(device=str(device), threads=threads), source=source,
+        compute=ComputeConfig(device=str(device), threads=threads, warm=warm), source=source,
         ingest=ingest, custom_task=custom,
         security=security, preprocess=preprocess,
     )

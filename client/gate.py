@@ -54,6 +54,7 @@ from fedpacs.common.errors import AuthError, ExitCode
 from fedpacs.common.signing import verify_fab
 
 TRUST_ENV = "FEDPACS_TRUSTED_APP_KEYS"  # os.pathsep-separated public key files
+UNSIGNED_ENV = "FEDPACS_ALLOW_UNSIGNED_APPS"  # "1": security.allow_unsigned_apps (development)
 GATE_DIR_ENV = "FEDPACS_GATE_DIR"  # the gate folder, first on PATH
 GATE_COMMAND = "flwr-clientapp"  # the launcher of the one task kind a site runs
 SUPEREXEC_COMMAND = "flower-superexec"
@@ -87,9 +88,16 @@ def checked(install: Callable[..., Any], trusted: list[Path]) -> Callable[..., A
 
 def main() -> None:
     """``flwr-clientapp`` with the signature check in front of the app's installation."""
+    from fedpacs.client import timing
+
+    if timing.LAUNCH not in timing.marks():  # a cold launch: this process is the launcher
+        timing.mark(timing.LAUNCH, timing.process_started())
     import flwr.supernode.runtime.run_clientapp as runtime
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
+    from fedpacs.common.flowertune import quick_object_pulls
+
+    quick_object_pulls()
     trusted = [Path(p) for p in os.environ.get(TRUST_ENV, "").split(os.pathsep) if p]
     runtime.install_from_fab = checked(runtime.install_from_fab, trusted)
     flwr_clientapp()
@@ -231,22 +239,26 @@ def refuse_main(kind: str, argv: Sequence[str] | None = None) -> None:
 
 
 # ------------------------------------------------------------------ the gate folder
-def _script(folder: Path, name: str, call: str) -> None:
+def _script(folder: Path, name: str, call: str, module: str = "fedpacs.client.gate") -> None:
     script = folder / name
-    script.write_text(f"#!{sys.executable}\nfrom fedpacs.client.gate import "
+    script.write_text(f"#!{sys.executable}\nfrom {module} import "
                       f"{call.split('(')[0]}\n\n{call}\n", encoding="utf-8")
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
-def install_gate(folder: Path, *, check_signatures: bool = True) -> Path:
+def install_gate(folder: Path, *, check_signatures: bool = True, warm: bool = False) -> Path:
     """Write the site's launchers into ``folder`` (to go first on PATH): the SuperExec, a
-    refusing launcher for every kind but ClientApp, and with ``check_signatures`` the
-    signature-checking ``flwr-clientapp`` (without: Flower's own, allow_unsigned_apps)."""
+    refusing launcher for every kind but ClientApp, and ``flwr-clientapp``: at a warm site
+    the relay to the warm parent (fedpacs.client.warm, whose child runs what follows);
+    else with ``check_signatures`` the signature-checking one (without: Flower's own,
+    allow_unsigned_apps)."""
     folder.mkdir(parents=True, exist_ok=True)
     _script(folder, SUPEREXEC_COMMAND, "superexec_main()")
     for name in REFUSED_COMMANDS:
         _script(folder, name, f"refuse_main({name!r})")
-    if check_signatures:
+    if warm:
+        _script(folder, GATE_COMMAND, "relay_main()", module="fedpacs.client.warm")
+    elif check_signatures:
         _script(folder, GATE_COMMAND, "main()")
     else:
         (folder / GATE_COMMAND).unlink(missing_ok=True)

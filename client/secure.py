@@ -56,7 +56,10 @@ def check_maskable(values: list[np.ndarray], num_examples: int, *, clip: float,
 
 def to_fitres(reply: RecordDict, request: RecordDict) -> RecordDict:
     """A fedpacs train reply as the legacy ``fitres`` records SecAgg+ masks. Metrics and
-    the site's name travel in the clear; the weights are masked by the mod."""
+    the site's name travel in the clear, all of them: the training metrics, the folded
+    evaluation of the incoming model (``val-*``) and the site's seconds (``t-*``), which
+    the server's ``aggregate_fit`` receives as ``FitRes.metrics``; the weights are masked
+    by the mod."""
     ins = RoundInstructions.from_record(request.config_records[LEGACY_FIT_CONFIG])
     metrics = dict(reply.metric_records[wire.METRICS_KEY])
     num_examples = int(metrics[wire.NUM_EXAMPLES])  # type: ignore[arg-type]  # our own reply

@@ -13,16 +13,20 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedpacs.client import policy
+from fedpacs.client import datacache, policy, timing
 from fedpacs.client.config import SiteConfig
-from fedpacs.client.data import load_site_data
 from fedpacs.client.metrics import site_metrics
 from fedpacs.common import wire
 from fedpacs.common.contract import (
     CONFIG_KEY,
+    FEDBN_RESTORED,
+    NUM_EXAMPLES,
     SHARE_LOCAL_MODEL_KEY,
+    TIMING_KEYS,
+    VAL_PREFIX,
     XVAL_GLOBAL,
     RoundInstructions,
+    fold_evaluation,
 )
 from fedpacs.common.datasets import SiteData
 from fedpacs.common.engine import TrainParams, evaluate, train
@@ -62,9 +66,14 @@ def resolve_task(site: SiteConfig, network: str, task_json: str) -> TaskConfig:
 
 
 def load_data(site: SiteConfig, task: TaskConfig) -> SiteData:
-    data = load_site_data(site.data, task, preprocess=site.preprocess)
-    for path, reason in data.skipped:
-        log.warning("site %s skipped %s: %s", site.name, path, reason)
+    """The site's data, warm when this process was forked from a warm site's parent
+    (fedpacs.client.datacache); skipped files are logged where the data is loaded."""
+    loads = datacache.loads
+    data = datacache.site_data(site, task)
+    if datacache.loads != loads:
+        for path, reason in data.skipped:
+            log.warning("site %s skipped %s: %s", site.name, path, reason)
+    timing.mark(timing.DATA)
     return data
 
 
@@ -115,14 +124,41 @@ def keep_norm_layers(model: torch.nn.Module, state: RecordDict) -> None:
     state[FEDBN_STATE_KEY] = ArrayRecord(torch_state_dict=local)
 
 
+def evaluation(site: SiteConfig, r: OpenRound) -> dict[str, float]:
+    """The round's global model on the site's validation split, as an evaluate reply's
+    metrics (``num-examples``, ``fedbn-restored``, ``val-*``): the one evaluation behind
+    the evaluate exchange, cross-site validation and the evaluation folded into a train
+    reply. The global random state is left as it was, so that training after it draws the
+    same numbers as without it."""
+    with torch.random.fork_rng(devices=[]):
+        values = evaluate(r.model, r.data.val, task=r.task, device=r.device)
+    timing.mark(timing.EVALUATED)
+    site_metrics().val_samples.set(len(r.data.val))
+    log.info("site %s round %d: evaluated on %d samples: %s", site.name, r.ins.server_round,
+             len(r.data.val), values)
+    return {NUM_EXAMPLES: len(r.data.val), FEDBN_RESTORED: r.fedbn_restored,
+            **{f"{VAL_PREFIX}{k}": float(v) for k, v in values.items()}}
+
+
+def site_timing() -> dict[str, float]:
+    """Seconds this message spent per phase, every key of TIMING_KEYS (0.0 for a phase it
+    did not go through): Flower's strategies refuse replies whose metric keys differ."""
+    phases = timing.phases()
+    return {k: float(phases.get(k, 0.0)) for k in TIMING_KEYS}
+
+
 def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
-    """Load the global model from ``content``, train locally, reply with the new weights."""
+    """Load the global model from ``content``, train locally, reply with the new weights.
+    With ``evaluate-first`` the incoming model is evaluated before training and its
+    metrics ride in the reply (``val-*``, weighted by ``val-num-examples``)."""
     r = open_round(site, content, state, training=True)
     ins, task, device, data, model = r.ins, r.task, r.device, r.data, r.model
+    evaluated = fold_evaluation(evaluation(site, r)) if ins.evaluate_first else {}
     seed = ins.seed * 1_000_003 + ins.server_round * 101 + site.data.partition
     res = train(model, data.train, task=task, device=device, seed=seed, params=TrainParams(
         epochs=ins.local_epochs, batch_size=ins.batch_size, lr=ins.lr,
         proximal_mu=ins.proximal_mu))
+    timing.mark(timing.TRAINED)
     if ins.fedbn:
         keep_norm_layers(model, state)
     m = site_metrics()
@@ -134,7 +170,7 @@ def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> Rec
     log.info("site %s round %d: trained on %d samples in %.1fs, loss %.4f",
              site.name, ins.server_round, res.num_examples, res.seconds, res.loss)
     metrics = MetricRecord({wire.NUM_EXAMPLES: res.num_examples, "train-loss": res.loss,
-                            "train-seconds": res.seconds})
+                            "train-seconds": res.seconds, **evaluated, **site_timing()})
     return RecordDict({wire.ARRAYS_KEY: wire.model_to_arrays(model),
                        wire.METRICS_KEY: metrics,
                        wire.SITE_KEY: ConfigRecord({
@@ -145,15 +181,7 @@ def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> Rec
 def evaluate_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
     """Evaluate the global model in ``content`` on the site's validation split."""
     r = open_round(site, content, state, training=False)
-    ins, task, device, data, model = r.ins, r.task, r.device, r.data, r.model
-    values = evaluate(model, data.val, task=task, device=device)
-    site_metrics().val_samples.set(len(data.val))
-    log.info("site %s round %d: evaluated on %d samples: %s", site.name, ins.server_round,
-             len(data.val), values)
-    metrics = MetricRecord({wire.NUM_EXAMPLES: len(data.val), "fedbn-restored": r.fedbn_restored,
-                            **{f"val-{k}": float(v) for k, v in values.items()}})
+    metrics = MetricRecord({**evaluation(site, r), **site_timing()})
     return RecordDict({wire.METRICS_KEY: metrics,
                        wire.SITE_KEY: ConfigRecord({"name": site.name,
-                                                    wire.XVAL_MODEL_KEY: ins.xval_model})})
-
-
+                                                    wire.XVAL_MODEL_KEY: r.ins.xval_model})})

@@ -7,10 +7,18 @@ a site then *does* with it is still its own policy (fedpacs.client.config.Securi
 
 SecAgg+ train messages use Flower's legacy layout: the same record travels as
 ``fitins.config`` beside the model in ``fitins.parameters``.
+
+A reply's metrics are one flat record (Flower's strategies want exactly one, with the same
+keys from every site), so three kinds share it, told apart by name (:func:`split_metrics`):
+the message's own metrics (weighted by ``num-examples``), the sites' evaluation of the
+incoming global model folded into a train reply (``val-*``, weighted by
+``val-num-examples``; :func:`fold_evaluation`) and the seconds the site spent per phase
+(``t-*``, :data:`TIMING_KEYS`, always all of them so that every site sends the same keys).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,6 +36,13 @@ XVAL_MODEL_KEY = "xval-model"  # which model a cross-site validation message car
 XVAL_GLOBAL = "global"  # ... the global one (every other name is a site's local model)
 SHARE_LOCAL_MODEL_KEY = "share-local-model"  # a site's consent, in its train reply
 NUM_EXAMPLES = "num-examples"  # the weighting key FedAvg reads from each reply's metrics
+FEDBN_RESTORED = "fedbn-restored"  # normalisation entries an evaluation took from the site
+VAL_PREFIX = "val-"  # a validation metric (an evaluate reply's, or folded into a train reply)
+VAL_NUM_EXAMPLES = "val-num-examples"  # the folded evaluation's weighting key
+TIMING_PREFIX = "t-"
+# the seconds a site spent on a message, per phase (fedpacs.client.timing.phases): every
+# reply carries all of them (0.0 for a phase the message did not go through)
+TIMING_KEYS = ("t-site", "t-start", "t-imports", "t-data", "t-evaluate", "t-train")
 # SecAgg+ train messages (Flower's legacy fitins layout)
 LEGACY_FIT_CONFIG = "fitins.config"  # SecAgg+ train messages (Flower's legacy fitins)
 LEGACY_FIT_ARRAYS = "fitins.parameters"
@@ -59,10 +74,14 @@ class RoundInstructions:
     dp_epsilon: float
     dp_delta: float
     xval_model: str = ""  # which model a cross-site validation message carries
+    # train messages: first evaluate the incoming global model on the validation split and
+    # fold its metrics into the reply (one exchange per round instead of train + evaluate)
+    evaluate_first: bool = False
 
     @classmethod
     def for_round(cls, cfg: RunConfig, server_round: int, *, xval_model: str = "",
-                  fedbn: bool | None = None) -> RoundInstructions:
+                  fedbn: bool | None = None, evaluate_first: bool = False
+                  ) -> RoundInstructions:
         """The instructions of round ``server_round`` of run ``cfg`` (no server paths)."""
         return cls(task=cfg.task, server_round=server_round, local_epochs=cfg.local_epochs,
                    batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, network=cfg.network,
@@ -70,7 +89,7 @@ class RoundInstructions:
                    fedbn=cfg.fedbn if fedbn is None else fedbn, secagg=cfg.secagg,
                    secagg_clip=cfg.secagg_clip, secagg_max_weight=cfg.secagg_max_weight,
                    dp_clip=cfg.dp_clip, dp_epsilon=cfg.dp_epsilon, dp_delta=cfg.dp_delta,
-                   xval_model=xval_model)
+                   xval_model=xval_model, evaluate_first=evaluate_first)
 
     def to_dict(self) -> dict[str, bool | int | float | str]:
         return {_key(f.name): getattr(self, f.name) for f in fields(self)}
@@ -104,3 +123,45 @@ class RoundInstructions:
         if errs:
             raise ConfigError("round instructions from the server", errs)
         return cls(**values)
+
+
+def fold_evaluation(evaluation: Mapping[str, float]) -> dict[str, float]:
+    """An evaluate reply's metrics as they travel inside a train reply: every name gets
+    the ``val-`` prefix (``num-examples`` -> ``val-num-examples``) so that none of them
+    mixes with the training metrics or their weighting."""
+    return {k if k.startswith(VAL_PREFIX) else VAL_PREFIX + k: v
+            for k, v in evaluation.items()}
+
+
+def unfold_evaluation(folded: Mapping[str, float]) -> dict[str, float]:
+    """The folded metrics back in an evaluate reply's layout (the inverse of
+    :func:`fold_evaluation` for the keys an evaluate reply has)."""
+    plain = {VAL_PREFIX + k: k for k in (NUM_EXAMPLES, FEDBN_RESTORED)}
+    return {plain.get(k, k): v for k, v in folded.items()}
+
+
+@dataclass(frozen=True)
+class ReplyMetrics:
+    """A reply's metrics split by what they measure (:func:`split_metrics`)."""
+
+    own: dict[str, float]  # the message's own metrics, weighted by num-examples
+    evaluation: dict[str, float]  # a folded evaluation, in evaluate-reply layout ({}: none)
+    timing: dict[str, float]  # t-* seconds
+
+
+def split_metrics(metrics: Mapping[str, float], *, folded: bool) -> ReplyMetrics:
+    """Split a reply's metrics: ``t-*`` always; ``val-*`` too when ``folded`` (a train
+    reply, whose ``val-*`` are the folded evaluation; an evaluate reply's are its own)."""
+    own: dict[str, float] = {}
+    evaluation: dict[str, float] = {}
+    timing: dict[str, float] = {}
+    for k, v in metrics.items():
+        if k.startswith(TIMING_PREFIX):
+            timing[k] = v
+        elif folded and k.startswith(VAL_PREFIX):
+            evaluation[k] = v
+        else:
+            own[k] = v
+    if VAL_NUM_EXAMPLES not in evaluation:  # no evaluation without its weight
+        evaluation = {}
+    return ReplyMetrics(own, unfold_evaluation(evaluation), timing)

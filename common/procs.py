@@ -19,6 +19,10 @@ from pathlib import Path
 from fedpacs.common.errors import DeadlineError, ProcessError
 
 FLWR_QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+# How often a SuperExec (the SuperLink's, for ServerApps; a site's, for ClientApps) looks
+# for a new task: Flower's default is 1 s, paid on every message exchange.
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+TASK_POLL_S = 0.1
 
 
 def tool(name: str) -> str:
@@ -35,6 +39,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env.update(FLWR_QUIET_ENV)
+    env.setdefault(TASK_POLL_ENV, str(TASK_POLL_S))
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env

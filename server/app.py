@@ -1,5 +1,11 @@
 """The Flower ServerApp (``fedpacs.server.app:app``): FedAvg over the sites, with a
 checkpoint and metrics written after every round and the final model saved for researchers.
+
+Every exchange with the sites goes through one :class:`~fedpacs.server.grid.FastGrid`
+(short polling, a log of exchanges). A round is one exchange (four under SecAgg+): each
+site evaluates the global model it receives before training and sends that with its
+update, which is the evaluation of the *previous* round's model; it is added to that
+round's record. After the last round one evaluate exchange evaluates the final model.
 """
 
 from __future__ import annotations
@@ -21,16 +27,27 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpacs.common import wire
 from fedpacs.common.config import RunConfig
-from fedpacs.common.contract import XVAL_GLOBAL, RoundInstructions
+from fedpacs.common.contract import TIMING_PREFIX, VAL_PREFIX, XVAL_GLOBAL, RoundInstructions
 from fedpacs.common.datasets import load_holdout
 from fedpacs.common.engine import evaluate
 from fedpacs.common.errors import ConfigError, FieldError
+from fedpacs.common.flowertune import quick_object_pulls
 from fedpacs.common.models import build_model, pick_device
 from fedpacs.common.signing import sign_run
 from fedpacs.common.telemetry import multiprocess_dir
 from fedpacs.common.wire import XVAL_MODEL_KEY
+from fedpacs.server.grid import FastGrid
 from fedpacs.server.metrics import ServerMetrics
-from fedpacs.server.recorder import RoundRecord, RoundRecorder, metric_dict, site_name
+from fedpacs.server.recorder import (
+    TRAIN_SECONDS_FALLBACK,
+    Phase,
+    RoundRecord,
+    RoundRecorder,
+    Timing,
+    evaluation_phase,
+    metric_dict,
+    site_name,
+)
 from fedpacs.server.report import write_report
 from fedpacs.server.rundir import RUNS_DIR_ENV, RunDirectory, read_server_side
 from fedpacs.server.secure import run_secure
@@ -43,7 +60,8 @@ app = ServerApp()
 
 class FederatedRun:
     """One run of the ServerApp: the global model, its run directory, held-out data, the
-    round recorder and the Prometheus series; :meth:`run` drives the rounds."""
+    round recorder and the Prometheus series; :meth:`run` drives the rounds. ``grid`` is
+    wrapped once in a FastGrid, through which every exchange of the run goes."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, context: Context) -> None:
         if not cfg.run_dir:
@@ -51,7 +69,8 @@ class FederatedRun:
                 "run-dir", "the server-side folder for this run's checkpoints", "nothing",
                 "start runs with `fedpacs run start` (it writes the run's server.json and "
                 f"starts the SuperLink with ${RUNS_DIR_ENV})")])
-        self.grid, self.cfg, self.context = grid, cfg, context
+        self.grid = FastGrid(grid, default_timeout_s=cfg.round_timeout_s)
+        self.cfg, self.context = cfg, context
         self.task = cfg.task_config()
         torch.manual_seed(cfg.seed)
         self.model = build_model(self.task, seed=cfg.seed)
@@ -66,32 +85,57 @@ class FederatedRun:
         self.metrics.rounds_total.set(cfg.rounds)
         self.metrics.round.set(0)
         self.round_started = time.monotonic()
+        self.exchanges_seen = 0  # FastGrid's log entries already in a round's timing
         self.current = wire.model_to_arrays(self.model)  # the global model after each round
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Load the round's global model, evaluate it on the held-out split, record and
-        checkpoint the round (round 0: the initial model)."""
+        """Load the round's global model, evaluate it on the held-out split, checkpoint
+        and record the round (round 0: the initial model) with its timing, and add the
+        sites' evaluation of the previous round's model (from this round's replies) to
+        that round's record."""
+        closing = time.monotonic()
+        exchanges = self.grid.exchanges[self.exchanges_seen:]
+        self.exchanges_seen = len(self.grid.exchanges)
         wire.load_arrays(self.model, arrays)
         self.current = arrays
-        record = self.recorder.close(server_round)
+        closed = self.recorder.close(server_round)
+        record = closed.record
+        started = time.monotonic()
         if self.holdout is not None:
             record.heldout = evaluate(self.model, self.holdout, task=self.task,
                                       device=self.device)
             record.heldout["num-examples"] = float(len(self.holdout))
+        heldout_s = time.monotonic() - started
         record.time = time.time()
+        started = time.monotonic()
+        self.run_dir.save_checkpoint(self.model, record)
+        checkpoint_s = time.monotonic() - started
+        trained = record.train.sites if record.train else {}
+        sites = {name: {k: v for k, v in trained.get(name, {}).items()
+                        if k == TRAIN_SECONDS_FALLBACK} | closed.site_phases.get(name, {})
+                 for name in sorted(set(trained) | set(closed.site_phases))}
+        record.timing = Timing.build(
+            round_s=time.monotonic() - self.round_started, exchanges=exchanges, sites=sites,
+            aggregate_s=closing - exchanges[-1].ended if exchanges else 0.0,
+            heldout_s=heldout_s, checkpoint_s=checkpoint_s)
         if server_round > 0:  # metrics first: a reader of metrics.json then sees them too
             update_metrics(self.metrics, record, arrays,
                            connected=len(list(self.grid.get_node_ids())),
-                           seconds=time.monotonic() - self.round_started)
-        self.round_started = time.monotonic()
-        self.run_dir.save_round(self.model, record)
+                           evaluated=closed.evaluated_before)
+        if closed.evaluated_before is not None and server_round > 0:
+            self.run_dir.amend_round(server_round - 1, evaluate=closed.evaluated_before)
+        self.run_dir.append_round(record)
         self.run_dir.set_status("running", round_=server_round, total=self.cfg.rounds)
-        log.info("round %d/%d done: %s", server_round, self.cfg.rounds, record.heldout)
+        self.round_started = time.monotonic()
+        log.info("round %d/%d done in %.1fs (overhead %.0f%%): %s", server_round,
+                 self.cfg.rounds, record.timing.round_s, 100 * record.timing.overhead_fraction,
+                 record.heldout)
         return MetricRecord({f"heldout-{k}": float(v) for k, v in record.heldout.items()})
 
     def run(self) -> Path:
-        """``cfg.rounds`` rounds (under SecAgg+ unless ``cfg.secagg`` is off), cross-site
-        validation, the final model, report and signature; returns the final model's path."""
+        """``cfg.rounds`` rounds (under SecAgg+ unless ``cfg.secagg`` is off), the final
+        model's evaluation by the sites, cross-site validation, the final model, report
+        and signature; returns the final model's path."""
         cfg = self.cfg
         self.run_dir.set_status("running", round_=0, total=cfg.rounds)
         try:
@@ -100,26 +144,25 @@ class FederatedRun:
                                           self.recorder, self.end_of_round)
             else:
                 strategy = make_strategy(cfg, self.recorder, self.model)
-                instructions = RoundInstructions.for_round(cfg, 0).to_record()
+                instructions = RoundInstructions.for_round(cfg, 0, evaluate_first=True)
                 strategy.start(
                     grid=self.grid, initial_arrays=wire.model_to_arrays(self.model),
                     num_rounds=cfg.rounds, timeout=cfg.round_timeout_s,
-                    train_config=instructions, evaluate_config=instructions,
-                    evaluate_fn=self.end_of_round)
+                    train_config=instructions.to_record(), evaluate_fn=self.end_of_round)
                 # (the result's arrays stay empty when no round aggregated anything)
                 final_arrays = self.current
+            # the last round's model has no next round to bring its evaluation: ask once
+            final_eval = federated_evaluation(self.grid, final_arrays, cfg, cfg.rounds)
+            if final_eval is not None:
+                self.run_dir.amend_round(cfg.rounds, evaluate=final_eval)
+                publish_evaluation(self.metrics, final_eval)
+                self.metrics.bytes_out.inc(final_arrays.count_bytes() * len(final_eval.sites))
+            wire.load_arrays(self.model, final_arrays)
+            cross = self.cross_site(final_arrays, final_eval) if cfg.cross_site else {}
         except BaseException as exc:
             self.run_dir.set_status("failed", round_=len(self.run_dir.rounds) - 1,
                                     total=cfg.rounds, error=type(exc).__name__)
             raise
-        wire.load_arrays(self.model, final_arrays)
-        # The global model goes to every site. A site's local model (plain mode only; under
-        # SecAgg+ none is ever seen) goes to the others only when the run asks for it and
-        # the site consented in its config; each receiving site checks its own consent too.
-        local = self.recorder.shared_local_models() if cfg.cross_site_local else {}
-        cross = (cross_site_validation(self.grid, {XVAL_GLOBAL: final_arrays, **local},
-                                       cfg, timeout_s=cfg.round_timeout_s)
-                 if cfg.cross_site else {})
         final = self.run_dir.save_final(self.model, {
             "cross_site": cross,
             "sites": dict(sorted(self.recorder.site_samples.items())),
@@ -129,6 +172,7 @@ class FederatedRun:
             "secure_aggregation": "SecAgg+" if cfg.secagg else "off",
             "local_dp": {"clip": cfg.dp_clip, "epsilon": cfg.dp_epsilon, "delta": cfg.dp_delta}
             if cfg.dp_clip > 0 else "off",
+            "exchanges": [e.to_json() for e in self.grid.exchanges],
         })
         write_report(self.run_dir.root)
         if cfg.artifact_key:
@@ -136,10 +180,48 @@ class FederatedRun:
         self.run_dir.set_status("finished", round_=cfg.rounds, total=cfg.rounds)
         return final
 
+    def cross_site(self, final_arrays: ArrayRecord, final_eval: Phase | None
+                   ) -> dict[str, dict[str, dict[str, float]]]:
+        """The global model goes to every site. A site's local model (plain mode only;
+        under SecAgg+ none is ever seen) goes to the others only when the run asks for it
+        and the site consented in its config; each receiving site checks its own consent
+        too. Without FedBN the global model's row is the final evaluation just done (the
+        same model on the same splits), so it is not sent again."""
+        local = self.recorder.shared_local_models() if self.cfg.cross_site_local else {}
+        reuse = final_eval is not None and not self.cfg.fedbn
+        models = ({} if reuse else {XVAL_GLOBAL: final_arrays}) | local
+        known = ({XVAL_GLOBAL: {s: xval_row(m) for s, m in final_eval.sites.items()}}
+                 if final_eval is not None and reuse else {})
+        return known | (cross_site_validation(self.grid, models, self.cfg,
+                                              timeout_s=self.cfg.round_timeout_s)
+                        if models else {})
+
 
 def run_federation(grid: Grid, cfg: RunConfig, context: Context) -> Path:
     """Run ``cfg`` on ``grid``; returns the final model's path."""
     return FederatedRun(grid, cfg, context).run()
+
+
+def federated_evaluation(grid: Grid, arrays: ArrayRecord, cfg: RunConfig, server_round: int
+                         ) -> Phase | None:
+    """Every site evaluates ``arrays`` on its validation split (one exchange); the sites'
+    metrics and their mean weighted by each site's sample count (None: no site replied)."""
+    config = RoundInstructions.for_round(cfg, server_round).to_record()
+    messages = [Message(content=RecordDict({wire.ARRAYS_KEY: arrays, wire.CONFIG_KEY: config}),
+                        dst_node_id=node, message_type=MessageType.EVALUATE)
+                for node in sorted(grid.get_node_ids())]
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
+    for r in replies:
+        if r.has_error():
+            log.warning("evaluation: node %s replied %s", r.metadata.src_node_id, r.error.reason)
+    records = [r.content for r in replies if not r.has_error()]
+    return evaluation_phase(records, wire.NUM_EXAMPLES)[1] if records else None
+
+
+def xval_row(metrics: dict[str, float]) -> dict[str, float]:
+    """One site's evaluation as a cross-site matrix entry: no ``val-`` prefix, no ``t-*``."""
+    return {k[len(VAL_PREFIX):] if k.startswith(VAL_PREFIX) else k: v
+            for k, v in metrics.items() if not k.startswith(TIMING_PREFIX)}
 
 
 def cross_site_validation(grid: Grid, models: dict[str, ArrayRecord], cfg: RunConfig, *,
@@ -167,33 +249,54 @@ def cross_site_validation(grid: Grid, models: dict[str, ArrayRecord], cfg: RunCo
         if name not in matrix:
             continue
         site = site_name(reply.content, int(reply.metadata.src_node_id))
-        metrics = metric_dict(reply.content)
-        matrix[name][site] = {k[4:] if k.startswith("val-") else k: v for k, v in metrics.items()}
+        matrix[name][site] = xval_row(metric_dict(reply.content))
     return matrix
 
 
+def publish_evaluation(m: ServerMetrics, phase: Phase) -> None:
+    """The sites' latest evaluation of a global model, weighted by their sample counts."""
+    for k, v in phase.aggregate.items():
+        if k.startswith(VAL_PREFIX):
+            m.federated.labels(metric=k[len(VAL_PREFIX):]).set(v)
+
+
 def update_metrics(m: ServerMetrics, record: RoundRecord, arrays: ArrayRecord, *,
-                   connected: int, seconds: float) -> None:
-    """Publish one finished round's record as Prometheus series."""
+                   connected: int, evaluated: Phase | None = None) -> None:
+    """Publish one finished round's record as Prometheus series (``evaluated``: the
+    sites' evaluation of the previous round's model, which came with this round)."""
     participating = record.participating
     m.round.set(record.round)
-    m.round_seconds.set(seconds)
     m.participating.set(participating)
     m.dropped.set(max(connected - participating, 0))
     m.bytes_in.inc(record.train.bytes_in if record.train else 0)
-    evaluated = len(record.evaluate.sites) if record.evaluate else 0
-    m.bytes_out.inc(arrays.count_bytes() * (participating + evaluated))
+    evaluated_here = len(record.evaluate.sites) if record.evaluate else 0
+    m.bytes_out.inc(arrays.count_bytes() * (participating + evaluated_here))
     if record.train and "train-loss" in record.train.aggregate:
         m.train_loss.set(record.train.aggregate["train-loss"])
     for k, v in record.heldout.items():
         m.heldout.labels(metric=k).set(v)
-    for k, v in (record.evaluate.aggregate if record.evaluate else {}).items():
-        if k.startswith("val-"):
-            m.federated.labels(metric=k[4:]).set(v)
+    for phase in (evaluated, record.evaluate):
+        if phase is not None:
+            publish_evaluation(m, phase)
+    timing = record.timing
+    if timing is None:
+        return
+    m.round_seconds.set(timing.round_s)
+    phases = {"round": timing.round_s, "aggregate": timing.aggregate_s,
+              "heldout": timing.heldout_s, "checkpoint": timing.checkpoint_s,
+              "overhead": timing.overhead_s, "site:slowest-train": timing.slowest_train_s}
+    for e in timing.exchanges:
+        phases[f"exchange:{e.name}"] = phases.get(f"exchange:{e.name}", 0.0) + e.seconds
+    phases |= {f"site:{k}": v for k, v in timing.site_max.items()}
+    for name, seconds in phases.items():
+        m.phase_seconds.labels(phase=name).set(seconds)
+    m.overhead_ratio.set(timing.overhead_fraction)
+    m.exchanges.set(len(timing.exchanges))
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    quick_object_pulls()  # the grid pulls each reply's objects (fedpacs.common.flowertune)
     app_config = dict(context.run_config)
     server_side = read_server_side(str(app_config.get("run-name", "")))
     flat = app_config | {k.replace("_", "-"): v for k, v in server_side.items()}

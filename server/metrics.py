@@ -42,6 +42,17 @@ class ServerMetrics:
         self.federated = Gauge("fedpacs_federated_eval_metric",
                                "Sample-weighted mean of the sites' validation metrics",
                                ["metric"], registry=r, multiprocess_mode=mode)
+        self.phase_seconds = Gauge(
+            "fedpacs_round_phase_seconds",
+            "Seconds of the last round per phase: round, exchange:<kind>[/<stage>], "
+            "aggregate, heldout, checkpoint, overhead, and site:<t-phase> (slowest site)",
+            ["phase"], registry=r, multiprocess_mode=mode)
+        self.overhead_ratio = Gauge("fedpacs_round_overhead_ratio",
+                                    "Share of the last round that was not the slowest "
+                                    "site's training", registry=r, multiprocess_mode=mode)
+        self.exchanges = Gauge("fedpacs_round_exchanges",
+                               "Message exchanges with the sites in the last round",
+                               registry=r, multiprocess_mode=mode)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         start_http_server(port, addr=host, registry=self.registry)

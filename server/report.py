@@ -108,7 +108,7 @@ def write_report(run_dir: Path) -> Path:
         f"<tr><td>{r['round']}</td><td>{_fmt((r.get('heldout') or {}).get(key))}</td>"
         f"<td>{_fmt((r.get('evaluate') or {}).get(f'val-{key}'))}</td>"
         f"<td>{_fmt((r.get('train') or {}).get('train-loss'))}</td>"
-        f"<td>{len(r.get('train_sites') or {})}</td></tr>" for r in rounds)
+        f"<td>{len(r.get('train_sites') or {})}</td>{_timing_cells(r)}</tr>" for r in rounds)
     site_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{v}</td></tr>"
                         for k, v in sorted((card.get("sites") or {}).items()))
     page = f"""<!doctype html><html><head><meta charset="utf-8">
@@ -120,7 +120,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}<
 network {html.escape(str(task.get('network')))}), strategy
 {html.escape(str(card.get('strategy', '-')))}, {len(xs) - 1} rounds.</p>
 <h2>Per round</h2><table><tr><th>round</th><th>held-out {key}</th>
-<th>sites' validation {key}</th><th>train loss</th><th>sites</th></tr>{rows}</table>
+<th>sites' validation {key}</th><th>train loss</th><th>sites</th><th>round s</th>
+<th>exchanges</th><th>slowest site training s</th><th>overhead</th></tr>{rows}</table>
 <img src="rounds.png" alt="metrics per round"><h2>Per site</h2>
 <table><tr><th>site</th><th>training samples</th></tr>{site_rows}</table>
 <img src="sites.png" alt="metrics per site">{cross_html}
@@ -131,3 +132,14 @@ network {html.escape(str(task.get('network')))}), strategy
 
 def _fmt(v: object) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _timing_cells(r: dict[str, Any]) -> str:
+    """Round seconds, exchanges, the slowest site's training and the overhead share."""
+    t = r.get("timing") or {}
+    if not t:
+        return "<td>-</td>" * 4
+    share = t.get("overhead_fraction")
+    return (f"<td>{t.get('round_s', 0):.1f}</td><td>{len(t.get('exchanges') or [])}</td>"
+            f"<td>{t.get('slowest_train_s', 0):.1f}</td>"
+            f"<td>{'-' if share is None else f'{100 * share:.0f} %'}</td>")

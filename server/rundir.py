@@ -4,7 +4,9 @@ Layout::
 
     RUN_DIR/
       status.json               state, current round, total rounds (updated every round)
-      metrics.json              every round so far: aggregated + per-site + held-out metrics
+      metrics.json              every round so far: aggregated + per-site + held-out metrics,
+                                timing; a round's "evaluate" (the sites' evaluation of its
+                                model) is added when the next round's replies bring it
       rounds/round-NNN/model.pt global weights after round NNN (000 = initial)
       rounds/round-NNN/metrics.json
       final/model.pt            the global model; load with fedpacs.load_model(path)
@@ -17,7 +19,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from fedpacs.common.artifacts import save_model, write_json
 from fedpacs.common.tasks import TaskConfig
-from fedpacs.server.recorder import RoundRecord
+from fedpacs.server.recorder import Phase, RoundRecord
 
 
 @dataclass
@@ -46,14 +48,41 @@ class RunDirectory:
 
     def save_round(self, model: nn.Module, record: RoundRecord) -> str:
         """Checkpoint the global model after ``record.round`` and append the record."""
-        folder = self.root / "rounds" / f"round-{record.round:03d}"
+        digest = self.save_checkpoint(model, record)
+        self.append_round(record)
+        return digest
+
+    def _folder(self, server_round: int) -> Path:
+        return self.root / "rounds" / f"round-{server_round:03d}"
+
+    def save_checkpoint(self, model: nn.Module, record: RoundRecord) -> str:
+        """Write the global model after ``record.round`` (its card holds the record as
+        known then) and set ``record.model_sha256``."""
         card = {"round": record.round, "metrics": record.to_json(), "config": self.config}
-        record.model_sha256 = save_model(folder / "model.pt", model=model, task=self.task,
-                                         card=card)
-        write_json(folder / "metrics.json", record.to_json())
-        self.rounds.append(record.to_json())
-        write_json(self.root / "metrics.json", {"task": self.task.to_dict(), "rounds": self.rounds})
+        record.model_sha256 = save_model(self._folder(record.round) / "model.pt", model=model,
+                                         task=self.task, card=card)
         return record.model_sha256
+
+    def append_round(self, record: RoundRecord) -> None:
+        """Write the round's record (its metrics.json and the run's)."""
+        write_json(self._folder(record.round) / "metrics.json", record.to_json())
+        self.rounds.append(record.to_json())
+        self._write_metrics()
+
+    def amend_round(self, server_round: int, *, evaluate: Phase) -> None:
+        """Add the sites' evaluation of round ``server_round``'s global model to its record:
+        it comes with the next round's train replies (the last round's from the final
+        evaluate exchange), after the round itself was written."""
+        index = next((i for i, r in enumerate(self.rounds) if r["round"] == server_round), None)
+        if index is None:
+            raise LookupError(f"round {server_round} has no record in {self.root} to amend")
+        record = replace(RoundRecord.from_json(self.rounds[index]), evaluate=evaluate)
+        self.rounds[index] = record.to_json()
+        write_json(self._folder(server_round) / "metrics.json", self.rounds[index])
+        self._write_metrics()
+
+    def _write_metrics(self) -> None:
+        write_json(self.root / "metrics.json", {"task": self.task.to_dict(), "rounds": self.rounds})
 
     def save_final(self, model: nn.Module, card: dict[str, Any]) -> Path:
         path = self.root / "final" / "model.pt"

@@ -7,8 +7,11 @@ the workflow unmasks only the sum, from which it divides out the total weight: F
 weighted mean without any single update being visible. A site that drops out after the
 key exchange has its masks rebuilt from the shares its neighbours hold (``threshold``).
 
-Federated evaluation and the end-of-round bookkeeping are fedpacs' own (plain evaluate
-messages carry no update, only the global model).
+A round is the four SecAgg+ exchanges and nothing more: each site evaluates the global
+model it receives before training and sends those metrics in the clear beside its masked
+update (``FitRes.metrics``, as the training metrics always were), so the workflow's
+evaluate stage only closes the round (fedpacs' end-of-round bookkeeping). The final
+model's evaluation is the ServerApp's one evaluate exchange after the last round.
 """
 
 from __future__ import annotations
@@ -17,15 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, cast
 
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.common import (
     FitIns,
     FitRes,
@@ -84,7 +79,8 @@ class SecureFedAvg(LegacyFedAvg):
             min_evaluate_clients=cfg.min_sites, min_available_clients=cfg.min_sites,
             initial_parameters=ndarrays_to_parameters(
                 wire.to_numpy_list(wire.model_to_arrays(model))),
-            on_fit_config_fn=lambda r: RoundInstructions.for_round(cfg, r).to_dict(),
+            on_fit_config_fn=lambda r: RoundInstructions.for_round(
+                cfg, r, evaluate_first=True).to_dict(),
             accept_failures=True)
 
     def configure_fit(self, server_round: int, parameters: Parameters,
@@ -142,7 +138,8 @@ def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
 
 def run_secure(grid: Grid, context: Context, cfg: RunConfig, model: nn.Module,
                recorder: RoundRecorder, end_of_round: EndOfRound) -> ArrayRecord:
-    """``cfg.rounds`` SecAgg+ rounds; returns the final global model (named arrays)."""
+    """``cfg.rounds`` SecAgg+ rounds over ``grid`` (every exchange of the workflow goes
+    through it); returns the final global model (named arrays)."""
     strategy = SecureFedAvg(cfg, model, recorder)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=cfg.rounds),
                            strategy=strategy,
@@ -153,29 +150,12 @@ def run_secure(grid: Grid, context: Context, cfg: RunConfig, model: nn.Module,
             legacy.state.array_records[MAIN_PARAMS_RECORD]))
 
     def evaluate_workflow(grid: Grid, ctx: Context) -> None:
+        """No evaluate exchange: the sites' evaluation came with the train replies."""
         server_round = cast(int, ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
-        arrays = current()
-        federated_evaluation(grid, arrays, cfg, server_round, recorder)
-        end_of_round(server_round, arrays)
+        end_of_round(server_round, current())
 
     end_of_round(0, wire.model_to_arrays(model))
     DefaultWorkflow(fit_workflow=secagg_workflow(cfg), evaluate_workflow=evaluate_workflow)(
         grid, legacy)
     return current()
-
-
-def federated_evaluation(grid: Grid, arrays: ArrayRecord, cfg: RunConfig, server_round: int,
-                         recorder: RoundRecorder) -> None:
-    """Every site evaluates the global model on its validation split."""
-    config = RoundInstructions.for_round(cfg, server_round).to_record()
-    messages = [Message(content=RecordDict({wire.ARRAYS_KEY: arrays, wire.CONFIG_KEY: config}),
-                        dst_node_id=node, message_type=MessageType.EVALUATE)
-                for node in sorted(grid.get_node_ids())]
-    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
-    for r in replies:
-        if r.has_error():
-            log.warning("evaluation: node %s replied %s", r.metadata.src_node_id, r.error.reason)
-    records = [r.content for r in replies if not r.has_error()]
-    if records:
-        recorder.aggregate_evaluate(records, wire.NUM_EXAMPLES)
 

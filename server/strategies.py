@@ -3,6 +3,10 @@
 The maths of each lives in Flower; fedpacs only chooses one from the run config and hooks
 the per-site metric recorder into it. FedBN is a client option (normalisation layers stay
 local) that composes with any of these.
+
+No strategy sends evaluate messages during the rounds: each site evaluates the global
+model it receives before training and folds that into its train reply (one exchange per
+round), and the ServerApp evaluates the final model once after the last round.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from fedpacs.server.screening import ScreenedStrategy
 
 
 def _common(cfg: RunConfig, rec: RoundRecorder) -> dict[str, Any]:
-    return {"fraction_train": 1.0, "fraction_evaluate": 1.0, "min_train_nodes": cfg.min_sites,
-            "min_evaluate_nodes": cfg.min_sites, "min_available_nodes": cfg.min_sites,
+    return {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": cfg.min_sites,
+            "min_evaluate_nodes": 0, "min_available_nodes": cfg.min_sites,
             "weighted_by_key": wire.NUM_EXAMPLES, "arrayrecord_key": wire.ARRAYS_KEY,
             "configrecord_key": wire.CONFIG_KEY, "train_metrics_aggr_fn": rec.aggregate_train,
             "evaluate_metrics_aggr_fn": rec.aggregate_evaluate}

@@ -2,12 +2,20 @@
 
 Each node has its own Context (its own site config and state), messages are deep-copied
 both ways as a network would, every reply the server receives is kept in ``received``,
-and ``tamper``/``drop`` hooks play a faulty site or a lost reply.
+and ``tamper``/``drop`` hooks play a faulty site or a lost reply (a dropped message never
+gets one: the server waits for it until its deadline).
+
+Both ways of talking to sites work: ``push_messages``/``pull_messages`` (what the
+ServerApp's FastGrid uses; each push is one exchange, counted in ``pushes``) and
+``send_and_receive`` (a rogue server's stage in the SecAgg+ tests). Each message starts
+the site's timing afresh, as a new ``flwr-clientapp`` process would (fedpacs.client.timing).
 """
 
 from __future__ import annotations
 
 import copy
+import time
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -15,6 +23,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
+
+from fedpacs.client import timing
 
 Hook = Callable[[int, Message], bool]
 
@@ -31,6 +41,8 @@ class LoopbackGrid(Grid):
         self.drop = drop or (lambda nid, msg: False)
         self.tamper = tamper
         self.received: list[Message] = []
+        self.pushes: list[list[Message]] = []  # the messages of each push (one exchange)
+        self._ready: dict[str, Message] = {}  # replies not pulled yet, by request id
 
     def set_run(self, run_id: int) -> None:  # type: ignore[override]
         pass
@@ -45,26 +57,37 @@ class LoopbackGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return sorted(self.contexts)
 
+    def _deliver(self, msg: Message) -> Message | None:
+        """Run the site's ClientApp on one message; its reply (None when dropped)."""
+        nid = msg.metadata.dst_node_id
+        if self.drop(nid, msg):
+            return None
+        timing.reset(**{timing.LAUNCH: time.time()})
+        reply = self.app(copy.deepcopy(msg), self.contexts[nid])
+        if self.tamper is not None and not reply.has_error():
+            self.tamper(nid, reply)
+        reply = copy.deepcopy(reply)
+        self.received.append(reply)
+        return reply
+
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("use send_and_receive")
+        batch = list(messages)
+        self.pushes.append(batch)
+        ids = []
+        for msg in batch:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            ids.append(msg.metadata.message_id)
+            reply = self._deliver(msg)
+            if reply is not None:
+                self._ready[msg.metadata.message_id] = reply
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("use send_and_receive")
+        return [self._ready.pop(i) for i in message_ids if i in self._ready]
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            nid = msg.metadata.dst_node_id
-            if self.drop(nid, msg):
-                continue
-            reply = self.app(copy.deepcopy(msg), self.contexts[nid])
-            if self.tamper is not None and not reply.has_error():
-                self.tamper(nid, reply)
-            reply = copy.deepcopy(reply)
-            self.received.append(reply)
-            replies.append(reply)
-        return replies
+        return [r for r in map(self._deliver, messages) if r is not None]
 
 
 def send_stage(grid: Grid, contents: dict[int, RecordDict], *, group_id: str = "1",

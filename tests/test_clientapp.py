@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,64 @@ def test_local_dp_clips_the_update(tmp_path: Path, data_dir: Path) -> None:
                        for k in before))
     assert diff == pytest.approx(0.5, rel=1e-3)
     assert all(np.issubdtype(a.dtype, np.floating) for a in after.values())
+
+
+def test_the_train_reply_carries_the_incoming_models_evaluation(tmp_path: Path,
+                                                                data_dir: Path) -> None:
+    """``evaluate-first``: the reply holds the evaluation of the model it was sent (the same
+    numbers as an evaluate message), under val-*, beside the same training as without."""
+    import numpy as np
+
+    from fedpacs.client import timing
+    from fedpacs.client.app import app
+    from fedpacs.common.contract import TIMING_KEYS
+
+    site = _site(tmp_path, data_dir)
+    site.write_text(site.read_text() + "[security]\nrequire_secagg = false\n")
+
+    def message(evaluate_first: bool) -> Message:
+        msg = _message("breastmnist")
+        msg.content.config_records["config"]["evaluate-first"] = evaluate_first
+        return msg
+
+    timing.reset(**{timing.LAUNCH: time.time()})
+    folded = app(message(True), _context(str(site)))
+    assert not folded.has_error()
+    metrics = dict(folded.content["metrics"])
+    plain = app(message(False), _context(str(site)))
+    evaluated = app(Message(content=_message("breastmnist").content, dst_node_id=1,
+                            message_type=MessageType.EVALUATE), _context(str(site)))
+    ev = dict(evaluated.content["metrics"])
+    assert metrics["val-num-examples"] == ev["num-examples"] == 20
+    assert metrics["val-fedbn-restored"] == ev["fedbn-restored"] == 0
+    for k, v in ev.items():
+        if k.startswith("val-"):
+            assert metrics[k] == pytest.approx(v, abs=1e-6), k
+    # every timing key in every reply (Flower refuses replies whose keys differ)
+    for reply in (folded, plain, evaluated):
+        assert set(TIMING_KEYS) <= set(reply.content["metrics"])
+    assert metrics["t-evaluate"] > 0 and metrics["t-train"] > 0
+    assert metrics["t-site"] >= metrics["t-evaluate"] + metrics["t-train"]
+    assert dict(plain.content["metrics"])["t-evaluate"] == 0.0
+    assert not any(k.startswith("val-") for k in plain.content["metrics"])
+    # the evaluation does not change what training does
+    a = wire.arrays_to_numpy(folded.content.array_records["arrays"])
+    b = wire.arrays_to_numpy(plain.content.array_records["arrays"])
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert metrics["train-loss"] == dict(plain.content["metrics"])["train-loss"]
+
+
+def test_round_instructions_need_evaluate_first() -> None:
+    from fedpacs.common.errors import ConfigError
+
+    run = RunConfig(task="breastmnist")
+    record = RoundInstructions.for_round(run, 1, evaluate_first=True).to_record()
+    assert RoundInstructions.from_record(record).evaluate_first is True
+    del record["evaluate-first"]
+    with pytest.raises(ConfigError) as exc:
+        RoundInstructions.from_record(record)
+    assert [e.field for e in exc.value.errors] == ["config.evaluate-first"]
+    record["evaluate-first"] = 1
+    with pytest.raises(ConfigError) as exc:
+        RoundInstructions.from_record(record)
+    assert [e.field for e in exc.value.errors] == ["config.evaluate-first"]

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from fedpacs.server.metrics import ServerMetrics
@@ -36,3 +37,32 @@ def test_dashboard_series_exist() -> None:
     assert len(used) >= 14
     missing = used - exported_names()
     assert not missing, f"dashboard queries series fedpacs does not export: {missing}"
+
+
+def test_round_timing_is_published() -> None:
+    from flwr.app import ArrayRecord
+
+    from fedpacs.server.app import update_metrics
+    from fedpacs.server.grid import Exchange
+    from fedpacs.server.recorder import Phase, RoundRecord, Timing
+
+    m = ServerMetrics(registry=CollectorRegistry())
+    timing = Timing.build(round_s=10.0, exchanges=[Exchange("train", "setup", 3, 3, 0.5),
+                                                   Exchange("train", "unmask", 3, 3, 0.25)],
+                          sites={"a": {"t-train": 6.0, "t-data": 0.5}}, aggregate_s=1.5)
+    record = RoundRecord(round=2, train=Phase({"train-loss": 0.3}, {"a": {}}), timing=timing)
+    update_metrics(m, record, ArrayRecord(), connected=1,
+                   evaluated=Phase({"val-accuracy": 0.75}, {"a": {}}))
+
+    def value(name: str, **labels: str) -> float | None:
+        return m.registry.get_sample_value(name, labels)
+
+    assert value("fedpacs_round_phase_seconds", phase="round") == 10.0
+    assert value("fedpacs_round_phase_seconds", phase="overhead") == 4.0
+    assert value("fedpacs_round_phase_seconds", phase="aggregate") == 1.5
+    assert value("fedpacs_round_phase_seconds", phase="exchange:train/unmask") == 0.25
+    assert value("fedpacs_round_phase_seconds", phase="site:t-train") == 6.0
+    assert value("fedpacs_round_overhead_ratio") == pytest.approx(0.4)
+    assert value("fedpacs_round_exchanges") == 2
+    assert value("fedpacs_round_duration_seconds") == 10.0
+    assert value("fedpacs_federated_eval_metric", metric="accuracy") == 0.75

@@ -62,6 +62,7 @@ from fedpacs.client.gate import (
     REFUSED_COMMANDS,
     SUPEREXEC_COMMAND,
     TRUST_ENV,
+    UNSIGNED_ENV,
     AppRefused,
     SitePlugin,
     check_launchers,
@@ -70,6 +71,7 @@ from fedpacs.client.gate import (
     refuse_main,
     superexec_main,
 )
+from fedpacs.client.warm import WARM_SOCKET_ENV
 from fedpacs.common.errors import ConfigError, ExitCode
 from fedpacs.common.signing import generate_signing_key
 from fedpacs.deploy.demo import write_site_configs
@@ -180,6 +182,80 @@ def test_clientapp_installs_the_bundle_through_the_function_the_gate_patches() -
     assert src.count("install_from_fab(") == 1
     assert src.index("install_from_fab(fab.content") < src.index("install_app_dependencies(") \
         < src.index("load_client_app_fn(run.fab_id")
+
+
+def test_supernode_loop_sleeps_are_the_two_the_site_shortens() -> None:
+    """fedpacs.client.supernode swaps the ``time`` the SuperNode loop module sees; the two
+    fixed sleeps it shortens must be there, as module-level ``time.sleep`` calls."""
+    from fedpacs.client import supernode as quick
+
+    assert supernode_main.time is time  # the module global the launcher replaces
+    loop = [ast.unparse(c) for c in _calls(_source_tree(supernode_main.start_client_internal),
+                                           "time.sleep")]
+    push = [ast.unparse(c) for c in _calls(_source_tree(supernode_main._push_messages),
+                                           "time.sleep")]
+    assert loop == [f"time.sleep({quick.FLOWER_IDLE_PULL_S})"]
+    assert push and set(push) == {f"time.sleep({quick.FLOWER_REPLY_POLL_S})"}
+    fast = quick.quick_time()
+    t0 = time.monotonic()
+    fast.sleep(quick.FLOWER_IDLE_PULL_S)
+    fast.sleep(quick.FLOWER_REPLY_POLL_S)
+    assert time.monotonic() - t0 < 1.0 and fast.time is time.time  # everything else as is
+
+
+def test_object_pulls_retry_through_the_two_defaults_fedpacs_shortens() -> None:
+    """fedpacs.common.flowertune lowers the backoff defaults of Flower's object pulls; the
+    receivers (ClientApp, SuperNode, ServerApp grid) must not pass their own."""
+    from flwr.supercore.inflatable import inflatable_utils as iu
+    from flwr.superlink.grid import http_grid
+
+    from fedpacs.common import flowertune
+
+    for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+        params = inspect.signature(fn).parameters
+        assert {"initial_backoff", "backoff_cap"} <= set(params)
+    for caller in (supernode_main._pull_and_store_message, http_grid.HttpGrid.pull_messages,
+                   clientapp_runtime.pull_task_input):
+        for call in _calls(_source_tree(caller), "pull_objects") + _calls(
+                _source_tree(caller), "pull_and_inflate_object_from_tree"):
+            assert not {k.arg for k in call.keywords} & {"initial_backoff", "backoff_cap"}
+    saved = (iu.pull_objects.__defaults__, iu.pull_and_inflate_object_from_tree.__kwdefaults__)
+    try:
+        flowertune.quick_object_pulls()
+        for fn in (iu.pull_objects, iu.pull_and_inflate_object_from_tree):
+            params = inspect.signature(fn).parameters
+            assert params["initial_backoff"].default == flowertune.INITIAL_BACKOFF_S
+            assert params["backoff_cap"].default == flowertune.BACKOFF_CAP_S
+        unavailable = iter([True, True, False])
+
+        def pull(_: str) -> bytes:
+            if next(unavailable):
+                raise iu.ObjectUnavailableError("x")
+            return b"ok"
+
+        t0 = time.monotonic()
+        assert iu.pull_objects(["a"], pull) == {"a": b"ok"}
+        assert time.monotonic() - t0 < 0.5  # two retries: Flower's defaults take ~3 s
+    finally:
+        iu.pull_objects.__defaults__, iu.pull_and_inflate_object_from_tree.__kwdefaults__ = saved
+
+
+def test_superexec_task_poll_interval_is_read_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedpacs.common.procs import TASK_POLL_ENV, TASK_POLL_S, child_env
+
+    monkeypatch.delenv(TASK_POLL_ENV, raising=False)
+    monkeypatch.setenv(TASK_POLL_ENV, child_env()[TASK_POLL_ENV])  # every Flower process's
+    assert run_superexec_mod._get_task_poll_interval() == TASK_POLL_S
+
+
+def test_clientapp_loads_an_already_imported_app_module_as_it_is() -> None:
+    """A warm site's child finds fedpacs.client.app imported by its parent: Flower's
+    loader takes it from sys.modules (no re-import, no reload)."""
+    from flwr.supercore import object_ref
+
+    src = ast.unparse(_source_tree(object_ref.load_app))
+    assert "if module_str not in sys.modules:" in src and "reload" not in src
 
 
 def test_a_failed_agentapp_task_whose_message_was_taken_is_answered_with_an_error() -> None:
@@ -395,7 +471,8 @@ def test_daemon_runs_the_supernode_without_a_superexec_and_starts_the_sites(
     argv = supernode_argv(opts, tmp_path / "site.toml")
     assert argv[argv.index("--isolation") + 1] == "process"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
-    assert flower_supernode._parse_args_run_supernode().parse_args(argv[1:]).isolation \
+    assert argv[1:3] == ["-m", "fedpacs.client.supernode"]
+    assert flower_supernode._parse_args_run_supernode().parse_args(argv[3:]).isolation \
         == "process"
     assert superexec_argv(opts, tmp_path, 4242) == [
         str(gate_dir(tmp_path) / SUPEREXEC_COMMAND), "--runtime-api-address",
@@ -407,10 +484,16 @@ def test_gate_env_in_both_modes(site: SiteConfig, tmp_path: Path) -> None:
     folder = gate_dir(tmp_path / "state")
     assert env["PATH"] == f"{folder}{os.pathsep}/usr/bin" and env[GATE_DIR_ENV] == str(folder)
     assert env[TRUST_ENV] == str(site.security.trusted_app_keys[0])
-    assert (folder / GATE_COMMAND).is_file()
+    assert (folder / GATE_COMMAND).is_file() and UNSIGNED_ENV not in env
+    # warm (the default): the launcher is the relay, and the child runs the checked one
+    assert "relay_main()" in (folder / GATE_COMMAND).read_text()
+    assert env[WARM_SOCKET_ENV] == str(tmp_path / "state" / "warm" / "warm.sock")
     unsigned = replace(site, security=replace(site.security, allow_unsigned_apps=True))
     env = gate_env(unsigned, tmp_path / "state", "/usr/bin")
-    assert TRUST_ENV not in env and env[GATE_DIR_ENV] == str(folder)
+    assert TRUST_ENV not in env and env[GATE_DIR_ENV] == str(folder) and env[UNSIGNED_ENV] == "1"
+    cold = replace(unsigned, compute=replace(site.compute, warm=False))
+    env = gate_env(cold, tmp_path / "state", "/usr/bin")
+    assert WARM_SOCKET_ENV not in env
     assert not (folder / GATE_COMMAND).exists() and (folder / "flwr-agentapp").is_file()
     untrusting = replace(site, security=replace(site.security, trusted_app_keys=()))
     with pytest.raises(ConfigError, match="security.trusted_app_keys"):

@@ -53,6 +53,7 @@ from fedpacs.common.contract import RoundInstructions
 from fedpacs.common.errors import ExitCode, describe
 from fedpacs.common.models import build_model
 from fedpacs.server.app import run_federation
+from fedpacs.server.grid import secagg_stage
 from fedpacs.server.secure import MODULUS_RANGE, QUANTIZATION_RANGE
 from tests.loopback import LoopbackGrid, send_stage
 
@@ -138,6 +139,34 @@ def test_server_sees_only_masked_vectors_and_the_aggregate_is_fedavg(
         assert all(len(rec) == 0 for rec in r.content.array_records.values())
     masked = [r for r in replies if Key.MASKED_PARAMETERS in r.content[RECORD_KEY_CONFIGS]]
     assert len(masked) == 3
+    # a round is the four SecAgg+ exchanges, no evaluate exchange; then one for the final
+    # model (cross-site validation is off here)
+    assert [(secagg_stage(p[0].content), len(p)) for p in grid.pushes] == [
+        (Stage.SETUP, 3), (Stage.SHARE_KEYS, 3), (Stage.COLLECT_MASKED_VECTORS, 3),
+        (Stage.UNMASK, 3), ("", 3)]
+    assert grid.pushes[-1][0].metadata.message_type == "evaluate"
+    # the sites' evaluation of the initial model and their timing came in the clear beside
+    # the masked vectors, and reached the record
+    for r in masked:
+        clear = r.content.config_records["fitres.metrics"]
+        t_train = clear["t-train"]
+        assert clear["val-num-examples"] == 26 and "val-auc" in clear
+        assert isinstance(t_train, float) and t_train > 0
+    rounds = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())["rounds"]
+    names = {"site-0", "site-1", "site-2"}
+    for rec in rounds:
+        assert set(rec["evaluate_sites"]) == names
+        assert set(rec["evaluate_sites"]["site-0"]) == {"num-examples", "fedbn-restored",
+                                                        "val-accuracy", "val-auc", "val-loss",
+                                                        "val-sensitivity", "val-specificity"}
+    timing = rounds[1]["timing"]
+    assert [e["stage"] for e in timing["exchanges"]] == [
+        Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK]
+    assert set(timing["sites"]) == names and timing["slowest_site"] in names
+    assert 0 < timing["slowest_train_s"] == timing["site_max"]["t-train"] <= timing["round_s"]
+    assert timing["overhead_s"] >= 0 and 0 <= timing["overhead_fraction"] < 1
+    assert set(rounds[1]["train_sites"]["site-0"]) == {"num-examples", "train-loss",
+                                                       "train-seconds"}
     for r in masked:
         weights, n = local[r.metadata.src_node_id]
         vec = _masked_vector(r)
@@ -160,7 +189,7 @@ def _masked_vector(reply: Message) -> list[np.ndarray]:
 def test_a_site_that_drops_after_the_key_exchange_is_unmasked_from_shares(
         tmp_path: Path, data_dir: Path) -> None:
     sites = _sites(tmp_path, data_dir)
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, round_timeout_s=3.0)  # the server waits that long for site 3
 
     def lost(nid: int, msg: Message) -> bool:  # site 3 dies before sending its vector
         stage = msg.content.config_records.get(RECORD_KEY_CONFIGS, ConfigRecord()).get(Key.STAGE)

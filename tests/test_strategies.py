@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedpacs.common.config import RunConfig
 from fedpacs.common.errors import ConfigError
+from fedpacs.common.models import build_model
 from fedpacs.common.strategies import SECAGG_STRATEGIES, STRATEGY_NAMES
 from fedpacs.server.recorder import RoundRecorder
 from fedpacs.server.strategies import STRATEGIES, make_strategy
@@ -74,6 +77,40 @@ def test_fedadam_moves_from_the_current_model() -> None:
     step = arrays.to_numpy_ndarrays()[0]
     # first Adam step from 0 towards the positive mean delta: positive, bounded by eta/(1-b1)
     assert np.all(step > 0) and np.all(step <= 1.0 + 1e-6)
+
+
+def test_no_strategy_sends_evaluate_messages_during_the_rounds() -> None:
+    """The sites' evaluation rides in their train replies: a round is one exchange."""
+    from flwr.clientapp import ClientApp
+
+    from tests.loopback import LoopbackGrid
+
+    grid = LoopbackGrid(ClientApp(), {1: Path("a.toml"), 2: Path("b.toml"), 3: Path("c.toml")})
+    for name in STRATEGIES:
+        cfg = RunConfig(strategy=name, min_sites=3,
+                        proximal_mu=0.1 if name == "fedprox" else 0.0)
+        for strategy in (make_strategy(cfg, RoundRecorder()),
+                         make_strategy(cfg, RoundRecorder(), build_model(cfg.task_config()))):
+            assert list(strategy.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid)) == []
+            assert len(list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(),
+                                                     grid))) == 3
+
+
+def test_a_folded_evaluation_stays_out_of_the_training_aggregate() -> None:
+    replies = _replies()
+    for i, msg in enumerate(replies):  # site i: 10*(i+1) validation samples, accuracy i/10
+        metrics = msg.content.metric_records["metrics"]
+        msg.content["metrics"] = MetricRecord(dict(metrics) | {
+            "val-num-examples": 10 * (i + 1), "val-accuracy": i / 10, "t-train": 1.0 + i})
+    recorder = RoundRecorder()
+    strategy = make_strategy(RunConfig(strategy="fedavg", min_sites=3), recorder)
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None and arrays.to_numpy_ndarrays()[0] == pytest.approx(
+        [5.75, 11.5, 17.25])  # the weights' mean is untouched
+    assert metrics is not None and dict(metrics) == pytest.approx({"train-loss": 1.0})
+    before = recorder.close(1).evaluated_before
+    assert before is not None  # (10*0 + 20*0.1 + 30*0.2) / 60
+    assert before.aggregate["val-accuracy"] == pytest.approx(8 / 60)
 
 
 def test_every_strategy_is_registered_and_validated() -> None:
