@@ -23,6 +23,10 @@ FLWR_QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1
 # for a new task: Flower's default is 1 s, paid on every message exchange.
 TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 TASK_POLL_S = 0.1
+# OpenMP threads that wait by sleeping, not spinning: a federation runs many processes
+# (SuperLink, ServerApp, site daemons) on shared cores, and torch's spinning threads then
+# slowed a 0.2 s held-out evaluation in the ServerApp to 4-6 s on a 2-core machine.
+OMP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def tool(name: str) -> str:
@@ -40,6 +44,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     env.update(FLWR_QUIET_ENV)
     env.setdefault(TASK_POLL_ENV, str(TASK_POLL_S))
+    for k, v in OMP_ENV.items():
+        env.setdefault(k, v)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
     return env

@@ -3,13 +3,23 @@
 Every array that leaves a site or the server goes through :func:`model_to_arrays`, and
 every array that is loaded into a model goes through :func:`check_arrays` first, so a
 wrong-shaped, wrong-typed or non-finite update is refused with the offending key named.
+
+A model travels *packed*: its whole state (parameters and buffers, in ``state_dict``
+order) as one float32 vector under :data:`PACKED_KEY`. Flower 1.41 sends every Array of
+a message as objects of their own, each pulled with its own request at every hop
+(SuperLink, SuperNode, ClientApp, ServerApp): a ResNet-18 is 125 arrays, one packed
+vector is one array. Both sides build the same model, whose state gives the layout back
+(:func:`unpack`); aggregation is element-wise, so every strategy averages a packed vector
+exactly as it averaged the arrays (integer buffers come back rounded, as before).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from fedpacs.common.contract import (  # the message's record keys, re-exported
@@ -25,15 +35,53 @@ from fedpacs.common.errors import FieldError, UpdateError
 __all__ = ["ARRAYS_KEY", "CONFIG_KEY", "METRICS_KEY", "NUM_EXAMPLES", "SITE_KEY",
            "XVAL_MODEL_KEY"]
 
+PACKED_KEY = "fedpacs-state"  # the one entry of a packed ArrayRecord
+PACKED_DTYPE = np.float32
+
+State = Mapping[str, torch.Tensor]
+
+
+def pack(state: Mapping[str, torch.Tensor | np.ndarray]) -> np.ndarray:
+    """A state's entries, flattened into one float32 vector in their order."""
+    parts = [np.asarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v,
+                        dtype=PACKED_DTYPE).reshape(-1) for v in state.values()]
+    return np.concatenate(parts) if parts else np.zeros(0, PACKED_DTYPE)
+
+
+def unpack(flat: np.ndarray, reference: State) -> dict[str, np.ndarray]:
+    """A packed vector split back into ``reference``'s entries (their shapes, float32);
+    UpdateError when its size or type is not that of the reference's state."""
+    total = sum(int(v.numel()) for v in reference.values())
+    if flat.ndim != 1 or flat.size != total or not np.issubdtype(flat.dtype, np.floating):
+        raise UpdateError([FieldError(
+            "arrays", f"one floating vector of {total} values (the model's state, packed)",
+            f"{flat.dtype} of shape {tuple(flat.shape)}",
+            "build the model from the same task/network on both sides")])
+    out, start = {}, 0
+    for k, ref in reference.items():
+        n = int(ref.numel())
+        out[k] = flat[start:start + n].reshape(tuple(ref.shape))
+        start += n
+    return out
+
+
+def is_packed(arrays: ArrayRecord) -> bool:
+    return list(arrays.keys()) == [PACKED_KEY]
+
 
 def model_to_arrays(model: nn.Module) -> ArrayRecord:
-    """The model's full state (parameters and buffers) as an ArrayRecord."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return ArrayRecord(torch_state_dict=state)
+    """The model's full state (parameters and buffers), packed, as an ArrayRecord."""
+    return ArrayRecord({PACKED_KEY: Array(pack(model.state_dict()))})
 
 
-def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    """Name -> numpy array for every entry of an ArrayRecord."""
+def arrays_to_numpy(arrays: ArrayRecord, reference: State | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Name -> numpy array for every entry of an ArrayRecord; a packed record is split by
+    ``reference`` (the model's state_dict), which it then needs."""
+    if is_packed(arrays):
+        if reference is None:
+            raise ValueError("a packed ArrayRecord is read with the model's state_dict")
+        return unpack(arrays[PACKED_KEY].numpy(), reference)
     return {k: arrays[k].numpy() for k in arrays.keys()}
 
 
@@ -81,8 +129,9 @@ def check_state(reference: dict[str, torch.Tensor], update: dict[str, np.ndarray
 
 def check_arrays(model: nn.Module, arrays: ArrayRecord) -> dict[str, np.ndarray]:
     """Validate an ArrayRecord against ``model``; returns it as numpy or raises UpdateError."""
-    update = arrays_to_numpy(arrays)
-    errors = check_state(model.state_dict(), update)
+    reference = model.state_dict()
+    update = arrays_to_numpy(arrays, reference)
+    errors = check_state(reference, update)
     if errors:
         raise UpdateError(errors)
     return update
@@ -103,11 +152,14 @@ def positional(arrays: ArrayRecord) -> bool:
 
 
 def named_arrays(model: nn.Module, arrays: ArrayRecord) -> ArrayRecord:
-    """``arrays`` keyed by the model's state_dict names; a positional (legacy) record is
-    renamed in order after its length is checked."""
+    """``arrays`` keyed by the model's state_dict names (or packed); a positional
+    (legacy) record is renamed in order after its length is checked (one entry for a
+    model of more: the packed state)."""
     if not positional(arrays) or len(arrays) == 0:
         return arrays
     names = list(model.state_dict())
+    if len(arrays) == 1 and len(names) > 1:
+        return ArrayRecord({PACKED_KEY: arrays["0"]})
     if len(names) != len(arrays):
         raise UpdateError([FieldError("arrays", f"{len(names)} arrays (one per state entry)",
                                       f"{len(arrays)}", "build the model from the same "
@@ -121,9 +173,11 @@ def to_numpy_list(arrays: ArrayRecord) -> list[np.ndarray]:
 
 
 def from_numpy_list(model: nn.Module, values: list[np.ndarray]) -> ArrayRecord:
-    """A named ArrayRecord from arrays in state_dict order (e.g. a SecAgg+ aggregate),
-    checked against the model and cast back to its dtypes (rounding integer buffers)."""
+    """A packed ArrayRecord from arrays in state_dict order, or from one packed vector
+    (e.g. a SecAgg+ aggregate), checked against the model, integer buffers rounded."""
     names = list(model.state_dict())
+    if len(values) == 1 and len(names) > 1:
+        values = list(unpack(np.asarray(values[0]), model.state_dict()).values())
     if len(names) != len(values):
         raise UpdateError([FieldError("aggregate", f"{len(names)} arrays", str(len(values)),
                                       "build the model from the same task/network")])
@@ -134,7 +188,7 @@ def from_numpy_list(model: nn.Module, values: list[np.ndarray]) -> ArrayRecord:
     for (name, ref), v in zip(model.state_dict().items(), values, strict=True):
         t = torch.from_numpy(np.asarray(v))
         out[name] = (t.round() if not ref.is_floating_point() else t).to(dtype=ref.dtype)
-    return ArrayRecord(torch_state_dict=out)
+    return ArrayRecord({PACKED_KEY: Array(pack(out))})
 
 
 def update_norm(update: dict[str, np.ndarray], reference: dict[str, torch.Tensor]) -> float:

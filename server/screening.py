@@ -41,6 +41,32 @@ def check_update(reference: dict[str, torch.Tensor], update: dict[str, np.ndarra
     return errors
 
 
+def packed_format(arrays: ArrayRecord) -> list[FieldError]:
+    """Every update of a round must come packed, as the global model went out: the
+    strategy averages entry by entry, and one reply of another layout would stop it."""
+    if wire.is_packed(arrays):
+        return []
+    return [FieldError("arrays", f"the model's state packed under {wire.PACKED_KEY!r}",
+                       f"{len(arrays)} named arrays", "run the same fedpacs version on the "
+                       "server and the site")]
+
+
+def check_reply_arrays(arrays: ArrayRecord | None, reference: dict[str, torch.Tensor], *,
+                       max_norm: float) -> list[FieldError]:
+    """Every problem of one reply's ArrayRecord (empty: fine): none at all, not packed, a
+    packed vector that is not the model's (size or type), or :func:`check_update`'s."""
+    if arrays is None:
+        return [FieldError("arrays", "an ArrayRecord", "none", "send the weights")]
+    errors = packed_format(arrays)
+    if errors:
+        return errors
+    try:
+        update = wire.arrays_to_numpy(arrays, reference)
+    except UpdateError as exc:  # one site's vector of the wrong size drops that site only
+        return list(exc.errors)
+    return check_update(reference, update, max_norm=max_norm)
+
+
 def check_weight(num_examples: object, *, max_weight: float) -> list[FieldError]:
     """A site's self-reported weight must be a whole number of examples in 1..max_weight:
     one site claiming 1e12 would otherwise replace the global model."""
@@ -69,9 +95,7 @@ def screen(replies: Iterable[Message], reference: dict[str, torch.Tensor], *, ma
             continue
         site = site_name(reply.content, int(reply.metadata.src_node_id) or i)
         arrays = reply.content.array_records.get(wire.ARRAYS_KEY)
-        errors = ([FieldError("arrays", "an ArrayRecord", "none", "send the weights")]
-                  if arrays is None else
-                  check_update(reference, wire.arrays_to_numpy(arrays), max_norm=max_norm))
+        errors = check_reply_arrays(arrays, reference, max_norm=max_norm)
         metrics = reply.content.metric_records.get(wire.METRICS_KEY)
         errors += check_weight(metrics.get(wire.NUM_EXAMPLES) if metrics is not None else None,
                                max_weight=max_weight)
@@ -88,7 +112,8 @@ def screen_aggregate(model: nn.Module, values: list[np.ndarray], *, max_norm: fl
     count, shapes, dtypes and finite values in :func:`wire.from_numpy_list`, then the bound."""
     named = wire.from_numpy_list(model, values)
     if max_norm > 0:
-        errors = check_update(model.state_dict(), wire.arrays_to_numpy(named),
+        reference = model.state_dict()
+        errors = check_update(reference, wire.arrays_to_numpy(named, reference),
                               max_norm=max_norm)
         if errors:
             raise UpdateError(errors)

@@ -88,7 +88,8 @@ def test_fedbn_keeps_the_site_norm_layers(tmp_path: Path, data_dir: Path) -> Non
     r = open_round(site, nxt.content, state, training=False)
     assert r.fedbn_restored == len(local)
     global_state = build_model(TASK_PRESETS["breastmnist"]).state_dict()
-    trained = reply["arrays"].to_torch_state_dict()
+    trained = {n: torch.from_numpy(v) for n, v in
+               wire.arrays_to_numpy(reply["arrays"], global_state).items()}
     for k in local:
         assert torch.equal(r.model.state_dict()[k], local[k].to(r.model.state_dict()[k].dtype))
     k = next(k for k in local if k.endswith("running_mean"))
@@ -153,9 +154,11 @@ def test_local_dp_clips_the_update(tmp_path: Path, data_dir: Path) -> None:
     site = _site(tmp_path, data_dir)
     site.write_text(site.read_text() + "[security]\nrequire_secagg = false\n")
     msg = _message("breastmnist")
-    before = wire.arrays_to_numpy(msg.content.array_records["arrays"])
+    reference = build_model(TASK_PRESETS["breastmnist"]).state_dict()
+    before = wire.arrays_to_numpy(msg.content.array_records["arrays"], reference)
     plain = app(_message("breastmnist"), _context(str(site)))
-    moved = wire.update_norm(wire.arrays_to_numpy(plain.content.array_records["arrays"]),
+    moved = wire.update_norm(wire.arrays_to_numpy(plain.content.array_records["arrays"],
+                                                  reference),
                              {k: torch.from_numpy(np.asarray(v)) for k, v in before.items()})
     assert moved > 1.0  # local training moves the weights by more than the clip below
     # epsilon huge: noise ~1e-6, so the update's L2 norm is the clip
@@ -163,7 +166,7 @@ def test_local_dp_clips_the_update(tmp_path: Path, data_dir: Path) -> None:
     cfg["dp-clip"], cfg["dp-epsilon"], cfg["dp-delta"] = 0.5, 1e6, 1e-5
     reply = app(msg, _context(str(site)))
     assert not reply.has_error()
-    after = wire.arrays_to_numpy(reply.content.array_records["arrays"])
+    after = wire.arrays_to_numpy(reply.content.array_records["arrays"], reference)
     diff = np.sqrt(sum(float(np.sum((after[k].astype(np.float64) - before[k]) ** 2))
                        for k in before))
     assert diff == pytest.approx(0.5, rel=1e-3)
@@ -209,8 +212,9 @@ def test_the_train_reply_carries_the_incoming_models_evaluation(tmp_path: Path,
     assert dict(plain.content["metrics"])["t-evaluate"] == 0.0
     assert not any(k.startswith("val-") for k in plain.content["metrics"])
     # the evaluation does not change what training does
-    a = wire.arrays_to_numpy(folded.content.array_records["arrays"])
-    b = wire.arrays_to_numpy(plain.content.array_records["arrays"])
+    reference = build_model(TASK_PRESETS["breastmnist"]).state_dict()
+    a = wire.arrays_to_numpy(folded.content.array_records["arrays"], reference)
+    b = wire.arrays_to_numpy(plain.content.array_records["arrays"], reference)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert metrics["train-loss"] == dict(plain.content["metrics"])["train-loss"]
 

@@ -94,7 +94,8 @@ def _local_models(cfg: RunConfig, sites: dict[int, Path]) -> Local:
     for nid, path in sites.items():
         reply = train_round(load_site_config(path), content, RecordDict())
         n = int(reply.metric_records[wire.METRICS_KEY][wire.NUM_EXAMPLES])  # type: ignore[arg-type,unused-ignore]
-        out[nid] = (wire.arrays_to_numpy(reply.array_records[wire.ARRAYS_KEY]), n)
+        out[nid] = (wire.arrays_to_numpy(reply.array_records[wire.ARRAYS_KEY],
+                                         model.state_dict()), n)
     return out
 
 
@@ -211,20 +212,23 @@ def test_bad_updates_are_dropped_and_the_round_completes(
     for p in sites.values():  # plain mode: the sites must agree to it
         p.write_text(p.read_text() + "[security]\nrequire_secagg = false\n")
     cfg = _cfg(tmp_path, secagg=False)
-    first_key = next(iter(build_model(cfg.task_config()).state_dict()))
+    reference = build_model(cfg.task_config()).state_dict()
+    first_key = next(iter(reference))
+    size = sum(v.numel() for v in reference.values())
 
-    def faulty(nid: int, reply: Message) -> None:
+    def faulty(nid: int, reply: Message) -> None:  # each attack in the packed form sites send
         if reply.metadata.message_type != "train":
             return
         arrays = reply.content.array_records[wire.ARRAYS_KEY]
-        values = wire.arrays_to_numpy(arrays)
-        if nid == 2:
-            values[first_key] = np.full_like(values[first_key], np.nan)
-        elif nid == 3:
-            values[first_key] = np.zeros((3, 3), dtype=np.float32)
+        assert wire.is_packed(arrays)
+        flat = arrays[wire.PACKED_KEY].numpy().copy()
+        if nid == 2:  # NaN over the first entry's span of the vector
+            flat[:reference[first_key].numel()] = np.nan
+        elif nid == 3:  # one value short: no layout of this model fits it
+            flat = flat[:-1]
         else:
             return
-        reply.content[wire.ARRAYS_KEY] = ArrayRecord({k: Array(v) for k, v in values.items()})
+        reply.content[wire.ARRAYS_KEY] = ArrayRecord({wire.PACKED_KEY: Array(flat)})
 
     grid = LoopbackGrid(client_app, sites, tamper=faulty)
     with caplog.at_level(logging.ERROR, logger="fedpacs.server"):
@@ -234,7 +238,8 @@ def test_bad_updates_are_dropped_and_the_round_completes(
     rec = json.loads((Path(cfg.run_dir) / "rounds" / "round-001" / "metrics.json").read_text())
     assert set(rec["rejected"]) == {"site-1", "site-2"}
     assert "NaN" in rec["rejected"]["site-1"] and first_key in rec["rejected"]["site-1"]
-    assert ".shape" in rec["rejected"]["site-2"]
+    assert f"one floating vector of {size} values" in rec["rejected"]["site-2"]
+    assert f"float32 of shape ({size - 1},)" in rec["rejected"]["site-2"]
     assert "update from site-1 dropped" in caplog.text
     assert "update from site-2 dropped" in caplog.text
 

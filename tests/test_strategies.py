@@ -6,8 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
+from fedpacs.common import wire
 from fedpacs.common.config import RunConfig
 from fedpacs.common.errors import ConfigError
 from fedpacs.common.models import build_model
@@ -136,3 +145,41 @@ def test_every_strategy_is_registered_and_validated() -> None:
     assert {e.field for e in exc.value.errors} == {"network"}
     assert RunConfig(task="hippocampus", network="segresnet").task_config().network == \
         "segresnet"
+
+
+def _site_reply(name: str, arrays: ArrayRecord, n: int) -> Message:
+    content = RecordDict({wire.ARRAYS_KEY: arrays,
+                          wire.METRICS_KEY: MetricRecord({wire.NUM_EXAMPLES: n,
+                                                          "train-loss": 1.0}),
+                          wire.SITE_KEY: ConfigRecord({"name": name})})
+    return Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def test_a_reply_not_in_the_packed_layout_is_dropped_and_the_round_goes_on() -> None:
+    """The screen in front of the strategy: a site answering with the named (unpacked)
+    layout, or with a packed vector of the wrong size, is dropped with its reason; the
+    others are averaged."""
+    cfg = RunConfig(strategy="fedavg", min_sites=2)
+    model = build_model(cfg.task_config())
+    state = model.state_dict()
+    flat = wire.pack(state)
+    named = ArrayRecord({k: Array(v) for k, v in wire.unpack(flat, state).items()})
+    assert wire.check_arrays(model, named)  # a well-formed update, only not packed
+    replies = [_site_reply("a", wire.model_to_arrays(model), 1),
+               _site_reply("old", named, 5),
+               _site_reply("short", ArrayRecord({wire.PACKED_KEY: Array(flat[:-1])}), 5),
+               _site_reply("b", ArrayRecord({wire.PACKED_KEY: Array(flat + 0.01)}), 3)]
+    recorder = RoundRecorder()
+    strategy = make_strategy(cfg, recorder, model)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and wire.is_packed(arrays)
+    expected = np.average([flat, flat + 0.01], axis=0, weights=[1, 3])
+    assert arrays[wire.PACKED_KEY].numpy() == pytest.approx(expected, abs=1e-6)
+    record = recorder.close(1).record
+    assert record.train is not None and set(record.train.sites) == {"a", "b"}
+    rejected = record.rejected
+    assert set(rejected) == {"old", "short"}
+    assert f"packed under {wire.PACKED_KEY!r}" in rejected["old"]
+    assert f"got {len(state)} named arrays" in rejected["old"]
+    assert f"one floating vector of {flat.size} values" in rejected["short"]
+    assert f"float32 of shape ({flat.size - 1},)" in rejected["short"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from fedpacs.client.app import app as client_app
 from fedpacs.common import wire
@@ -267,6 +267,38 @@ def test_a_site_claiming_1e12_examples_does_not_steer_the_model(
                                                      after.state_dict().values(), strict=True))
     else:  # the others are aggregated without it
         assert set(r["train_sites"]) == {"site-1", "site-2"}  # type: ignore[arg-type]
+
+
+def test_a_site_replying_in_the_named_layout_is_dropped_and_the_round_goes_on(
+        tmp_path: Path, data_dir: Path) -> None:
+    """One site answers with its trained state as named arrays (the pre-packing layout)
+    instead of one packed vector: the screen drops it with the reason, the others are
+    averaged without it."""
+    sites = {i + 1: _site(tmp_path, data_dir, i, 3) for i in range(3)}
+    cfg = RunConfig(task=TASK, rounds=1, local_epochs=1, batch_size=64, min_sites=3,
+                    secagg=False, cross_site=False, run_dir=str(tmp_path / "run"))
+    reference = build_model(cfg.task_config()).state_dict()
+    unpacked: list[int] = []
+
+    def unpack_reply(nid: int, reply: Message) -> None:
+        if nid != 1 or reply.metadata.message_type != MessageType.TRAIN:
+            return
+        arrays = reply.content.array_records[wire.ARRAYS_KEY]
+        assert wire.is_packed(arrays)  # what the site really sent
+        named = wire.arrays_to_numpy(arrays, reference)
+        reply.content[wire.ARRAYS_KEY] = ArrayRecord({k: Array(v) for k, v in named.items()})
+        unpacked.append(nid)
+
+    grid = LoopbackGrid(client_app, sites, tamper=unpack_reply)
+    run_federation(grid, cfg, Context(1, 0, {}, RecordDict(), {}))
+    assert unpacked == [1]
+    r = _rounds(tmp_path / "run")[1]
+    rejected = r["rejected"]
+    assert isinstance(rejected, dict) and set(rejected) == {"site-0"}
+    assert f"packed under {wire.PACKED_KEY!r}" in rejected["site-0"]
+    assert f"got {len(reference)} named arrays" in rejected["site-0"]
+    trained = r["train_sites"]
+    assert isinstance(trained, dict) and set(trained) == {"site-1", "site-2"}
 
 
 def test_a_task_may_not_ask_for_unbounded_memory() -> None:
