@@ -7,6 +7,7 @@ stopping it also stops what it spawned (SuperExec, ServerApp, ClientApp processe
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -51,7 +52,24 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# Ports handed out for processes started later come from below the kernel's range for
+# outgoing connections (32768-60999 by default): a port from that range, free when chosen,
+# can be taken by any outgoing connection before the process that is to listen on it binds
+# it (seen as a risk with 30 site daemons starting for minutes).
+PORT_RANGE = (20000, 32000)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port on ``host`` free now, from :data:`PORT_RANGE`; the OS's choice when none of
+    64 random tries is free."""
+    for _ in range(64):
+        port = random.randint(*PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
