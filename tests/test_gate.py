@@ -240,6 +240,23 @@ def test_object_pulls_retry_through_the_two_defaults_fedpacs_shortens() -> None:
         iu.pull_objects.__defaults__, iu.pull_and_inflate_object_from_tree.__kwdefaults__ = saved
 
 
+def test_superlink_sqlite_pragmas_are_read_where_the_coordinator_sets_them() -> None:
+    """fedpacs.server.superlink replaces the busy_timeout pragma in sql_mixin's namespace;
+    Flower must read the pragmas from there, at each new connection."""
+    from flwr.supercore import sql_mixin
+
+    from fedpacs.server import superlink
+
+    assert dict(sql_mixin.SQLITE_PRAGMAS)["busy_timeout"] == "5000"
+    src = ast.unparse(_source_tree(sql_mixin._set_sqlite_pragmas))
+    assert "for pragma, value in SQLITE_PRAGMAS:" in src
+    assert sql_mixin._set_sqlite_pragmas.__globals__ is vars(sql_mixin)
+    longer = dict(superlink.pragmas(sql_mixin.SQLITE_PRAGMAS))
+    assert longer["busy_timeout"] == str(superlink.BUSY_TIMEOUT_MS)
+    assert {k: v for k, v in longer.items() if k != "busy_timeout"} == {
+        k: v for k, v in sql_mixin.SQLITE_PRAGMAS if k != "busy_timeout"}
+
+
 def test_superexec_task_poll_interval_is_read_from_the_environment(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from fedpacs.common.procs import TASK_POLL_ENV, TASK_POLL_S, child_env

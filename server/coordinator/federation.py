@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -242,7 +243,7 @@ class Federation:
         state = self.workdir / "state"
         state.mkdir(parents=True, exist_ok=True)
         argv = [
-            tool("flower-superlink"),
+            sys.executable, "-m", "fedpacs.server.superlink",  # flower-superlink, see there
             "--ssl-ca-certfile", str(self.pki.ca_cert),
             "--ssl-certfile", str(self.pki.server_cert),
             "--ssl-keyfile", str(self.pki.server_key),
