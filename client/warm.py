@@ -97,11 +97,9 @@ def run_launcher() -> None:
     """What a ClientApp launch runs, warm or cold: the signature-checked launcher, or
     Flower's own where the site allows unsigned apps (fedpacs.client.gate)."""
     from fedpacs.client import gate
-    from fedpacs.common.flowertune import quick_object_pulls
 
-    quick_object_pulls()
     if os.environ.get(gate.TRUST_ENV, ""):
-        gate.main()
+        gate.main()  # (shortens Flower's object-pull retries itself)
         return
     if os.environ.get(gate.UNSIGNED_ENV, "") != "1":
         print("fedpacs site: no trusted app keys and unsigned apps not allowed: refused",
@@ -109,6 +107,9 @@ def run_launcher() -> None:
         raise SystemExit(int(gate.ExitCode.POLICY))  # (never reached from the daemon)
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
+    from fedpacs.common.flowertune import quick_object_pulls
+
+    quick_object_pulls()
     flwr_clientapp()
 
 
@@ -120,13 +121,6 @@ class Launch:
     pid: int
     conn: socket.socket
     started: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class WarmStats:
-    launches: int = 0
-    data_loads: int = 0
-    failed: int = 0  # children that ended by a signal or a non-zero code
 
 
 def warm_up(config: str | None) -> dict[str, Any]:
@@ -228,7 +222,6 @@ class WarmParent:
 
     def __init__(self, socket_path: Path, config: str | None) -> None:
         self.socket_path, self.config = socket_path, config
-        self.stats = WarmStats()
         self.running: dict[int, Launch] = {}
         self.stopping = False
         self.sel = selectors.DefaultSelector()
@@ -252,7 +245,6 @@ class WarmParent:
             conn.close()
             return
         if refresh(self.config):
-            self.stats.data_loads += 1
             log.info("warm parent: the site config or data changed; reloaded")
         sys.stdout.flush()
         sys.stderr.flush()
@@ -263,7 +255,6 @@ class WarmParent:
             _child(request, fds, [self.listener, conn, *(lc.conn for lc in self.running.values())])
         for fd in fds:
             os.close(fd)
-        self.stats.launches += 1
         self.running[pid] = Launch(pid, conn)
         self.sel.register(conn, selectors.EVENT_READ, pid)
 
@@ -294,7 +285,6 @@ class WarmParent:
                 continue
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
-                self.stats.failed += 1
                 log.warning("warm parent: message process %d ended with %s after %.1fs",
                             pid, f"signal {-code}" if code < 0 else f"code {code}",
                             time.monotonic() - launch.started)
