@@ -10,12 +10,14 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 setup: $(VENV)/.installed
 
-# A real PACS for the tests: Debian's Orthanc (+ DICOMweb plugin) and dcmtk.
+# A real PACS for the tests: Debian's Orthanc (+ DICOMweb plugin) and dcmtk; iproute2's
+# `ip` for the test hosts (network namespaces, tests/netns.py).
 system-deps:
 	@{ command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null && \
-	  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
+	  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && \
+	  { command -v ip || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ]; } >/dev/null || \
 	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    --no-install-recommends orthanc orthanc-dicomweb dcmtk )
+	    --no-install-recommends orthanc orthanc-dicomweb dcmtk iproute2 )
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

@@ -1,14 +1,26 @@
 """Prometheus metrics of a site. ClientApp processes are short-lived, so with
 ``PROMETHEUS_MULTIPROC_DIR`` set (the site daemon sets it) every process writes its values
-to that folder and the daemon serves their combination."""
+to that folder and the daemon serves their combination.
+
+The daemon's own series (:class:`SiteProcessCollector`: its processes, restarts and up)
+are read from its supervisor at each scrape and served beside that folder: no file, and
+no dependence on the environment the daemon's ``prometheus_client`` was imported with.
+"""
 
 from __future__ import annotations
 
 import functools
 import resource
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+PROCESS_RESTARTS = "fedpacs_site_process_restarts"  # exposed as ..._total
+PROCESS_UP = "fedpacs_site_process_up"
 
 
 @dataclass(frozen=True)
@@ -44,3 +56,31 @@ def site_metrics() -> SiteMetrics:
         errors=Counter("fedpacs_site_errors", "Messages refused by this site, by code",
                        ["code"]),
     )
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """One process the site daemon supervises, as its metrics show it."""
+
+    process: str  # "supernode" | "superexec" | "warm"
+    restarts: int  # starts after the first
+    up: bool  # running now (as the daemon last looked, every POLL_S)
+
+
+class SiteProcessCollector(Collector):
+    """``fedpacs_site_process_restarts_total{process}`` and ``fedpacs_site_process_up
+    {process}`` of the site daemon, from ``states`` (called at each scrape)."""
+
+    def __init__(self, states: Callable[[], Sequence[ProcessState]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[Metric]:
+        restarts = CounterMetricFamily(PROCESS_RESTARTS, "Times the site daemon restarted "
+                                       "this process after it exited", labels=["process"])
+        up = GaugeMetricFamily(PROCESS_UP, "1 while this site process runs, 0 while the "
+                               "daemon waits to restart it", labels=["process"])
+        for state in self._states():
+            restarts.add_metric([state.process], state.restarts)
+            up.add_metric([state.process], 1.0 if state.up else 0.0)
+        yield restarts
+        yield up

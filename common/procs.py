@@ -6,12 +6,14 @@ stopping it also stops what it spawned (SuperExec, ServerApp, ClientApp processe
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -156,6 +158,42 @@ class ProcessSet:
     def stop_all(self, *, grace_s: float = 10.0) -> None:
         for p in reversed(list(self.procs)):
             self.stop(p, grace_s=grace_s)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for :class:`subprocess.Popen`: the child is sent ``sig`` when this
+    process dies, also by SIGKILL (Linux ``PR_SET_PDEATHSIG``; it survives the child's exec).
+    ``None`` (no such guard) on other systems.
+
+    The kernel sends ``sig`` when the *thread* that forked the child exits, so children
+    are to be started from the main thread only; anything else raises ProcessError. A
+    parent that died before the child set the flag is caught too: the child then sends
+    ``sig`` to itself. Everything the child calls is looked up here, before the fork.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        raise ProcessError(
+            f"die_with_parent: expected a call from the main thread, got thread "
+            f"{threading.current_thread().name!r}. Fix: start children that are to die with "
+            "this process from the main thread (PR_SET_PDEATHSIG fires when the thread that "
+            "forked them exits)")
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                      ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent, signum = os.getpid(), int(sig)
+
+    def preexec() -> None:  # in the child, between fork and exec
+        if prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent went before the flag was set
+            os.kill(os.getpid(), signum)
+
+    return preexec
 
 
 def process_alive(pid: int) -> bool:

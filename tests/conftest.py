@@ -1,10 +1,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
+
+from tests import netns
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,3 +44,25 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+# -- network namespaces (tests/netns.py): test hosts for end-to-end tests ----------------
+
+
+@pytest.fixture()
+def netns_ok() -> None:
+    """Skip the test when network namespaces cannot be created here, with the reason;
+    under CI=true fail it instead (a CI machine must be able to run these tests)."""
+    netns.require_netns(netns.netns_available(), ci=os.environ.get("CI"))
+
+
+@pytest.fixture()
+def network_factory(netns_ok: None) -> Iterator[Callable[..., netns.Network]]:
+    """``network_factory(hospitals=2, **kw)`` -> an entered :class:`tests.netns.Network`,
+    deleted (with every process in it) when the test ends."""
+    with ExitStack() as stack:
+
+        def make(hospitals: int = 2, **kw: Any) -> netns.Network:
+            return stack.enter_context(netns.Network(hospitals, **kw))
+
+        yield make

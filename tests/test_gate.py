@@ -54,7 +54,6 @@ from fedpacs.client.daemon import (
     gate_env,
     superexec_argv,
     supernode_argv,
-    supervise,
 )
 from fedpacs.client.gate import (
     GATE_COMMAND,
@@ -515,17 +514,3 @@ def test_gate_env_in_both_modes(site: SiteConfig, tmp_path: Path) -> None:
     untrusting = replace(site, security=replace(site.security, trusted_app_keys=()))
     with pytest.raises(ConfigError, match="security.trusted_app_keys"):
         gate_env(untrusting, tmp_path / "state", "/usr/bin")
-
-
-def test_daemon_stops_the_supernode_when_the_superexec_dies() -> None:
-    def proc(code: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([sys.executable, "-c", code])
-
-    node, execr = proc("import time; time.sleep(60)"), proc("raise SystemExit(3)")
-    assert supervise(node, execr, poll_s=0.05) == ExitCode.PROCESS
-    assert node.poll() is not None  # stopped, not left running
-    node, execr = proc("raise SystemExit(4)"), proc("import time; time.sleep(60)")
-    assert supervise(node, execr, poll_s=0.05) == 4 and execr.poll() is not None
-    # signalled: both were told to stop, the SuperNode's exit code is the daemon's
-    node, execr = proc("import time; time.sleep(60)"), proc("raise SystemExit(0)")
-    assert supervise(node, execr, stopping=lambda: True, poll_s=0.05) == -15  # SIGTERM
