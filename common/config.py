@@ -86,7 +86,10 @@ class DataSpec:
 
 # RunConfig fields that name coordinator paths, keys or ports: they stay on the coordinator.
 SERVER_SIDE_FIELDS = frozenset({"run_dir", "eval_format", "eval_root", "eval_holdout_fraction",
-                                "eval_seed", "metrics_port", "artifact_key"})
+                                "eval_seed", "metrics_port", "artifact_key", "resume_from"})
+# set by `fedpacs run resume` alone (fedpacs.server.resume.mark_resume, in server.json):
+# never from a run.toml, a flag or the run's app
+RESUME_FIELD = "resume_from"
 
 
 # --------------------------------------------------------------------------- run config
@@ -133,6 +136,9 @@ class RunConfig:
     dp_clip: float = 0.0  # L2 bound on a site's update (also the sensitivity)
     dp_epsilon: float = 1.0
     dp_delta: float = 1e-5
+    # Server-side: the ServerApp continues the run after this completed round from its
+    # checkpoint (fedpacs.server.resume); -1: a fresh start. Only server.json sets it.
+    resume_from: int = -1
 
     def __post_init__(self) -> None:
         """Resolve the training fields left at 0 from the task's defaults, once."""
@@ -265,6 +271,11 @@ class RunConfig:
             errs.append(FieldError("dp-epsilon/dp-delta", "epsilon > 0 and 0 < delta < 1",
                                    f"{self.dp_epsilon}/{self.dp_delta}",
                                    "e.g. dp-epsilon = 1, dp-delta = 1e-5"))
+        if not -1 <= self.resume_from <= self.rounds:
+            errs.append(FieldError("resume-from", f"-1 (a fresh start) or a completed round "
+                                   f"in 0..rounds ({self.rounds})", str(self.resume_from),
+                                   "resume a run with `fedpacs run resume RUN_DIR`, which "
+                                   "finds its last completed round"))
         if not 0 <= self.metrics_port < 65536:
             errs.append(FieldError("metrics-port", "0 (off) or a TCP port",
                                    str(self.metrics_port), "e.g. metrics-port = 9400"))
@@ -349,6 +360,10 @@ def load_run_config(path: Path | None, flags: dict[str, Any]) -> RunConfig:
         root = values.get("eval_root")
         if isinstance(root, str) and root and not Path(root).is_absolute():
             values["eval_root"] = str((path.parent / root).resolve())
+    if RESUME_FIELD in flags:
+        errs.append(FieldError(RESUME_FIELD.replace("_", "-"), "no value here (a new run "
+                               "starts at round 0)", repr(flags[RESUME_FIELD]),
+                               "continue a stopped run with `fedpacs run resume RUN_DIR`"))
     values |= flags
     if values.get("eval_root") and not values.get("eval_format"):
         values["eval_format"] = infer_eval_format(str(values["eval_root"]))

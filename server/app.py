@@ -6,13 +6,23 @@ Every exchange with the sites goes through one :class:`~fedpacs.server.grid.Fast
 site evaluates the global model it receives before training and sends that with its
 update, which is the evaluation of the *previous* round's model; it is added to that
 round's record. After the last round one evaluate exchange evaluates the final model.
+
+A run stopped part-way (``status.json``: interrupted or failed) continues from its last
+completed round when its ``server.json`` says so (``resume-from``, written by
+fedpacs.server.resume.mark_resume): the global model, the strategy's state, the round
+numbers and the records so far come back from that round's checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from dataclasses import replace
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import torch
 from flwr.app import (
@@ -24,13 +34,14 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedpacs.common import wire
 from fedpacs.common.config import RunConfig
 from fedpacs.common.contract import TIMING_PREFIX, VAL_PREFIX, XVAL_GLOBAL, RoundInstructions
 from fedpacs.common.datasets import load_holdout
 from fedpacs.common.engine import evaluate
-from fedpacs.common.errors import ConfigError, FieldError
+from fedpacs.common.errors import ConfigError, DataError, FieldError
 from fedpacs.common.flowertune import quick_object_pulls
 from fedpacs.common.models import build_model, pick_device
 from fedpacs.common.signing import sign_run
@@ -49,19 +60,64 @@ from fedpacs.server.recorder import (
     site_name,
 )
 from fedpacs.server.report import write_report
-from fedpacs.server.rundir import RUNS_DIR_ENV, RunDirectory, read_server_side
+from fedpacs.server.resume import RESUME_KEY, Checkpoint, open_checkpoint
+from fedpacs.server.rundir import (
+    RUNS_DIR_ENV,
+    STRATEGY_FILE,
+    RunDirectory,
+    read_rounds,
+    read_server_side,
+    round_folder,
+)
 from fedpacs.server.secure import run_secure
-from fedpacs.server.strategies import make_strategy
+from fedpacs.server.strategies import make_strategy, restore_state, strategy_state
 
 log = logging.getLogger("fedpacs.server")
 
 app = ServerApp()
 
 
+class Terminated(SystemExit):
+    """The ServerApp process was sent SIGTERM (raised in its main thread)."""
+
+
+def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Terminated(128 + signum)
+
+
+def install_sigterm_handler() -> bool:
+    """SIGTERM raises :class:`Terminated` in the main thread, so that the run records
+    itself as interrupted; only where no handler is installed (Flower's own ServerApp
+    process has one, which exits with SystemExit after closing its grid)."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return False
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return True
+
+
+def stop_reason(exc: BaseException) -> str:
+    """Why a run stopped, for status.json: the signal or exit (interrupted), else the
+    exception's type (failed)."""
+    if isinstance(exc, Terminated):
+        return "SIGTERM"
+    if isinstance(exc, KeyboardInterrupt):
+        return "KeyboardInterrupt (SIGINT)"
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code})"
+    return type(exc).__name__
+
+
 class FederatedRun:
     """One run of the ServerApp: the global model, its run directory, held-out data, the
     round recorder and the Prometheus series; :meth:`run` drives the rounds. ``grid`` is
-    wrapped once in a FastGrid, through which every exchange of the run goes."""
+    wrapped once in a FastGrid, through which every exchange of the run goes.
+
+    With ``cfg.resume_from`` >= 0 the run continues after that completed round from its
+    checkpoint (verified by fedpacs.server.resume.open_checkpoint): the global model,
+    the strategy's state, the records so far (a later, unrecorded round is dropped), the
+    recorder's per-site sample counts; rounds ``resume_from + 1`` .. ``rounds`` follow
+    with their true numbers. A fresh run writes its config as started (run-config.json)."""
 
     def __init__(self, grid: Grid, cfg: RunConfig, context: Context) -> None:
         if not cfg.run_dir:
@@ -74,7 +130,13 @@ class FederatedRun:
         self.task = cfg.task_config()
         torch.manual_seed(cfg.seed)
         self.model = build_model(self.task, seed=cfg.seed)
-        self.run_dir = RunDirectory(Path(cfg.run_dir), task=self.task, config=cfg.to_flat())
+        # (the run's identity in every card: its config as started, not where it resumed)
+        self.run_dir = RunDirectory(Path(cfg.run_dir), task=self.task,
+                                    config=replace(cfg, resume_from=-1).to_flat())
+        self.resumed: Checkpoint | None = None
+        self.offset = 0  # the run's last completed round before this ServerApp started
+        self.prior_exchanges: list[dict[str, Any]] = []  # of the rounds before the resume
+        self.strategy: Strategy | None = None  # plain mode's strategy, once built
         spec = cfg.eval_spec()
         self.holdout = load_holdout(spec, self.task) if spec else None
         self.device = pick_device("auto")
@@ -87,6 +149,38 @@ class FederatedRun:
         self.round_started = time.monotonic()
         self.exchanges_seen = 0  # FastGrid's log entries already in a round's timing
         self.current = wire.model_to_arrays(self.model)  # the global model after each round
+        if cfg.resume_from >= 0:
+            try:
+                checkpoint = open_checkpoint(cfg)
+            except (ConfigError, DataError) as exc:  # the run says why it did not go on
+                self.run_dir.set_status("failed", round_=len(read_rounds(self.run_dir.root))
+                                        - 1, total=cfg.rounds, error=stop_reason(exc))
+                raise
+            self._resume(checkpoint)
+        else:
+            self.run_dir.write_run_config(cfg.to_flat())
+
+    def _resume(self, checkpoint: Checkpoint) -> None:
+        self.resumed, self.offset = checkpoint, checkpoint.round
+        self.model.load_state_dict(checkpoint.state_dict)
+        self.current = checkpoint.global_arrays
+        self.run_dir.reopen(checkpoint.records)
+        self.recorder = RoundRecorder.resumed(
+            [RoundRecord.from_json(r) for r in checkpoint.records])
+        self.prior_exchanges = [e for r in checkpoint.records
+                                for e in (r.get("timing") or {}).get("exchanges") or []]
+        self.metrics.round.set(checkpoint.round)
+        if self.cfg.cross_site_local:
+            log.warning("resumed after round %d: the sites' local models of the rounds "
+                        "before are not kept; cross-site validation has those of the "
+                        "rounds from here", checkpoint.round)
+
+    def on_round(self, flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's evaluate_fn: its round 0 is the starting model (recorded already when
+        the run resumes), its round r the run's round ``offset + r``."""
+        if flower_round == 0 and self.offset > 0:
+            return None
+        return self.end_of_round(flower_round + self.offset, arrays)
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Load the round's global model, evaluate it on the held-out split, checkpoint
@@ -108,7 +202,8 @@ class FederatedRun:
         heldout_s = time.monotonic() - started
         record.time = time.time()
         started = time.monotonic()
-        self.run_dir.save_checkpoint(self.model, record)
+        self.run_dir.save_checkpoint(self.model, record, global_arrays=arrays,
+                                     strategy=strategy_state(self.strategy))
         checkpoint_s = time.monotonic() - started
         trained = record.train.sites if record.train else {}
         sites = {name: {k: v for k, v in trained.get(name, {}).items()
@@ -137,32 +232,47 @@ class FederatedRun:
         model's evaluation by the sites, cross-site validation, the final model, report
         and signature; returns the final model's path."""
         cfg = self.cfg
-        self.run_dir.set_status("running", round_=0, total=cfg.rounds)
+        self.run_dir.set_status("running", round_=self.offset, total=cfg.rounds)
         try:
-            if cfg.secagg:
-                final_arrays = run_secure(self.grid, self.context, cfg, self.model,
-                                          self.recorder, self.end_of_round)
-            else:
-                strategy = make_strategy(cfg, self.recorder, self.model)
-                instructions = RoundInstructions.for_round(cfg, 0, evaluate_first=True)
-                strategy.start(
-                    grid=self.grid, initial_arrays=wire.model_to_arrays(self.model),
-                    num_rounds=cfg.rounds, timeout=cfg.round_timeout_s,
-                    train_config=instructions.to_record(), evaluate_fn=self.end_of_round)
-                # (the result's arrays stay empty when no round aggregated anything)
-                final_arrays = self.current
-            # the last round's model has no next round to bring its evaluation: ask once
-            final_eval = federated_evaluation(self.grid, final_arrays, cfg, cfg.rounds)
-            if final_eval is not None:
-                self.run_dir.amend_round(cfg.rounds, evaluate=final_eval)
-                publish_evaluation(self.metrics, final_eval)
-                self.metrics.bytes_out.inc(final_arrays.count_bytes() * len(final_eval.sites))
-            wire.load_arrays(self.model, final_arrays)
-            cross = self.cross_site(final_arrays, final_eval) if cfg.cross_site else {}
+            return self._run()
+        except (KeyboardInterrupt, SystemExit) as exc:
+            self.run_dir.set_status("interrupted", round_=len(self.run_dir.rounds) - 1,
+                                    total=cfg.rounds, error=stop_reason(exc))
+            raise
         except BaseException as exc:
             self.run_dir.set_status("failed", round_=len(self.run_dir.rounds) - 1,
-                                    total=cfg.rounds, error=type(exc).__name__)
+                                    total=cfg.rounds, error=stop_reason(exc))
             raise
+
+    def _run(self) -> Path:
+        cfg = self.cfg
+        if cfg.secagg:
+            final_arrays = run_secure(self.grid, self.context, cfg, self.model,
+                                      self.recorder, self.end_of_round,
+                                      initial=self.current, round_offset=self.offset)
+        else:
+            self.strategy = make_strategy(cfg, self.recorder, self.model,
+                                          round_offset=self.offset)
+            if self.resumed is not None:
+                restore_state(self.strategy, self.resumed.strategy_state,
+                              source=str(round_folder(self.run_dir.root, self.offset)
+                                         / STRATEGY_FILE))
+            instructions = RoundInstructions.for_round(cfg, 0, evaluate_first=True)
+            if cfg.rounds > self.offset:
+                self.strategy.start(
+                    grid=self.grid, initial_arrays=self.current,
+                    num_rounds=cfg.rounds - self.offset, timeout=cfg.round_timeout_s,
+                    train_config=instructions.to_record(), evaluate_fn=self.on_round)
+            # (the result's arrays stay empty when no round aggregated anything)
+            final_arrays = self.current
+        # the last round's model has no next round to bring its evaluation: ask once
+        final_eval = federated_evaluation(self.grid, final_arrays, cfg, cfg.rounds)
+        if final_eval is not None:
+            self.run_dir.amend_round(cfg.rounds, evaluate=final_eval)
+            publish_evaluation(self.metrics, final_eval)
+            self.metrics.bytes_out.inc(final_arrays.count_bytes() * len(final_eval.sites))
+        wire.load_arrays(self.model, final_arrays)
+        cross = self.cross_site(final_arrays, final_eval) if cfg.cross_site else {}
         final = self.run_dir.save_final(self.model, {
             "cross_site": cross,
             "sites": dict(sorted(self.recorder.site_samples.items())),
@@ -172,7 +282,8 @@ class FederatedRun:
             "secure_aggregation": "SecAgg+" if cfg.secagg else "off",
             "local_dp": {"clip": cfg.dp_clip, "epsilon": cfg.dp_epsilon, "delta": cfg.dp_delta}
             if cfg.dp_clip > 0 else "off",
-            "exchanges": [e.to_json() for e in self.grid.exchanges],
+            "exchanges": self.prior_exchanges + [e.to_json() for e in self.grid.exchanges],
+            "resumed_from": cfg.resume_from,  # -1: never stopped (else the last resume)
         })
         write_report(self.run_dir.root)
         if cfg.artifact_key:
@@ -297,7 +408,9 @@ def update_metrics(m: ServerMetrics, record: RoundRecord, arrays: ArrayRecord, *
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     quick_object_pulls()  # the grid pulls each reply's objects (fedpacs.common.flowertune)
-    app_config = dict(context.run_config)
+    install_sigterm_handler()
+    # a resume comes from the run's server.json alone, never from its app
+    app_config = {k: v for k, v in context.run_config.items() if k != RESUME_KEY}
     server_side = read_server_side(str(app_config.get("run-name", "")))
     flat = app_config | {k.replace("_", "-"): v for k, v in server_side.items()}
     run_federation(grid, RunConfig.from_flat(flat), context)

@@ -147,6 +147,8 @@ class RoundRecord:
     time: float = 0.0
     model_sha256: str = ""
     timing: Timing | None = None
+    # the strategy's state after this round (rounds/round-NNN/strategy.pt), for resuming
+    strategy_sha256: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"round": self.round}
@@ -164,6 +166,8 @@ class RoundRecord:
         out["time"] = self.time
         if self.model_sha256:
             out["model_sha256"] = self.model_sha256
+        if self.strategy_sha256:
+            out["strategy_sha256"] = self.strategy_sha256
         if self.timing is not None:
             out["timing"] = self.timing.to_json()
         return out
@@ -182,7 +186,8 @@ class RoundRecord:
                    secagg=SecAggCount(int(sec["sites_summed"]), int(sec["sites_dropped"]))
                    if sec else None, time=float(d.get("time", 0.0)),
                    model_sha256=str(d.get("model_sha256", "")),
-                   timing=Timing.from_json(timing) if timing else None)
+                   timing=Timing.from_json(timing) if timing else None,
+                   strategy_sha256=str(d.get("strategy_sha256", "")))
 
     @property
     def participating(self) -> int:
@@ -255,6 +260,18 @@ class RoundRecorder:
         phase = Phase(phase.aggregate, phase.sites, bytes_in)
         before = evaluation_phase(evaluations, wire.NUM_EXAMPLES)[1] if evaluations else None
         return agg, phase, before
+
+    @classmethod
+    def resumed(cls, records: Sequence[RoundRecord]) -> RoundRecorder:
+        """The recorder of a run resumed after ``records`` (its rounds so far, in order):
+        each site's training sample count as the last round it trained in left it. The
+        sites' local models are not checkpointed (they are the sites' own updates): the
+        rounds after the resume bring them again."""
+        rec = cls()
+        for record in records:
+            for name, metrics in (record.train.sites if record.train else {}).items():
+                rec.site_samples[name] = int(metrics.get(wire.NUM_EXAMPLES, 0))
+        return rec
 
     def shared_local_models(self) -> dict[str, ArrayRecord]:
         """The local models whose sites consented to cross-site validation."""

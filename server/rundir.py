@@ -7,10 +7,18 @@ Layout::
       metrics.json              every round so far: aggregated + per-site + held-out metrics,
                                 timing; a round's "evaluate" (the sites' evaluation of its
                                 model) is added when the next round's replies bring it
+      run-config.json           the run's full config as it was started (for resuming)
       rounds/round-NNN/model.pt global weights after round NNN (000 = initial)
+      rounds/round-NNN/strategy.pt  the global model as the strategy holds it (packed) and
+                                the strategy's own state (FedAdam's moments), for resuming
       rounds/round-NNN/metrics.json
       final/model.pt            the global model; load with fedpacs.load_model(path)
       final/model_card.json     task, network, config, sites, metrics, hashes
+
+A round's record in metrics.json holds the SHA-256 of its model.pt and strategy.pt, and
+is written after both: a round with a record has its checkpoint (fedpacs.server.resume
+checks it before a run continues from it). Every file is written crash-safe
+(fedpacs.common.artifacts.atomic_write).
 """
 
 from __future__ import annotations
@@ -18,16 +26,32 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
 from torch import nn
 
-from fedpacs.common.artifacts import save_model, write_json
+from fedpacs.common import wire
+from fedpacs.common.artifacts import save_model, save_tensors, write_json
 from fedpacs.common.tasks import TaskConfig
 from fedpacs.server.recorder import Phase, RoundRecord
+
+MODEL_FILE = "model.pt"
+STRATEGY_FILE = "strategy.pt"
+STRATEGY_FORMAT = "fedpacs-strategy/1"
+RUN_CONFIG_FILE = "run-config.json"
+STATUS_FILE = "status.json"
+METRICS_FILE = "metrics.json"
+
+
+def round_folder(root: Path, server_round: int) -> Path:
+    return root / "rounds" / f"round-{server_round:03d}"
 
 
 @dataclass
@@ -42,9 +66,35 @@ class RunDirectory:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def set_status(self, state: str, *, round_: int, total: int, error: str = "") -> None:
-        write_json(self.root / "status.json", {
+        """``state``: running, finished, failed (``error``: the exception's type) or
+        interrupted (``error``: the signal or exit that stopped the ServerApp)."""
+        write_json(self.root / STATUS_FILE, {
             "state": state, "round": round_, "rounds": total, "error": error,
             "updated": time.time(), "started": self.started})
+
+    def write_run_config(self, flat: dict[str, Any]) -> None:
+        """The run's full config as it was started (read back by a resume)."""
+        write_json(self.root / RUN_CONFIG_FILE, flat)
+
+    def reopen(self, rounds: list[dict[str, Any]]) -> None:
+        """Continue this run after its last completed round: ``rounds`` are its records
+        through that round (checked by fedpacs.server.resume). metrics.json is written
+        back with them alone; the folders of later rounds (a round checkpointed but never
+        recorded before the stop) and stray temp files go; the run keeps its start time."""
+        self.rounds = [dict(r) for r in rounds]
+        last = int(self.rounds[-1]["round"]) if self.rounds else -1
+        for folder in sorted((self.root / "rounds").glob("round-*")):
+            number = folder.name.removeprefix("round-")
+            if number.isdigit() and int(number) > last:
+                shutil.rmtree(folder)
+        for name in (METRICS_FILE, STATUS_FILE, MODEL_FILE, STRATEGY_FILE):
+            for stray in [*self.root.glob(f".{name}.*.tmp"),
+                          *(self.root / "rounds").glob(f"*/.{name}.*.tmp")]:
+                stray.unlink(missing_ok=True)
+        started = read_status(self.root).get("started")
+        if isinstance(started, int | float) and not isinstance(started, bool):
+            self.started = float(started)
+        self._write_metrics()
 
     def save_round(self, model: nn.Module, record: RoundRecord) -> str:
         """Checkpoint the global model after ``record.round`` and append the record."""
@@ -53,14 +103,30 @@ class RunDirectory:
         return digest
 
     def _folder(self, server_round: int) -> Path:
-        return self.root / "rounds" / f"round-{server_round:03d}"
+        return round_folder(self.root, server_round)
 
-    def save_checkpoint(self, model: nn.Module, record: RoundRecord) -> str:
+    def save_checkpoint(self, model: nn.Module, record: RoundRecord, *,
+                        global_arrays: ArrayRecord | None = None,
+                        strategy: dict[str, torch.Tensor] | None = None) -> str:
         """Write the global model after ``record.round`` (its card holds the record as
-        known then) and set ``record.model_sha256``."""
+        known then) and the strategy's checkpoint: ``global_arrays`` (the global model
+        as the strategy holds it, packed; default: ``model``'s state) and its own state
+        ``strategy``; sets ``record.model_sha256`` and ``record.strategy_sha256``.
+        strategy.pt holds the packed global model only where it is not model.pt's state
+        packed (FedAdam's float64 arithmetic, averaged integer buffers): None else."""
         card = {"round": record.round, "metrics": record.to_json(), "config": self.config}
-        record.model_sha256 = save_model(self._folder(record.round) / "model.pt", model=model,
-                                         task=self.task, card=card)
+        folder = self._folder(record.round)
+        record.model_sha256 = save_model(folder / MODEL_FILE, model=model, task=self.task,
+                                         card=card)
+        own = wire.pack(model.state_dict())
+        packed = global_arrays[wire.PACKED_KEY].numpy() \
+            if global_arrays is not None and wire.is_packed(global_arrays) else own
+        same = packed.dtype == own.dtype and np.array_equal(packed, own)
+        record.strategy_sha256 = save_tensors(folder / STRATEGY_FILE, {
+            "format": STRATEGY_FORMAT, "round": record.round,
+            "strategy": str(self.config.get("strategy", "")),
+            "global": None if same else torch.from_numpy(np.array(packed, copy=True)),
+            "state": {k: v.detach().cpu() for k, v in (strategy or {}).items()}})
         return record.model_sha256
 
     def append_round(self, record: RoundRecord) -> None:
@@ -82,7 +148,8 @@ class RunDirectory:
         self._write_metrics()
 
     def _write_metrics(self) -> None:
-        write_json(self.root / "metrics.json", {"task": self.task.to_dict(), "rounds": self.rounds})
+        write_json(self.root / METRICS_FILE, {"task": self.task.to_dict(),
+                                              "rounds": self.rounds})
 
     def save_final(self, model: nn.Module, card: dict[str, Any]) -> Path:
         path = self.root / "final" / "model.pt"
@@ -122,6 +189,14 @@ def write_server_side(run_dir: Path, fields: dict[str, Any]) -> Path:
     path = run_dir / SERVER_SIDE_FILE
     write_json(path, fields)
     return path
+
+
+def read_server_side_file(run_dir: Path) -> dict[str, Any]:
+    """``run_dir``'s server.json ({} when it has none or it is unreadable)."""
+    try:
+        return dict(json.loads((run_dir / SERVER_SIDE_FILE).read_text()))
+    except (OSError, ValueError):
+        return {}
 
 
 def read_server_side(run_name: str) -> dict[str, Any]:

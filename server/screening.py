@@ -123,22 +123,30 @@ def screen_aggregate(model: nn.Module, values: list[np.ndarray], *, max_norm: fl
 class ScreenedStrategy(Strategy):
     """A Flower strategy with the update screen in front of its ``aggregate_train``: bad
     updates are dropped (and recorded) before ``inner`` sees them. ``model`` holds the
-    round's global weights (the run loads each new global model into it)."""
+    round's global weights (the run loads each new global model into it).
+
+    ``round_offset`` is added to every round number Flower's loop passes (it counts from
+    1): a run resumed after round k runs Flower's rounds 1.. as the run's rounds k+1..,
+    so the sites' instructions (``server-round``) and the inner strategy's arithmetic
+    (FedAdam's bias correction) see the run's true round numbers."""
 
     def __init__(self, inner: Strategy, *, model: nn.Module, max_norm: float,
-                 max_weight: float, recorder: RoundRecorder) -> None:
+                 max_weight: float, recorder: RoundRecorder, round_offset: int = 0) -> None:
         self.inner = inner
         self.model = model
         self.max_norm = max_norm
         self.max_weight = max_weight
         self.recorder = recorder
+        self.round_offset = round_offset
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        return self.inner.configure_train(server_round + self.round_offset, arrays, config,
+                                          grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         kept, rejected = screen(replies, self.model.state_dict(), max_norm=self.max_norm,
                                 max_weight=self.max_weight)
         for site, reason in rejected.items():
@@ -154,11 +162,12 @@ class ScreenedStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+        return self.inner.configure_evaluate(server_round + self.round_offset, arrays, config,
+                                             grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        return self.inner.aggregate_evaluate(server_round, replies)
+        return self.inner.aggregate_evaluate(server_round + self.round_offset, replies)
 
     def summary(self) -> None:
         flwr_log(logging.INFO, "Strategy %s, each update screened by fedpacs first",

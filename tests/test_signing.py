@@ -46,10 +46,11 @@ def test_untouched_run_verifies(signed_run: tuple[Path, Path],
                                 capsys: pytest.CaptureFixture[str]) -> None:
     run, pub = signed_run
     result = verify_run(run, pub)
-    # final model + card, metrics.json, and model.pt + metrics.json of rounds 0 and 1
-    assert result.ok and result.checked == 7
+    # final model + card, metrics.json, and model.pt + strategy.pt + metrics.json of
+    # rounds 0 and 1
+    assert result.ok and result.checked == 9
     assert main(["models", "verify", str(run), "--public-key", str(pub)]) == 0
-    assert "7 artifacts" in capsys.readouterr().out
+    assert "9 artifacts" in capsys.readouterr().out
 
 
 def test_tampered_model_fails_naming_the_file(signed_run: tuple[Path, Path],
@@ -163,7 +164,7 @@ def test_verify_manifest_from_bytes(signed_run: tuple[Path, Path], tmp_path: Pat
     files = verify_manifest(raw, sig, pub)
     assert files["final/model.pt"] == hashlib.sha256(
         (run / "final" / "model.pt").read_bytes()).hexdigest()
-    assert len(files) == 7
+    assert len(files) == 9
     assert verify_manifest(raw, sig + b"\n", pub) == files  # a trailing newline is fine
     edited = raw.replace(b'"files"', b'"files" ', 1)
     with pytest.raises(AuthError, match="signature does not match"):
