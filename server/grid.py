@@ -104,7 +104,8 @@ class FastGrid(Grid):
                          timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, then pull every :data:`POLL_S` s until each has its reply
         or ``timeout`` seconds have passed; returns the replies that arrived (at the
-        deadline, those so far)."""
+        deadline, those so far) in the order of the messages they answer, so that an
+        aggregate sums the same updates in the same order whenever they arrive."""
         out = list(messages)
         if not out:
             return []
@@ -113,7 +114,9 @@ class FastGrid(Grid):
         started = time.monotonic()
         deadline = started + (self.default_timeout_s if timeout is None else timeout)
         # (the HTTP grid returns None for a message it could not push: no reply comes)
-        waiting = {i for i in self.grid.push_messages(out) if i}
+        pushed = [i for i in self.grid.push_messages(out) if i]
+        order = {mid: n for n, mid in enumerate(pushed)}
+        waiting = set(pushed)
         replies: list[Message] = []
         while waiting:
             got = list(self.grid.pull_messages(list(waiting)))
@@ -124,6 +127,7 @@ class FastGrid(Grid):
                 break
             time.sleep(min(POLL_S, left))
         ended = time.monotonic()
+        replies.sort(key=lambda m: order.get(m.metadata.reply_to_message_id, len(order)))
         self.exchanges.append(Exchange("+".join(kinds), "+".join(stages), len(out),
                                        len(replies), ended - started, ended))
         return replies

@@ -98,6 +98,14 @@ def test_returns_as_soon_as_every_reply_is_in() -> None:
     assert ex.seconds == pytest.approx(took, abs=0.05)
 
 
+
+def test_replies_come_back_in_the_order_of_their_messages() -> None:
+    """Whichever site answers first, an aggregate sums the updates in one order, so two
+    runs of one config (or a resumed run and an uninterrupted one) give the same model."""
+    grid = FastGrid(DelayedGrid({1: 0.3, 2: 0.05, 3: 0.15}), default_timeout_s=60)
+    replies = list(grid.send_and_receive(_messages([1, 2, 3]), timeout=30))
+    assert [r.metadata.src_node_id for r in replies] == [1, 2, 3]
+
 def test_deadline_returns_the_replies_so_far() -> None:
     inner = DelayedGrid({1: 0.0, 2: None, 3: 5.0})  # 2 never replies, 3 after the deadline
     grid = FastGrid(inner, default_timeout_s=60)
