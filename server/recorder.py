@@ -144,6 +144,10 @@ class RoundRecord:
     heldout: dict[str, float] = field(default_factory=dict)
     rejected: dict[str, str] = field(default_factory=dict)  # site (or "aggregate") -> why
     secagg: SecAggCount | None = None
+    # plain rounds: sites sent the round's train message that sent no reply before the
+    # round's deadline (a cut link, a crashed SuperNode, a slow site); SecAgg+ counts its
+    # own in ``secagg``
+    dropped: int = 0
     time: float = 0.0
     model_sha256: str = ""
     timing: Timing | None = None
@@ -163,6 +167,8 @@ class RoundRecord:
         if self.secagg is not None:
             out["secagg"] = {"sites_summed": self.secagg.sites_summed,
                              "sites_dropped": self.secagg.sites_dropped}
+        if self.dropped:
+            out["dropped"] = self.dropped
         out["time"] = self.time
         if self.model_sha256:
             out["model_sha256"] = self.model_sha256
@@ -184,7 +190,8 @@ class RoundRecord:
         return cls(round=int(d["round"]), train=phase("train"), evaluate=phase("evaluate"),
                    heldout=dict(d.get("heldout") or {}), rejected=dict(d.get("rejected") or {}),
                    secagg=SecAggCount(int(sec["sites_summed"]), int(sec["sites_dropped"]))
-                   if sec else None, time=float(d.get("time", 0.0)),
+                   if sec else None, dropped=int(d.get("dropped", 0)),
+                   time=float(d.get("time", 0.0)),
                    model_sha256=str(d.get("model_sha256", "")),
                    timing=Timing.from_json(timing) if timing else None,
                    strategy_sha256=str(d.get("strategy_sha256", "")))
@@ -220,6 +227,14 @@ class RoundRecorder:
     _site_phases: dict[str, dict[str, float]] = field(default_factory=dict)
     _rejected: dict[str, str] = field(default_factory=dict)
     _secagg: SecAggCount | None = None
+    _sent = 0  # plain rounds: train messages sent, and replies (errors included) received
+    _answered = 0
+
+    def sent(self, messages: int) -> None:
+        self._sent += messages
+
+    def answered(self, replies: int) -> None:
+        self._answered += replies
 
     # hooks given to Flower's strategies (train_metrics_aggr_fn / evaluate_metrics_aggr_fn)
     def aggregate_train(self, records: list[RecordDict], key: str) -> MetricRecord:
@@ -293,9 +308,11 @@ class RoundRecorder:
     def close(self, server_round: int) -> ClosedRound:
         """The finished round; the recorder starts the next one empty."""
         rec = RoundRecord(round=server_round, train=self._train, evaluate=self._evaluate,
-                          rejected=self._rejected, secagg=self._secagg)
+                          rejected=self._rejected, secagg=self._secagg,
+                          dropped=max(self._sent - self._answered, 0))
         closed = ClosedRound(rec, self._evaluated_before, self._site_phases)
         self._train, self._evaluate, self._rejected, self._secagg = None, None, {}, None
+        self._sent = self._answered = 0
         self._evaluated_before, self._site_phases = None, {}
         return closed
 

@@ -142,3 +142,15 @@ def test_keeps_each_sites_last_local_model() -> None:
     rec.aggregate_train([with_arrays, _reply("b", 30, 3.0)], "num-examples")
     assert set(rec.local_models) == {"a"}
     assert rec.local_models["a"].to_numpy_ndarrays()[0].tolist() == [1.0, 1.0]
+
+
+def test_a_plain_round_counts_the_sites_that_did_not_answer() -> None:
+    rec = RoundRecorder()
+    rec.sent(4)
+    rec.answered(3)  # one site's link was cut: no reply before the deadline
+    record = rec.close(2).record
+    assert record.dropped == 1
+    assert RoundRecord.from_json(record.to_json()).dropped == 1
+    rec.sent(4)
+    rec.answered(4)
+    assert rec.close(3).record.dropped == 0  # each round counts afresh
