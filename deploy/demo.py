@@ -219,7 +219,8 @@ def run_once(work: Path, pki: Pki, sites: list[SiteSpec], cfg: RunConfig, *, tim
     t0 = time.monotonic()
     with Federation.up(work, pki, sites) as fed:
         urls = fed.state.metrics_urls()
-        echo(f"  SuperLink up on https://{fed.address} (TLS, SuperNode auth), "
+        echo(f"  SuperLink up (TLS, SuperNode auth): sites dial https://{fed.address} "
+             f"(Fleet API only), control https://{fed.control_address}, "
              f"pid {fed.state.superlink_pid}")
         for name, site in fed.state.sites.items():
             echo(f"  site daemon {name} pid {site.pid} (site config {Path(site.config).name}, "
@@ -234,7 +235,9 @@ def run_once(work: Path, pki: Pki, sites: list[SiteSpec], cfg: RunConfig, *, tim
             if on_round:
                 on_round(r, urls)
 
-        status = fed.watch(run_id, timeout_s=timeout_s, on_round=show)
+        status = fed.watch(run_id, timeout_s=timeout_s, on_round=show,
+                           on_gone=lambda g: echo(f"  WARNING {g.describe()}; the run goes "
+                                                  "on while Flower runs it"))
     seconds = time.monotonic() - t0
     final = run_dir / "final" / "model.pt"
     if status != FINISHED or not final.is_file():

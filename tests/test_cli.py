@@ -99,3 +99,49 @@ def test_registry_publish_refuses_with_codes(tmp_path: Path,
     err = capsys.readouterr().err
     assert code == ExitCode.CONFIG
     assert "--id" in err and "run_dir" in err and "Traceback" not in err
+
+
+def test_federation_up_refuses_bad_addresses_before_anything_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "fed"
+    code = main(["federation", "up", "--workdir", str(work), "--sites", "-1",
+                 "--fleet-address", "0.0.0.0:9092"])
+    err = capsys.readouterr().err
+    assert code == ExitCode.CONFIG and "--sites" in err and "--fleet-address" in err
+    code = main(["federation", "up", "--workdir", str(work), "--sites", "0",
+                 "--fleet-address", "127.0.0.1:9092", "--control-port", "9092"])
+    assert code == ExitCode.CONFIG and "--control-port" in capsys.readouterr().err
+    assert main(["federation", "up", "--workdir", str(work), "--sites", "0",
+                 "--fleet-address", "coordinator"]) == ExitCode.CONFIG
+    assert "HOST:PORT" in capsys.readouterr().err
+    assert not work.exists()
+
+
+def test_a_fleet_host_the_certificate_does_not_name_is_refused(tmp_path: Path) -> None:
+    from fedpacs.common.errors import ConfigError
+    from fedpacs.server.coordinator.federation import Federation
+    from fedpacs.server.coordinator.pki import provision
+    from fedpacs.server.superlink import ListenAddress
+
+    pki = provision(tmp_path / "pki", sites=[])
+    fed = Federation.new(tmp_path / "fed", pki, fleet=ListenAddress("10.77.0.1", 9092),
+                         control_port=9093)
+    with pytest.raises(ConfigError) as exc:
+        fed.start_superlink()
+    assert "--fleet-address" in str(exc.value) and "--host 10.77.0.1" in str(exc.value)
+    assert fed.state.superlink_pid == 0 and not fed.procs.procs
+    argv = fed.superlink_argv()  # Flower's listener on loopback, the public one for sites
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--port") + 1] == "9093"
+    assert argv[argv.index("--fleet-address") + 1] == "10.77.0.1:9092"
+
+
+def test_federation_register_names_a_missing_key(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from fedpacs.server.coordinator.federation import Federation
+    from fedpacs.server.coordinator.pki import Pki
+
+    Federation.new(tmp_path / "fed", Pki(tmp_path / "fed" / "pki")).save()
+    code = main(["federation", "register", "hospital-a", "--workdir", str(tmp_path / "fed")])
+    err = capsys.readouterr().err
+    assert code == ExitCode.CONFIG and "--public-key" in err and "add-site hospital-a" in err

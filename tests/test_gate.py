@@ -13,6 +13,7 @@ import importlib.metadata
 import inspect
 import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -254,6 +255,88 @@ def test_superlink_sqlite_pragmas_are_read_where_the_coordinator_sets_them() -> 
     assert longer["busy_timeout"] == str(superlink.BUSY_TIMEOUT_MS)
     assert {k: v for k, v in longer.items() if k != "busy_timeout"} == {
         k: v for k, v in sql_mixin.SQLITE_PRAGMAS if k != "busy_timeout"}
+
+
+def test_superlink_http_api_is_the_one_function_fedpacs_replaces() -> None:
+    """fedpacs.server.superlink swaps ``_run_superlink_http_api`` in flower_superlink's
+    namespace (with --fleet-address); Flower must look it up there, once, after parsing
+    sys.argv (from which --fleet-address was taken out)."""
+    from fedpacs.server import superlink
+
+    fs = superlink.flower_module()
+    assert fs.flower_superlink.__globals__ is vars(fs)
+    calls = _calls(_source_tree(fs.flower_superlink), "_run_superlink_http_api")
+    assert [ast.unparse(c) for c in calls] == ["_run_superlink_http_api(lifespan_config=config)"]
+    parse = ast.unparse(_source_tree(fs._parse_superlink_lifespan_config))
+    assert "args = _parse_args_run_superlink().parse_args()" in parse
+    assert "sys.argv[1:]" in parse
+    # what Flower's version does, which fedpacs' serve() does for Flower's own listener
+    run = _source_tree(fs._run_superlink_http_api)
+    assert [ast.unparse(c) for c in _calls(run, "create_app")] == [
+        "create_app(lifespan_config, SuperLinkLifespan)"]
+    (uv,) = _calls(run, "uvicorn.run")
+    assert {k.arg: ast.unparse(k.value) for k in uv.keywords} == {
+        "app": "fastapi_app", "host": "lifespan_config.host", "port": "lifespan_config.port",
+        "reload": "False", "access_log": "True",
+        "log_config": "get_uvicorn_log_config(console_handler.level)",
+        "ssl_keyfile": "lifespan_config.ssl_keyfile",
+        "ssl_certfile": "lifespan_config.ssl_certfile", "workers": "1"}
+    assert callable(fs.get_uvicorn_log_config) and hasattr(fs.console_handler, "level")
+
+
+def test_superlink_app_owns_its_lifespan_and_its_superexec_dials_the_own_listener() -> None:
+    """The public listener runs the same app with lifespan off: the lifespan (state,
+    gRPC compatibility servers, the SuperExec) must be the FastAPI app's, run by Flower's
+    listener; the SuperExec (hence every ServerApp) reaches the Runtime API on that
+    listener's --host/--port (loopback), never on the public one."""
+    from flwr.superlink import main as superlink_main
+
+    fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    create = ast.unparse(_source_tree(superlink_main.create_app))
+    assert "lifespan=lifespan" in create and "superlink_lifespan.startup()" in create
+    assert list(inspect.signature(superlink_main.create_app).parameters) == [
+        "config", "superlink_lifespan_class"]
+    superexec = ast.unparse(_source_tree(fs.SuperLinkLifespan._start_superexec_if_needed))
+    assert "runtime_host = f'[{config.host}]' if ':' in config.host else config.host" \
+        in superexec
+    assert "runtime_address = resolve_bind_address(f'{runtime_host}:{config.port}')" \
+        in superexec
+
+
+def test_fleet_api_lives_under_the_prefix_the_public_listener_lets_through() -> None:
+    from flwr.superlink.routers.fleet.router import router as fleet_router
+    from flwr.supernode import fleet_http_client
+
+    from fedpacs.server.superlink import FLEET_PREFIX, is_fleet_path
+
+    assert fleet_router.prefix + "/" == FLEET_PREFIX
+    assert fleet_router.routes and all(is_fleet_path(r.path)  # type: ignore[attr-defined]
+                                       for r in fleet_router.routes)
+    dialed = re.findall(r'path="([^"]+)"', inspect.getsource(fleet_http_client))
+    assert dialed and all(is_fleet_path(p) for p in dialed)  # every SuperNode request
+
+
+def test_uvicorn_lets_fedpacs_serve_two_listeners_in_one_loop() -> None:
+    import uvicorn
+
+    serve = ast.unparse(_source_tree(uvicorn.Server.serve))
+    assert "with self.capture_signals():" in serve  # replaced by a no-op in serve_pair
+    assert "sockets" in inspect.signature(uvicorn.Server.serve).parameters
+    assert callable(uvicorn.Config.bind_socket)
+    assert {"lifespan", "ws", "timeout_graceful_shutdown"} <= set(
+        inspect.signature(uvicorn.Config).parameters)
+
+
+def test_flwr_cli_reports_an_unreachable_superlink_in_the_words_fedpacs_reads() -> None:
+    """``flwr ... --format json`` exits 0 with success false when it cannot connect."""
+    from flwr.cli import ls, utils
+
+    from fedpacs.server.coordinator.control import UNAVAILABLE
+
+    assert utils.SUPERLINK_UNAVAILABLE_MESSAGE.startswith(UNAVAILABLE)
+    to_json = ast.unparse(_source_tree(ls._to_json))
+    assert "'status': row.status_text" in to_json and "'status-details': row.details" \
+        in to_json
 
 
 def test_superexec_task_poll_interval_is_read_from_the_environment(

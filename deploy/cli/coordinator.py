@@ -5,11 +5,14 @@ fedpacs.server for the registry and reports)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedpacs.common.strategies import SECAGG_STRATEGIES, STRATEGY_TABLE
+
+if TYPE_CHECKING:
+    from fedpacs.server.coordinator.pki import SiteKeys
 
 provision_cli = typer.Typer(no_args_is_help=True,
                             help="Coordinator: CA, SuperLink TLS and site keys.")
@@ -30,17 +33,23 @@ def provision_init(
     force: Annotated[bool, typer.Option(help="replace existing keys and certificates")] = False,
 ) -> None:
     """Create the CA, the SuperLink's TLS certificate and one key pair per site."""
-    from fedpacs.server.coordinator.pki import provision
+    from fedpacs.server.coordinator.pki import cert_hosts, provision
 
     pki = provision(out, sites=site or [], hosts=host or [], force=force)
-    typer.echo(f"CA {pki.ca_cert}\nSuperLink TLS {pki.server_cert} / {pki.server_key}\n"
+    typer.echo(f"CA {pki.ca_cert}\nSuperLink TLS {pki.server_cert} / {pki.server_key} "
+               f"(names {', '.join(cert_hosts(pki.server_cert))})\n"
                f"app signing {pki.app_key} (sites trust {pki.app_pub})\n"
                f"artifact signing {pki.artifact_key} (researchers verify with "
                f"{pki.artifact_pub})")
     for name in pki.site_names():
-        keys = pki.site(name)
-        typer.echo(f"site {name}: private {keys.private_key} (give to the site only), "
-                   f"public {keys.public_key} (register at the SuperLink)")
+        _echo_site(pki.site(name))
+
+
+def _echo_site(keys: SiteKeys) -> None:
+    typer.echo(f"site {keys.name}: give {keys.folder}/ to the hospital (its private key "
+               f"{keys.private_key.name}, ca.pem, {keys.trusted_app_key.name}: the app key "
+               f"for security.trusted_app_keys); register {keys.public_key} at the "
+               f"SuperLink (`fedpacs federation register {keys.name}`)")
 
 
 @provision_cli.command("signing-keys")
@@ -49,13 +58,9 @@ def provision_signing_keys(
 ) -> None:
     """Create the coordinator's two Ed25519 keys: one signs the apps sites run, the other
     each run's artifacts (existing keys are kept)."""
-    from fedpacs.common.signing import generate_signing_key
-    from fedpacs.server.coordinator.pki import Pki
+    from fedpacs.server.coordinator.pki import Pki, create_signing_keys
 
-    pki = Pki(out)
-    for key in (pki.app_key, pki.artifact_key):
-        if not key.is_file():
-            generate_signing_key(key)
+    pki = create_signing_keys(Pki(out))
     typer.echo(f"app signing: private {pki.app_key} (where `run start` runs; never on a "
                f"ServerApp), public {pki.app_pub} (give to every site: "
                f"security.trusted_app_keys)")
@@ -71,8 +76,7 @@ def provision_add_site(
     """Create a key pair for one more site, leaving the others untouched."""
     from fedpacs.server.coordinator.pki import Pki, create_site_key
 
-    keys = create_site_key(Pki(out), name)
-    typer.echo(f"site {name}: private {keys.private_key}, public {keys.public_key}")
+    _echo_site(create_site_key(Pki(out), name))
 
 
 @provision_cli.command("revoke-site")
@@ -123,12 +127,28 @@ def provision_rotate_site(
     """Revoke one site's key and issue it a new one; others are untouched."""
     from fedpacs.server.coordinator.pki import Pki, rotate_site_key
 
-    keys = rotate_site_key(Pki(out), name)
-    typer.echo(f"site {name}: new private {keys.private_key}, public {keys.public_key} "
-               "(register the public key at the SuperLink)")
+    _echo_site(rotate_site_key(Pki(out), name))
 
 
 WorkdirOpt = Annotated[Path, typer.Option(help="the federation's folder")]
+# `fedpacs run ...`: a federation folder, or a SuperLink by address (no federation.json)
+RunWorkdirOpt = Annotated[Path | None, typer.Option(
+    "--workdir", help="the federation's folder (default runs/federation); or give the "
+                      "SuperLink by address with --control and --ca")]
+ControlOpt = Annotated[str | None, typer.Option(
+    "--control", help="HOST:PORT of the SuperLink's Control API (on its host: "
+                      "127.0.0.1:PORT, the --control-port of `federation up`)")]
+CaOpt = Annotated[Path | None, typer.Option(
+    "--ca", help="with --control: the CA the SuperLink's TLS certificate is checked "
+                 "against (PKI/ca.pem)")]
+AppKeyOpt = Annotated[Path | None, typer.Option(
+    "--app-key", help="with --control: the app-signing private key (PKI/app-signing.key)")]
+ArtifactKeyOpt = Annotated[Path | None, typer.Option(
+    "--artifact-key", help="with --control: the key the ServerApp signs the run's results "
+                           "with (PKI/artifact-signing.key)")]
+RunsDirOpt = Annotated[Path | None, typer.Option(
+    "--runs-dir", help="with --control: the runs folder the SuperLink was started with "
+                       "(WORKDIR/runs for `federation up`); run.json there names each run")]
 STRATEGY_HELP = "; ".join(f"{s.name}: {s.summary}" for s in STRATEGY_TABLE.values()) + \
     " (default fedavg; under SecAgg+ only " + ", ".join(SECAGG_STRATEGIES) + ")"
 
@@ -136,10 +156,18 @@ STRATEGY_HELP = "; ".join(f"{s.name}: {s.summary}" for s in STRATEGY_TABLE.value
 @federation_cli.command("up")
 def federation_up_cmd(
     workdir: WorkdirOpt = Path("runs/federation"),
+    fleet_address: Annotated[str | None, typer.Option(
+        help="HOST:PORT the sites dial, e.g. 10.77.0.1:9092: the SuperLink's Fleet-only "
+             "listener (its TLS certificate must name HOST: `provision init --host`; "
+             "default 127.0.0.1 and a free port)")] = None,
+    control_port: Annotated[int, typer.Option(
+        help="port of the SuperLink's Control and Runtime APIs, on 127.0.0.1 only "
+             "(0: a free port)")] = 0,
     task: Annotated[str, typer.Option(help="preset whose shared data the generated sites "
                                            "get")] = "hippocampus",
-    sites: Annotated[int, typer.Option(help="number of generated sites (disjoint partitions)")
-                     ] = 3,
+    sites: Annotated[int, typer.Option(
+        help="number of generated sites run on this host (disjoint partitions); 0: the "
+             "coordinator's part alone, sites come from other hosts")] = 3,
     data_dir: Annotated[Path | None, typer.Option(help="shared data folder")] = None,
     site_config: Annotated[list[Path] | None, typer.Option(
         help="run these site files (each named by its file stem) instead of generated "
@@ -150,28 +178,79 @@ def federation_up_cmd(
         help="generated sites consent to exchanging local models for cross-site "
              "validation")] = False,
 ) -> None:
-    """Start a SuperLink (TLS, node auth), a metrics exporter and one site daemon per site,
-    in the background; `federation down` stops them."""
+    """Start a SuperLink (TLS, node auth; Control API on 127.0.0.1, Fleet API on the fleet
+    address), a metrics exporter and one site daemon per local site, in the background;
+    `federation down` stops them."""
+    from fedpacs.common.errors import ConfigError, FieldError
     from fedpacs.deploy.demo import demo_sites, site_names, site_specs
-    from fedpacs.server.coordinator.federation import Federation
+    from fedpacs.server.coordinator.federation import Federation, check_fleet_address
     from fedpacs.server.coordinator.pki import provision
+    from fedpacs.server.superlink import ListenAddress, parse_address
 
+    errs = [] if sites >= 0 else [FieldError("--sites", ">= 0", str(sites),
+                                             "use 0 for sites on other hosts")]
+    fleet: ListenAddress | None = None
+    if fleet_address is not None:
+        try:
+            fleet = parse_address(fleet_address, field="--fleet-address")
+        except ConfigError as err:
+            errs += err.errors
+    if fleet is not None:
+        errs += check_fleet_address(fleet, control_port)
+    if errs:
+        raise ConfigError("federation up", errs)
     work = workdir.resolve()
+    hosts = [fleet.host] if fleet is not None else []
     if site_config:
         specs = site_specs(site_config)  # each validated before anything starts
-        pki = provision(work / "pki", sites=[s.name for s in specs])
-    else:
+        pki = provision(work / "pki", sites=[s.name for s in specs], hosts=hosts)
+    elif sites:
         names = site_names(sites)
-        pki = provision(work / "pki", sites=names)
+        pki = provision(work / "pki", sites=names, hosts=hosts)
         specs = demo_sites(work, pki, task=task, data_dir=data_dir, names=names,
                            require_secagg=require_secagg,
                            share_local_model=share_local_models)
-    fed = Federation.up(work, pki, specs)
+    else:
+        pki, specs = provision(work / "pki", sites=[], hosts=hosts), []
+    fed = Federation.up(work, pki, specs, fleet=fleet, control_port=control_port)
     urls = fed.state.metrics_urls()
-    typer.echo(f"SuperLink {fed.address} (pid {fed.state.superlink_pid}), server metrics "
+    typer.echo(f"SuperLink fleet {fed.address} (sites dial it), control "
+               f"{fed.control_address} (pid {fed.state.superlink_pid}), server metrics "
                f"{urls['server']}")
     for name, site in fed.state.sites.items():
         typer.echo(f"site {name}: daemon pid {site.pid}, metrics {urls.get(name, '-')}")
+    if not specs:
+        typer.echo(f"no local sites: register each hospital's key with `fedpacs federation "
+                   f"register NAME --workdir {work}`")
+
+
+@federation_cli.command("register")
+def federation_register_cmd(
+    name: Annotated[str, typer.Argument(help="site name, e.g. hospital-a")],
+    public_key: Annotated[Path | None, typer.Option(
+        help="the site's SuperNode public key (OpenSSH); default: the one `provision` "
+             "made, WORKDIR/pki/sites/NAME/NAME.pub")] = None,
+    workdir: WorkdirOpt = Path("runs/federation"),
+) -> None:
+    """Register a site (on any host) at the running SuperLink: its SuperNode may then
+    connect to the fleet address."""
+    from fedpacs.server.coordinator.federation import Federation
+
+    node = Federation.load(workdir).register_site(name, public_key=public_key)
+    typer.echo(f"site {name}: node {node} registered")
+
+
+@federation_cli.command("restart-superlink")
+def federation_restart_superlink_cmd(workdir: WorkdirOpt = Path("runs/federation")) -> None:
+    """Start a SuperLink that died again, on its existing database (registered sites and
+    runs are kept) and the same addresses; then `fedpacs run resume RUN_DIR` continues an
+    interrupted run."""
+    from fedpacs.server.coordinator.federation import Federation
+
+    fed = Federation.load(workdir)
+    proc = fed.restart_superlink()
+    typer.echo(f"SuperLink restarted (pid {proc.pid}) on {fed.database}: fleet "
+               f"{fed.address}, control {fed.control_address}")
 
 
 @federation_cli.command("revoke")
@@ -204,7 +283,12 @@ def federation_down_cmd(workdir: WorkdirOpt = Path("runs/federation")) -> None:
 
 @run_cli.command("start")
 def run_start(
-    workdir: WorkdirOpt = Path("runs/federation"),
+    workdir: RunWorkdirOpt = None,
+    control: ControlOpt = None,
+    ca: CaOpt = None,
+    app_key: AppKeyOpt = None,
+    artifact_key: ArtifactKeyOpt = None,
+    runs_dir: RunsDirOpt = None,
     config: Annotated[Path | None, typer.Option(
         help="run.toml with [run] [training] [strategy] [evaluation] [secagg] [screening] "
              "[dp] (and [task] for a custom task); flags override it")] = None,
@@ -255,8 +339,12 @@ def run_start(
 ) -> None:
     """Validate a run against the federation, then start it; prints the run id."""
     from fedpacs.common.config import custom_task_fields, load_run_config, read_toml
-    from fedpacs.server.coordinator.federation import Federation
+    from fedpacs.server.coordinator import control as ctl
 
+    target = ctl.resolve_target(
+        command="run start", workdir=workdir, control=control, ca=ca, app_key=app_key,
+        artifact_key=artifact_key, runs_dir=runs_dir,
+        needs=frozenset({ctl.APP_KEY_FLAG, ctl.ARTIFACT_KEY_FLAG, ctl.RUNS_DIR_FLAG}))
     flags = {k: v for k, v in {
         "task": task, "network": network, "strategy": strategy, "rounds": rounds,
         "min_sites": min_sites, "round_timeout_s": round_timeout,
@@ -269,30 +357,57 @@ def run_start(
     }.items() if v is not None}
     if task_file is not None:
         flags |= custom_task_fields(read_toml(task_file), str(task_file))
-    fed = Federation.load(workdir)
-    run_id, run_dir = fed.start_run(load_run_config(config, flags))
-    typer.echo(f"run {run_id} started; run directory {run_dir}")
+    started = ctl.start(target=target, cfg=load_run_config(config, flags))
+    typer.echo(f"run {started.run_id} started; run directory {started.run_dir}")
 
 
 @run_cli.command("status")
 def run_status_cmd(run_id: Annotated[int, typer.Argument()],
-                   workdir: WorkdirOpt = Path("runs/federation")) -> None:
-    """Status, round progress and latest metrics of a run (JSON)."""
+                   workdir: RunWorkdirOpt = None, control: ControlOpt = None,
+                   ca: CaOpt = None, runs_dir: RunsDirOpt = None) -> None:
+    """Status, round progress and latest metrics of a run (JSON). A status.json left at
+    running by a ServerApp that is gone is settled (interrupted or failed, with why)."""
     import json
 
-    from fedpacs.server.coordinator.federation import Federation
+    from fedpacs.server.coordinator import control as ctl
 
-    typer.echo(json.dumps(Federation.load(workdir).run_status(run_id), indent=2, default=str))
+    target = ctl.resolve_target(command="run status", workdir=workdir, control=control,
+                                ca=ca, runs_dir=runs_dir, needs=frozenset({ctl.RUNS_DIR_FLAG}))
+    st = ctl.status(target=target, run_id=run_id)
+    if st.reconciled:
+        typer.echo(f"run {run_id}: {st.state}: {st.error}", err=True)
+    typer.echo(json.dumps(st.to_json(), indent=2, default=str))
 
 
 @run_cli.command("stop")
 def run_stop_cmd(run_id: Annotated[int, typer.Argument()],
-                 workdir: WorkdirOpt = Path("runs/federation")) -> None:
+                 workdir: RunWorkdirOpt = None, control: ControlOpt = None,
+                 ca: CaOpt = None, runs_dir: RunsDirOpt = None) -> None:
     """Stop a run."""
-    from fedpacs.server.coordinator.federation import Federation
+    from fedpacs.server.coordinator import control as ctl
 
-    Federation.load(workdir).stop_run(run_id)
+    target = ctl.resolve_target(command="run stop", workdir=workdir, control=control, ca=ca,
+                                runs_dir=runs_dir)
+    ctl.stop(target=target, run_id=run_id)
     typer.echo(f"run {run_id} stopped")
+
+
+@run_cli.command("resume")
+def run_resume_cmd(run_dir: Annotated[Path, typer.Argument(
+                       help="the run's folder (under the SuperLink's runs folder)")],
+                   workdir: RunWorkdirOpt = None, control: ControlOpt = None,
+                   ca: CaOpt = None, app_key: AppKeyOpt = None,
+                   runs_dir: RunsDirOpt = None) -> None:
+    """Continue a stopped run (interrupted, failed, or its SuperLink restarted) after its
+    last completed round, as a new Flower run; prints its run id."""
+    from fedpacs.server.coordinator import control as ctl
+
+    target = ctl.resolve_target(command="run resume", workdir=workdir, control=control,
+                                ca=ca, app_key=app_key, runs_dir=runs_dir,
+                                needs=frozenset({ctl.APP_KEY_FLAG}))
+    resumed = ctl.resume(target=target, run_dir=run_dir)
+    typer.echo(f"run {resumed.run_id} started: resumes {resumed.run_dir} after round "
+               f"{resumed.after_round} of {resumed.rounds}")
 
 
 @run_cli.command("report")
@@ -305,11 +420,14 @@ def run_report_cmd(run_dir: Annotated[Path, typer.Argument(help="a run directory
 
 @run_cli.command("logs")
 def run_logs_cmd(run_id: Annotated[int, typer.Argument()],
-                 workdir: WorkdirOpt = Path("runs/federation")) -> None:
+                 workdir: RunWorkdirOpt = None, control: ControlOpt = None,
+                 ca: CaOpt = None, runs_dir: RunsDirOpt = None) -> None:
     """Print the run's logs (ServerApp side)."""
-    from fedpacs.server.coordinator.federation import Federation
+    from fedpacs.server.coordinator import control as ctl
 
-    typer.echo(Federation.load(workdir).logs(run_id))
+    target = ctl.resolve_target(command="run logs", workdir=workdir, control=control, ca=ca,
+                                runs_dir=runs_dir)
+    typer.echo(ctl.logs(target=target, run_id=run_id))
 
 
 @registry_cli.command("add-token")

@@ -2,16 +2,24 @@
 a metrics exporter and the site daemons this host runs, driven through Flower's own
 executables and ``flwr`` CLI.
 
+The SuperLink has two listeners (fedpacs.server.superlink): Flower's own on
+127.0.0.1:``control_port`` (Control and Runtime APIs, for the ``flwr`` CLI and the
+ServerApps) and the Fleet-only one on the fleet address, which is what sites dial
+(127.0.0.1 for a federation on one host; e.g. 10.77.0.1:9092 for sites on other hosts).
+
 Every command that acts on a federation is a short-lived process: what it needs lives in
 ``WORKDIR/federation.json`` (addresses, PIDs, each site's config file and task, runs), so
 ``fedpacs federation up``, ``run start``, ``federation rotate`` and ``fedpacs demo`` all
-go through this one class: the demo is ``up`` + ``start_run`` + ``watch`` + ``down``.
+go through this one class: the demo is ``up`` + ``start_run`` + ``watch`` + ``down``. The
+runs themselves go through fedpacs.server.coordinator.control, which `fedpacs run ...
+--control HOST:PORT` uses without a federation.json.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import subprocess
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,23 +48,39 @@ from fedpacs.common.procs import (
     tool,
     wait_until,
 )
-from fedpacs.common.signing import sign_app
 from fedpacs.common.telemetry import MULTIPROC_ENV, fresh_dir
-from fedpacs.server.coordinator.bundle import write_app
+from fedpacs.server.coordinator import control as ctl
+from fedpacs.server.coordinator.control import (  # CONNECTION: re-exported for tests
+    CONNECTION as CONNECTION,
+)
+from fedpacs.server.coordinator.control import (
+    Control,
+    ControlConnection,
+    ResumedRun,
+    write_flwr_home,
+)
 from fedpacs.server.coordinator.pki import (
     Pki,
     SiteKeys,
+    check_site_name,
     create_site_key,
     is_revoked,
+    missing_hosts,
     revoke_site_key,
 )
-from fedpacs.server.rundir import RUNS_DIR_ENV, read_rounds, read_status, write_server_side
+from fedpacs.server.rundir import RUNS_DIR_ENV, read_rounds
+from fedpacs.server.superlink import ListenAddress, is_loopback
 
-CONNECTION = "fedpacs"
+log = logging.getLogger("fedpacs.coordinator")
+
 STATE_FILE = "federation.json"
 SUPERLINK = "superlink"
 EXPORTER = "metrics-exporter"
 FINISHED = "finished:completed"
+CONTROL_HOST = "127.0.0.1"  # Flower's own listener: Control + Runtime APIs, never public
+FATAL = frozenset({SUPERLINK})  # a run cannot go on without it; a site daemon or the
+# exporter gone is reported while Flower still runs the run
+DATABASE = "superlink.db"
 
 
 def site_proc_name(site: str) -> str:
@@ -98,8 +122,9 @@ class FederationState:
     """What ``WORKDIR/federation.json`` holds."""
 
     workdir: str
-    host: str
-    port: int
+    fleet_host: str  # what sites dial (the public, Fleet-only listener binds it)
+    fleet_port: int
+    control_port: int  # Flower's own listener, on 127.0.0.1 only
     superlink_pid: int = 0
     exporter_pid: int = 0
     metrics_port: int = 0
@@ -109,7 +134,18 @@ class FederationState:
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> FederationState:
         sites = {k: SiteState(**v) for k, v in raw.pop("sites", {}).items()}
+        if "host" in raw:  # a state file of the one-listener SuperLink
+            host, port = raw.pop("host"), raw.pop("port")
+            raw |= {"fleet_host": host, "fleet_port": port, "control_port": port}
         return cls(**raw, sites=sites)
+
+    @property
+    def fleet(self) -> ListenAddress:
+        return ListenAddress(self.fleet_host, self.fleet_port)
+
+    @property
+    def control(self) -> ListenAddress:
+        return ListenAddress(CONTROL_HOST, self.control_port)
 
     def metrics_urls(self) -> dict[str, str]:
         urls = {"server": f"http://127.0.0.1:{self.metrics_port}/metrics"} \
@@ -124,19 +160,43 @@ class FederationState:
         return {k: v for k, v in out.items() if v}
 
 
-def write_flwr_home(home: Path, *, address: str, ca_cert: Path) -> None:
-    """A Flower config (FLWR_HOME/config.toml) with one TLS connection to our SuperLink."""
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{address}"\n'
-        f'root-certificates = "{ca_cert.resolve()}"\n', encoding="utf-8")
+@dataclass(frozen=True)
+class Gone:
+    """A process of the federation that is no longer running."""
+
+    name: str
+    pid: int
+    code: int | str  # its exit code ("?" when not a child of this process)
+    log: Path
+
+    def describe(self) -> str:
+        return f"{self.name} (pid {self.pid}) exited with code {self.code}; log {self.log}"
+
+    def error(self) -> ProcessError:
+        return ProcessError(f"{self.describe()}:\n{tail(self.log)}")
 
 
 def no_federation(workdir: Path) -> ConfigError:
     return ConfigError(str(workdir), [FieldError(
         "workdir", f"a federation started by `fedpacs federation up` ({STATE_FILE})",
         "no federation state", "run `fedpacs federation up --workdir DIR` first")])
+
+
+def check_fleet_address(fleet: ListenAddress, control_port: int) -> list[FieldError]:
+    """What is wrong with a fleet address and control port, as given by the coordinator."""
+    errs = []
+    if fleet.host in ("0.0.0.0", "::", ""):
+        errs.append(FieldError("--fleet-address", "the host or IP the sites dial (the "
+                               "listener binds it, and the TLS certificate names it)",
+                               repr(fleet.host), "e.g. --fleet-address 10.77.0.1:9092"))
+    if control_port and control_port == fleet.port and is_loopback(fleet.host):
+        errs.append(FieldError("--control-port", f"a port other than the fleet port "
+                               f"{fleet.port} on {CONTROL_HOST}", str(control_port),
+                               "pick another port, or leave --control-port out"))
+    if not 0 <= control_port < 65536:
+        errs.append(FieldError("--control-port", "0 (any free port) or a TCP port",
+                               str(control_port), "e.g. --control-port 9093"))
+    return errs
 
 
 class Federation:
@@ -153,10 +213,12 @@ class Federation:
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def new(cls, workdir: Path, pki: Pki, *, host: str = "127.0.0.1", port: int = 0,
-            timeouts: Timeouts | None = None) -> Federation:
+    def new(cls, workdir: Path, pki: Pki, *, fleet: ListenAddress | None = None,
+            control_port: int = 0, timeouts: Timeouts | None = None) -> Federation:
         """A federation in ``workdir`` with nothing started; refuses a workdir whose
-        federation is still running (a stale state file, its SuperLink gone, is replaced)."""
+        federation is still running (a stale state file, its SuperLink gone, is replaced).
+        ``fleet``: what sites dial (default 127.0.0.1 and a free port); ``control_port``:
+        Flower's own listener on 127.0.0.1 (default a free port)."""
         work = workdir.resolve()
         path = work / STATE_FILE
         if path.is_file():
@@ -166,16 +228,26 @@ class Federation:
                     "workdir", "no running federation",
                     f"a federation whose SuperLink (pid {old.superlink_pid}) runs",
                     "run `fedpacs federation down` first, or use another --workdir")])
+        fleet = fleet or ListenAddress(CONTROL_HOST, free_port(CONTROL_HOST))
+        errs = check_fleet_address(fleet, control_port)
+        if errs:
+            raise ConfigError("federation", errs)
+        while not control_port or (control_port == fleet.port and is_loopback(fleet.host)):
+            control_port = free_port(CONTROL_HOST)
         work.mkdir(parents=True, exist_ok=True)
-        state = FederationState(workdir=str(work), host=host, port=port or free_port(host))
+        state = FederationState(workdir=str(work), fleet_host=fleet.host,
+                                fleet_port=fleet.port, control_port=control_port)
         return cls(state, pki, timeouts or Timeouts())
 
     @classmethod
-    def up(cls, workdir: Path, pki: Pki, sites: Sequence[SiteSpec], *, metrics_port: int = 0,
+    def up(cls, workdir: Path, pki: Pki, sites: Sequence[SiteSpec], *,
+           fleet: ListenAddress | None = None, control_port: int = 0, metrics_port: int = 0,
            timeouts: Timeouts | None = None) -> Federation:
         """Start a fresh SuperLink, the metrics exporter, register every site's key and start
-        its daemon, wait until all are online. On any failure everything started is stopped."""
-        fed = cls.new(workdir, pki, timeouts=timeouts)
+        its daemon, wait until all are online. With no ``sites`` this is the coordinator's
+        part alone (sites on other hosts dial ``fleet``; register them with
+        :meth:`register`). On any failure everything started is stopped."""
+        fed = cls.new(workdir, pki, fleet=fleet, control_port=control_port, timeouts=timeouts)
         fed.reset_state()
         try:
             fed.start_superlink()
@@ -214,7 +286,13 @@ class Federation:
 
     @property
     def address(self) -> str:
-        return f"{self.state.host}:{self.state.port}"
+        """The fleet address: what sites dial."""
+        return str(self.state.fleet)
+
+    @property
+    def control_address(self) -> str:
+        """Flower's own listener (Control and Runtime APIs), on 127.0.0.1."""
+        return str(self.state.control)
 
     @property
     def flwr_home(self) -> Path:
@@ -223,6 +301,26 @@ class Federation:
     @property
     def log_dir(self) -> Path:
         return self.workdir / "logs"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.workdir / "runs"
+
+    @property
+    def apps_dir(self) -> Path:
+        return self.workdir / "apps"
+
+    @property
+    def database(self) -> Path:
+        return self.workdir / "state" / DATABASE
+
+    @functools.cached_property
+    def control(self) -> Control:
+        """The ``flwr`` CLI against this SuperLink's Control API (FLWR_HOME in the
+        workdir)."""
+        return Control(ControlConnection(self.state.control, self.pki.ca_cert), self.flwr_home,
+                       timeout_s=self.timeouts.cli_call, cwd=self.workdir,
+                       source=f"{self.workdir / STATE_FILE}: control_port")
 
     def env(self) -> dict[str, str]:
         return child_env({"FLWR_HOME": str(self.flwr_home)})
@@ -233,35 +331,68 @@ class Federation:
 
     def reset_state(self) -> None:
         """Forget earlier node registrations and runs: a fresh federation each start."""
-        for stale in ("superlink.db", "superlink.db-wal", "superlink.db-shm"):
+        for stale in (DATABASE, f"{DATABASE}-wal", f"{DATABASE}-shm"):
             (self.workdir / "state" / stale).unlink(missing_ok=True)
         (self.workdir / "state" / "node-ids.json").unlink(missing_ok=True)
 
-    def start_superlink(self) -> Proc:
-        """Start the SuperLink; its ServerApps write Prometheus values to a folder the
-        metrics exporter serves (see fedpacs.common.telemetry)."""
-        state = self.workdir / "state"
-        state.mkdir(parents=True, exist_ok=True)
-        argv = [
+    def superlink_argv(self) -> list[str]:
+        return [
             sys.executable, "-m", "fedpacs.server.superlink",  # flower-superlink, see there
             "--ssl-ca-certfile", str(self.pki.ca_cert),
             "--ssl-certfile", str(self.pki.server_cert),
             "--ssl-keyfile", str(self.pki.server_key),
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
-            "--database", str(state / "superlink.db"),
-            "--host", self.state.host, "--port", str(self.state.port),
+            "--database", str(self.database),
+            "--host", CONTROL_HOST, "--port", str(self.state.control_port),
+            "--fleet-address", self.address,
         ]
-        write_flwr_home(self.flwr_home, address=self.address, ca_cert=self.pki.ca_cert)
-        env = self.env() | {MULTIPROC_ENV: str(fresh_dir(self.metrics_dir)),
-                            RUNS_DIR_ENV: str(self.runs_dir)}
-        proc = self._start(SUPERLINK, argv, env)
+
+    def start_superlink(self, *, fresh_metrics: bool = True) -> Proc:
+        """Start the SuperLink (both listeners); its ServerApps write Prometheus values to
+        a folder the metrics exporter serves (see fedpacs.common.telemetry), emptied first
+        unless ``fresh_metrics`` is False (a restart)."""
+        missing = missing_hosts(self.pki, [self.state.fleet_host])
+        if missing:
+            raise ConfigError(str(self.pki.server_cert), [FieldError(
+                "--fleet-address", "a host the SuperLink's TLS certificate names (sites "
+                "check it)", f"{missing[0]} (not a SAN of the certificate)",
+                f"`fedpacs provision init --dir {self.pki.root} --host {missing[0]}` "
+                "re-issues it from the same CA")])
+        self.database.parent.mkdir(parents=True, exist_ok=True)
+        write_flwr_home(self.flwr_home, address=self.control_address, ca_cert=self.pki.ca_cert)
+        metrics = fresh_dir(self.metrics_dir) if fresh_metrics or not self.metrics_dir.is_dir() \
+            else self.metrics_dir
+        env = self.env() | {MULTIPROC_ENV: str(metrics), RUNS_DIR_ENV: str(self.runs_dir)}
+        proc = self._start(SUPERLINK, self.superlink_argv(), env)
         self.state.superlink_pid = proc.pid
         self.save()
-        wait_until(f"SuperLink listening on {self.address}",
-                   lambda: port_open(self.state.host, self.state.port),
+        fleet, control = self.state.fleet, self.state.control
+        wait_until(f"SuperLink listening on {control} (control) and {fleet} (fleet)",
+                   lambda: port_open(control.host, control.port)
+                   and port_open(fleet.host, fleet.port),
                    timeout_s=self.timeouts.superlink_start,
                    alive=lambda: self.check_alive([SUPERLINK]))
+        return proc
+
+    def restart_superlink(self) -> Proc:
+        """Start the SuperLink again after it died, on its existing database (node
+        registrations and runs are kept) and the same addresses; the exporter too when it
+        is gone. Refuses when the SuperLink still runs or has no database."""
+        errs = []
+        if process_alive(self.state.superlink_pid):
+            errs.append(FieldError("superlink", "a SuperLink that is gone (killed or "
+                                   "crashed)", f"pid {self.state.superlink_pid}, running",
+                                   "nothing to restart; `fedpacs federation down` stops it"))
+        if not self.database.is_file():
+            errs.append(FieldError("database", f"the SuperLink's database {self.database}",
+                                   "no such file", "start a new federation with `fedpacs "
+                                   "federation up`"))
+        if errs:
+            raise ConfigError(str(self.workdir / STATE_FILE), errs)
+        proc = self.start_superlink(fresh_metrics=False)
+        if self.state.metrics_port and not process_alive(self.state.exporter_pid):
+            self.start_exporter(self.state.metrics_port)
         return proc
 
     @property
@@ -279,7 +410,8 @@ class Federation:
     def start_site(self, site: SiteSpec, *, keys: SiteKeys | None = None,
                    max_wait_s: float | None = None) -> Proc:
         """Start a site daemon (``fedpacs site start``), which validates the site config and
-        runs the site's SuperNode (and serves its metrics when ``site.metrics_port``)."""
+        runs the site's SuperNode (and serves its metrics when ``site.metrics_port``); it
+        dials the fleet address, as a site on another host does."""
         keys = keys or self.pki.site(site.name)
         argv = [
             tool("fedpacs"), "site", "start",
@@ -287,7 +419,7 @@ class Federation:
             "--superlink", self.address,
             "--root-certificates", str(self.pki.ca_cert),
             "--auth-key", str(keys.private_key),
-            "--runtime-port", str(free_port(self.state.host)),
+            "--runtime-port", str(free_port(CONTROL_HOST)),
             "--state-dir", str(self.workdir / "site-state" / site.name),
             "--metrics-port", str(site.metrics_port),
         ]
@@ -312,15 +444,28 @@ class Federation:
         site.pid = 0
         self.save()
 
-    def check_alive(self, names: Sequence[str] | None = None) -> None:
-        """Raise ProcessError naming the first process of this federation that is gone."""
+    def gone(self, names: Sequence[str] | None = None) -> list[Gone]:
+        """The processes of this federation (of ``names``; default all) that are gone."""
+        out = []
         for name, pid in self.state.pids().items():
             if (names is None or name in names) and not process_alive(pid):
                 proc = next((p for p in self.procs.procs if p.pid == pid), None)
-                code = proc.popen.poll() if proc is not None else "?"
-                log = self.log_dir / f"{name}.log"
-                raise ProcessError(f"{name} (pid {pid}) exited with code {code}; log {log}:\n"
-                                   f"{tail(log)}")
+                code = proc.popen.poll() if proc is not None else None
+                out.append(Gone(name, pid, "?" if code is None else code,
+                                self.log_dir / f"{name}.log"))
+        return out
+
+    def check_alive(self, names: Sequence[str] | None = None, *,
+                    fatal_only: bool = False) -> list[Gone]:
+        """Raise ProcessError naming the first process of ``names`` (default: all) that is
+        gone, with its log's tail. With ``fatal_only`` only a :data:`FATAL` one (the
+        SuperLink) raises: the others gone are returned (a run goes on without a site
+        daemon, or the exporter, while Flower still runs it)."""
+        dead = self.gone(names)
+        fatal = [g for g in dead if not fatal_only or g.name in FATAL]
+        if fatal:
+            raise fatal[0].error()
+        return dead
 
     def down(self) -> list[int]:
         """Stop every process of the federation by PID (process group); returns the PIDs."""
@@ -342,26 +487,10 @@ class Federation:
     # ---------------------------------------------------------------- flwr CLI
     def flwr(self, *args: str, timeout_s: float | None = None) -> str:
         """Run the ``flwr`` CLI against this SuperLink; returns stdout or raises ProcessError."""
-        argv = [tool("flwr"), *args]
-        try:
-            res = subprocess.run(argv, env=self.env(), capture_output=True, text=True,
-                                 timeout=timeout_s or self.timeouts.cli_call, cwd=self.workdir,
-                                 stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired as exc:
-            raise DeadlineError(f"`flwr {' '.join(args)}` did not finish within "
-                                f"{exc.timeout:.0f}s") from exc
-        if res.returncode != 0:
-            raise ProcessError(f"`flwr {' '.join(args)}` failed (exit {res.returncode}):\n"
-                               f"{(res.stdout + res.stderr).strip()[-2000:]}")
-        return res.stdout
+        return self.control.flwr(*args, timeout_s=timeout_s)
 
     def flwr_json(self, *args: str) -> Any:
-        out = self.flwr(*args, "--format", "json")
-        start = out.find("{")
-        try:
-            return json.loads(out[start:])
-        except json.JSONDecodeError as exc:
-            raise ProcessError(f"`flwr {' '.join(args)}` printed no JSON: {out[-500:]}") from exc
+        return self.control.flwr_json(*args)
 
     # ---------------------------------------------------------------- site keys
     @property
@@ -380,14 +509,25 @@ class Federation:
             raise AuthError(f"{site.public_key}: expected a key that was never revoked, got one "
                             f"in {self.pki.root / 'revoked.json'}. Fix: `fedpacs federation "
                             f"rotate {site.name}` issues and registers a new key")
-        res = dict(self.flwr_json("supernode", "register", str(site.public_key), CONNECTION,
-                                  "--name", site.name))
-        ids = self.node_ids() | {site.name: int(res["node-id"])}
-        write_json(self.node_ids_file, ids)
-        return int(res["node-id"])
+        node_id = self.control.register(site.public_key, site.name)
+        write_json(self.node_ids_file, self.node_ids() | {site.name: node_id})
+        return node_id
+
+    def register_site(self, name: str, *, public_key: Path | None = None) -> int:
+        """Register site ``name`` (on this or another host) with ``public_key`` (default:
+        the key provisioned in WORKDIR/pki/sites/NAME/); returns its node id."""
+        check_site_name(name)
+        keys = self.pki.site(name)
+        key = public_key or keys.public_key
+        if not key.is_file():
+            raise ConfigError(f"federation register {name}", [FieldError(
+                "--public-key", "the site's SuperNode public key (OpenSSH)", f"{key}: no such "
+                "file", f"`fedpacs provision add-site {name} --dir {self.pki.root}` creates "
+                "one, or pass --public-key FILE")])
+        return self.register(replace(keys, public_key=key.resolve()))
 
     def list_nodes(self) -> list[dict[str, Any]]:
-        return list(self.flwr_json("supernode", "list", CONNECTION).get("nodes", []))
+        return self.control.list_nodes()
 
     def wait_nodes_online(self, count: int) -> None:
         def online() -> bool:
@@ -407,12 +547,13 @@ class Federation:
                 "site", "a site registered by this federation "
                 f"({', '.join(sorted(ids)) or 'none'})", repr(name), "name a registered site")])
         node_id = ids.pop(name)
-        self.flwr("supernode", "unregister", str(node_id), CONNECTION)
+        self.control.unregister(node_id)
         write_json(self.node_ids_file, ids)
         self.stop_site(name)
         self.state.sites.pop(name, None)
         self.save()
-        revoke_site_key(self.pki, name)
+        if self.pki.site(name).public_key.is_file():  # (a key registered from elsewhere,
+            revoke_site_key(self.pki, name)         # `register --public-key`, is not here)
         return node_id
 
     def rotate(self, name: str) -> Proc:
@@ -434,10 +575,13 @@ class Federation:
 
     # ---------------------------------------------------------------- runs
     def check_run(self, cfg: RunConfig) -> None:
-        """Every problem of ``cfg`` on this federation (ConfigError), before anything starts."""
+        """Every problem of ``cfg`` on this federation (ConfigError), before anything starts.
+        Min-sites is checked against this host's sites when every registered site is one
+        of them (sites on other hosts serve tasks this host does not know)."""
         errs = cfg.validate()
         serving = sorted(n for n, s in self.state.sites.items() if s.task == cfg.task)
-        if self.state.sites and cfg.min_sites > len(serving):
+        local_only = set(self.node_ids()) <= set(self.state.sites)
+        if self.state.sites and local_only and cfg.min_sites > len(serving):
             errs.append(FieldError("min-sites", f"<= {len(serving)} (sites serving task "
                                    f"{cfg.task!r}: {', '.join(serving) or 'none'})",
                                    str(cfg.min_sites), "lower min-sites or add sites"))
@@ -449,78 +593,103 @@ class Federation:
         server-side settings (server.json) and write its app, unsigned; returns
         (app folder, run directory)."""
         self.check_run(cfg)
-        stamp = time.strftime("%Y%m%d-%H%M%S") + f"-{time.time_ns() % 1_000_000:06d}"
-        run_dir = self.runs_dir / stamp
-        cfg = replace(cfg, run_dir=str(run_dir), run_name=stamp,
-                      artifact_key=cfg.artifact_key or str(self.pki.artifact_key))
-        write_server_side(run_dir, cfg.server_side())
-        return write_app(self.workdir / "apps" / stamp, cfg), run_dir
-
-    @property
-    def runs_dir(self) -> Path:
-        return self.workdir / "runs"
+        prep = ctl.prepare_run(cfg, runs_dir=self.runs_dir, apps_dir=self.apps_dir,
+                               artifact_key=self.pki.artifact_key)
+        return prep.app_dir, prep.run_dir
 
     def start_run(self, cfg: RunConfig) -> tuple[int, Path]:
-        """``prepare_run``, sign the app with the app-signing key (sites run only apps
-        signed by a key they trust), submit it; returns (run id, run directory)."""
-        app, run_dir = self.prepare_run(cfg)
-        sign_app(app, self.pki.app_key)
-        run_id = self.submit(app)
+        """Check ``cfg`` against the federation, then start it as `run start --control`
+        does (signed with the app-signing key, recorded in RUN_DIR/run.json); returns
+        (run id, run directory)."""
+        self.check_run(cfg)
+        started = ctl.start_run(control=self.control, cfg=cfg, runs_dir=self.runs_dir,
+                                apps_dir=self.apps_dir, app_key=self.pki.app_key,
+                                artifact_key=self.pki.artifact_key)
+        self._remember(started.run_id, started.run_dir)
+        return started.run_id, started.run_dir
+
+    def resume_run(self, run_dir: Path) -> ResumedRun:
+        """Continue a stopped run of this federation after its last completed round."""
+        resumed = ctl.resume_run(control=self.control, run_dir=run_dir, apps_dir=self.apps_dir,
+                                 app_key=self.pki.app_key, runs_dir=self.runs_dir)
+        self._remember(resumed.run_id, resumed.run_dir)
+        return resumed
+
+    def _remember(self, run_id: int, run_dir: Path) -> None:
         self.reload()
         self.state.runs[str(run_id)] = str(run_dir)
         self.save()
-        return run_id, run_dir
 
     def submit(self, app_dir: Path) -> int:
         """Hand an app folder to the SuperLink as a run; returns the run id."""
-        res = self.flwr_json("run", str(app_dir), CONNECTION)
-        if not res.get("success"):
-            raise ProcessError(f"flwr run refused the app: {res}")
-        return int(res["run-id"])
+        return self.control.submit(app_dir)
+
+    def find_run_dir(self, run_id: int) -> Path | None:
+        path = self.state.runs.get(str(run_id))
+        if path is not None:
+            return Path(path)
+        if self.runs_dir.is_dir():
+            try:
+                return ctl.find_run_dir(self.runs_dir, run_id)
+            except ConfigError:
+                return None
+        return None
 
     def run_dir(self, run_id: int) -> Path:
-        path = self.state.runs.get(str(run_id))
+        path = self.find_run_dir(run_id)
         if path is None:
             raise ConfigError(str(self.workdir), [FieldError(
                 "run id", "a run started on this federation "
                 f"({', '.join(self.state.runs) or 'none'})", str(run_id),
                 "use the id `fedpacs run start` printed")])
-        return Path(path)
+        return path
 
     def flower_status(self, run_id: int) -> str:
-        res = self.flwr_json("list", "--run-id", str(run_id), CONNECTION)
-        runs = res.get("runs", [])
-        return str(runs[0].get("status", "unknown")) if runs else "unknown"
+        return self.control.flower_run(run_id).status
 
     def run_status(self, run_id: int) -> dict[str, Any]:
-        """Flower's status of the run plus fedpacs' round progress and latest metrics."""
-        out: dict[str, Any] = {"run_id": run_id, "status": self.flower_status(run_id)}
-        run_dir = self.state.runs.get(str(run_id))
-        if run_dir:
-            out["run_dir"] = run_dir
-            st = read_status(Path(run_dir))
-            if st:
-                out.update(round=st.get("round"), rounds=st.get("rounds"))
-            rounds = read_rounds(Path(run_dir))
-            if rounds:
-                out["latest"] = {k: rounds[-1].get(k) for k in ("heldout", "train", "evaluate")}
-        return out
+        """Flower's status of the run plus fedpacs' round progress and latest metrics, with
+        a status.json left stale by a ServerApp that is gone settled first."""
+        return ctl.run_status(control=self.control, run_id=run_id,
+                              run_dir=self.find_run_dir(run_id)).to_json()
 
     def stop_run(self, run_id: int) -> None:
         self.run_dir(run_id)  # refuses a run of another federation
-        self.flwr("stop", str(run_id), CONNECTION)
+        self.control.stop(run_id)
 
     def logs(self, run_id: int) -> str:
-        return self.flwr("log", str(run_id), CONNECTION, "--show")
+        return self.control.logs(run_id)
+
+    def _check_run_alive(self, run_dir: Path, reported: set[int],
+                         on_gone: Callable[[Gone], None] | None) -> None:
+        """During a run: a SuperLink gone marks the run interrupted and raises; a site
+        daemon or the exporter gone is reported once and the run goes on."""
+        try:
+            dead = self.check_alive(fatal_only=True)
+        except ProcessError as err:
+            first = str(err).splitlines()[0]
+            ctl.mark_interrupted(run_dir, f"interrupted: {first}; restart it with `fedpacs "
+                                 f"federation restart-superlink --workdir {self.workdir}`")
+            raise
+        for g in dead:
+            if g.pid not in reported:
+                reported.add(g.pid)
+                log.warning("%s; the run goes on while Flower runs it", g.describe())
+                if on_gone:
+                    on_gone(g)
 
     def watch(self, run_id: int, *, timeout_s: float,
-              on_round: Callable[[dict[str, Any]], None] | None = None) -> str:
+              on_round: Callable[[dict[str, Any]], None] | None = None,
+              on_gone: Callable[[Gone], None] | None = None) -> str:
         """Follow a run until Flower says it finished (or the deadline passes, then it is
-        stopped): ``on_round`` gets each round record as it appears; raises ProcessError
-        when a process of the federation dies. Returns Flower's final status."""
+        stopped and marked interrupted): ``on_round`` gets each round record as it appears,
+        ``on_gone`` each site daemon (or the exporter) that died meanwhile (the run goes on
+        while Flower runs it); when the SuperLink dies the run is marked interrupted and
+        ProcessError raised. Returns Flower's final status (status.json settled to it)."""
         run_dir = self.run_dir(run_id)
         seen, status, next_status = 0, "pending", 0.0
         deadline = time.monotonic() + timeout_s
+        reported: set[int] = set()
 
         def report() -> None:
             nonlocal seen
@@ -531,18 +700,26 @@ class Federation:
             seen = max(seen, len(rounds))
 
         while True:
-            self.check_alive()
+            self._check_run_alive(run_dir, reported, on_gone)
             report()
             if time.monotonic() >= next_status:
-                status = self.flower_status(run_id)
+                try:
+                    status = self.flower_status(run_id)
+                except ProcessError:  # the SuperLink may have died since the check
+                    self._check_run_alive(run_dir, reported, on_gone)
+                    raise
                 next_status = time.monotonic() + self.timeouts.status_every
                 if status.startswith("finished"):
                     report()
                     break
             if time.monotonic() >= deadline:
-                self.flwr("stop", str(run_id), CONNECTION)
+                self.control.stop(run_id)
+                ctl.mark_interrupted(run_dir, f"interrupted: the run did not finish within "
+                                     f"{timeout_s:.0f}s and was stopped")
                 raise DeadlineError(f"run {run_id} did not finish within {timeout_s:.0f}s; "
                                     f"logs in {self.log_dir}")
             time.sleep(1.0)
+        ctl.run_status(control=self.control, run_id=run_id, run_dir=run_dir)  # settles it
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.log_dir / f"run-{run_id}.log").write_text(self.logs(run_id), encoding="utf-8")
         return status

@@ -9,6 +9,9 @@ Layout of a PKI folder::
     PKI/sites/NAME/NAME.key            site's SuperNode auth key (OpenSSH, ECDSA P-384)
     PKI/sites/NAME/NAME.pub            its public key, registered with the SuperLink
     PKI/sites/NAME/ca.pem              the CA the site uses to verify the SuperLink
+    PKI/sites/NAME/trusted-app.pub     the coordinator's app-signing public key (the site's
+                                       security.trusted_app_keys); PKI/sites/NAME/ is what
+                                       the hospital gets, and holds no other site's key
     PKI/app-signing.key, .pub          signs the apps sites run (used by `run start` only;
                                        sites trust the .pub); never reaches a ServerApp
     PKI/artifact-signing.key, .pub     signs each run's artifacts (the ServerApp signs the
@@ -38,6 +41,8 @@ from fedpacs.common.signing import generate_signing_key, write_private
 CA_PASSPHRASE_ENV = "FEDPACS_CA_PASSPHRASE"
 SITE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 CERT_DAYS = 825
+TRUSTED_APP_KEY = "trusted-app.pub"  # in each site folder: a copy of PKI/app-signing.pub
+LOCAL_HOSTS = ("localhost", "127.0.0.1")
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,14 @@ class SiteKeys:
     private_key: Path
     public_key: Path
     ca_cert: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.private_key.parent
+
+    @property
+    def trusted_app_key(self) -> Path:
+        return self.folder / TRUSTED_APP_KEY
 
 
 @dataclass(frozen=True)
@@ -178,6 +191,39 @@ def issue_server_cert(pki: Pki, *, hosts: list[str]) -> None:
     _issue_cert(pki, hosts=hosts, cert_path=pki.server_cert, key_path=pki.server_key)
 
 
+def cert_hosts(cert_path: Path) -> list[str]:
+    """The SANs of a TLS certificate: DNS names, then IPs ([] when it has none)."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [*san.get_values_for_type(x509.DNSName),
+            *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
+
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a.lower() == b.lower()
+
+
+def missing_hosts(pki: Pki, hosts: list[str]) -> list[str]:
+    """The ``hosts`` the SuperLink's certificate does not name (all when it is missing)."""
+    have = cert_hosts(pki.server_cert) if pki.server_cert.is_file() else []
+    return [h for h in hosts if not any(_same_host(h, x) for x in have)]
+
+
+def share_with_site(pki: Pki, site: SiteKeys) -> None:
+    """Copy what a hospital needs besides its key into its folder: the CA (to verify the
+    SuperLink) and the app-signing public key (the apps it may run)."""
+    if pki.ca_cert.is_file():
+        shutil.copyfile(pki.ca_cert, site.ca_cert)
+    if pki.app_pub.is_file():
+        shutil.copyfile(pki.app_pub, site.trusted_app_key)
+
+
 def check_site_name(name: str) -> None:
     if not SITE_NAME_RE.match(name):
         raise ConfigError("site name", [FieldError(
@@ -195,16 +241,28 @@ def create_site_key(pki: Pki, name: str) -> SiteKeys:
                                                        serialization.NoEncryption()))
     _write_public(site.public_key, key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
-    if pki.ca_cert.is_file():
-        shutil.copyfile(pki.ca_cert, site.ca_cert)
+    share_with_site(pki, site)
     return site
+
+
+def create_signing_keys(pki: Pki) -> Pki:
+    """The coordinator's two Ed25519 keys (apps, artifacts), those missing; every site
+    folder gets the app key's public half."""
+    for key in (pki.app_key, pki.artifact_key):
+        if not key.is_file():
+            generate_signing_key(key)
+    for s in pki.site_names():
+        share_with_site(pki, pki.site(s))
+    return pki
 
 
 def provision(root: Path, *, sites: list[str], hosts: list[str] | None = None,
               force: bool = False) -> Pki:
     """Create what is missing (or everything, with ``force``): CA, SuperLink cert, site keys,
-    and the coordinator's two Ed25519 keys (apps, artifacts). A revoked site is not given a
-    new key here (that takes `provision rotate-site`)."""
+    and the coordinator's two Ed25519 keys (apps, artifacts). A host the SuperLink's
+    certificate lacks gets it re-issued from the same CA with every old and new name (sites
+    keep trusting it). A revoked site is not given a new key here (that takes `provision
+    rotate-site`). Each site folder gets the CA and the app-signing public key."""
     for s in sites:
         check_site_name(s)
     pki = Pki(root)
@@ -212,8 +270,11 @@ def provision(root: Path, *, sites: list[str], hosts: list[str] | None = None,
     if force or not (pki.ca_cert.is_file() and pki.ca_key.is_file()):
         create_ca(pki)
         force = True  # a new CA invalidates the old server certificate
-    if force or not pki.server_cert.is_file():
-        issue_server_cert(pki, hosts=["localhost", "127.0.0.1", *(hosts or [])])
+    wanted = [*LOCAL_HOSTS, *(hosts or [])]
+    if force or missing_hosts(pki, wanted):
+        have = [] if force or not pki.server_cert.is_file() else cert_hosts(pki.server_cert)
+        names = [*have, *(h for h in wanted if not any(_same_host(h, x) for x in have))]
+        issue_server_cert(pki, hosts=names)
     for key in (pki.app_key, pki.artifact_key):
         if force or not key.is_file():
             generate_signing_key(key)
@@ -227,8 +288,8 @@ def provision(root: Path, *, sites: list[str], hosts: list[str] | None = None,
                 f"provision rotate-site {s}`, or pick another name")])
         if force or not keys.private_key.is_file():
             create_site_key(pki, s)
-        elif pki.ca_cert.is_file():
-            shutil.copyfile(pki.ca_cert, keys.ca_cert)
+    for s in pki.site_names():  # every site folder: the current CA and app key
+        share_with_site(pki, pki.site(s))
     return pki
 
 
