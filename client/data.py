@@ -3,9 +3,12 @@
 The PACS cache holds the volumes ``fedpacs site ingest`` converted (format owned by
 fedpacs.client.volumes) and a label manifest (CSV) naming each series' class or mask; a
 2D task trains on the series' slices, a 3D task on whole volumes resized to the task's
-input shape. The site config's ``[data] spacing`` and ``window`` (a
+input shape, except 3D segmentation: its volumes and masks are laid out and fitted as the
+NIfTI reader of fedpacs.common.datasets does (axes (column, row, slice), a NIfTI voxel's
+(i, j, k); centre crop/zero pad), so a PACS site's samples are a NIfTI site's and match
+the server's held-out cases. The site config's ``[data] spacing`` and ``window`` (a
 :class:`~fedpacs.client.dicom.PacsPreprocess`) resample each volume (its mask with nearest)
-and window CT volumes before they are normalised and resized.
+and window CT volumes before they are normalised and fitted to the input shape.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from fedpacs.common.datasets import (
     DataSpec,
     SiteData,
     empty_dataset,
+    fit_to_shape,
     load_partition,
     partition_ids,
     read_nifti,
@@ -116,8 +120,11 @@ def _pacs_arrays(paths: list[Path], labels: dict[str, int | Path], task: TaskCon
             except DataError as err:
                 skipped.append((err.path, err.problem))
                 continue
-            pairs = [(vol, mask)] if task.spatial_dims == 3 else list(zip(vol, mask, strict=True))
-            for v, m in pairs:
+            if task.spatial_dims == 3:  # as fedpacs.common.datasets reads a NIfTI case
+                xs.append(fit_to_shape(np.transpose(vol), task.input_shape)[None])
+                ys.append(fit_to_shape(np.transpose(mask), task.input_shape)[None])
+                continue
+            for v, m in zip(vol, mask, strict=True):
                 xs.append(resize(v, task.input_shape)[None])
                 ys.append(resize(m, task.input_shape, nearest=True)[None])
             continue

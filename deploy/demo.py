@@ -174,6 +174,8 @@ def format_round(r: dict[str, Any], total: int) -> str:
     if sec:
         parts.append(f"SecAgg+ sum of {sec['sites_summed']}"
                      + (f" ({sec['sites_dropped']} dropped)" if sec["sites_dropped"] else ""))
+    if r.get("dropped"):
+        parts.append(f"{r['dropped']} site(s) did not answer in time (dropped)")
     for site, reason in (r.get("rejected") or {}).items():
         parts.append(f"REJECTED {site}: {reason[:120]}")
     return "  ".join(parts)
