@@ -360,6 +360,7 @@ class Federation:
                 f"`fedpacs provision init --dir {self.pki.root} --host {missing[0]}` "
                 "re-issues it from the same CA")])
         self.database.parent.mkdir(parents=True, exist_ok=True)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)  # `run start --runs-dir` expects it
         write_flwr_home(self.flwr_home, address=self.control_address, ca_cert=self.pki.ca_cert)
         metrics = fresh_dir(self.metrics_dir) if fresh_metrics or not self.metrics_dir.is_dir() \
             else self.metrics_dir
