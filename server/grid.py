@@ -104,8 +104,9 @@ class FastGrid(Grid):
                          timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages``, then pull every :data:`POLL_S` s until each has its reply
         or ``timeout`` seconds have passed; returns the replies that arrived (at the
-        deadline, those so far) in the order of the messages they answer, so that an
-        aggregate sums the same updates in the same order whenever they arrive."""
+        deadline, those so far) ordered by the site (node id) that sent them, so an
+        aggregate sums the same updates in the same order whichever site answers first
+        and whichever order the strategy sampled the sites in."""
         out = list(messages)
         if not out:
             return []
@@ -127,7 +128,8 @@ class FastGrid(Grid):
                 break
             time.sleep(min(POLL_S, left))
         ended = time.monotonic()
-        replies.sort(key=lambda m: order.get(m.metadata.reply_to_message_id, len(order)))
+        replies.sort(key=lambda m: (m.metadata.src_node_id,
+                                    order.get(m.metadata.reply_to_message_id, len(order))))
         self.exchanges.append(Exchange("+".join(kinds), "+".join(stages), len(out),
                                        len(replies), ended - started, ended))
         return replies
