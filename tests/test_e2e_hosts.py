@@ -416,6 +416,8 @@ def test_superlink_killed_and_restarted_on_its_database(fed: Deployment) -> None
 
 def test_site_daemon_killed_and_restarted_rejoins_without_registration(
         fed: Deployment) -> None:
+    """site-c's daemon is killed (kill -9) and started again: the same node, no
+    re-registration. Then a run stopped with `run stop` by address is resumed."""
     c = fed.hospitals["site-c"]
     before = fed.nodes()["site-c"].get("node-id")
     assert c.daemon is not None
@@ -426,9 +428,20 @@ def test_site_daemon_killed_and_restarted_rejoins_without_registration(
     fed.start_daemon(c)
     fed.wait_online(set(SITES), timeout_s=240)
     assert fed.nodes()["site-c"].get("node-id") == before
-    run_id, run_dir = fed.start_run("--task", "hippocampus", "--rounds", "1", "--min-sites",
+    # a run stopped by address reads interrupted, and resumes with all four sites
+    run_id, run_dir = fed.start_run("--task", "hippocampus", "--rounds", "3", "--min-sites",
                                     "4", "--no-secagg")
-    st = fed.wait_finished(run_id, timeout_s=600)
+    wait_round(run_dir, 1, timeout_s=300)
+    fed.fedpacs("run", "stop", str(run_id), *fed.control())
+    wait_until("the stopped run reads interrupted",
+               lambda: fed.status(run_id).get("state") == "interrupted",
+               timeout_s=120, interval_s=2.0)
+    res = fed.fedpacs("run", "resume", str(run_dir), *fed.control(app_key=True))
+    m = re.search(r"run (\d+) started", res.stdout)
+    assert m, res.stdout
+    st = fed.wait_finished(int(m.group(1)), timeout_s=600)
     assert st["status"] == "finished:completed", st
-    assert train_sites(run_dir, 1) == set(SITES)
+    assert_complete(run_dir, 3, fed.pki)
+    for n in range(1, 4):
+        assert train_sites(run_dir, n) == set(SITES)
 
