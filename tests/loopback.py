@@ -97,3 +97,20 @@ def send_stage(grid: Grid, contents: dict[int, RecordDict], *, group_id: str = "
     messages = [Message(content=content, dst_node_id=nid, message_type=message_type,
                         group_id=group_id) for nid, content in contents.items()]
     return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
+
+
+def breastmnist_sites(folder: Path, data_dir: Path, *, n: int = 3, num_partitions: int = 0,
+                      security: str = "") -> dict[int, Path]:
+    """Site configs for LoopbackGrid (node id -> file): ``n`` BreastMNIST sites, each its
+    own partition of ``num_partitions`` (0: ``n``), ``security`` appended as their
+    [security] table's lines."""
+    out = {}
+    for i in range(n):
+        p = folder / f"site{i}.toml"
+        p.write_text(f'[site]\nname = "site-{i}"\ntask = "breastmnist"\n[data]\n'
+                     f'format = "medmnist"\n'
+                     f'root = "{data_dir}/medmnist_breast/breastmnist.npz"\npartition = {i}\n'
+                     f"num_partitions = {num_partitions or n}\n[compute]\nthreads = 1\n"
+                     + (f"[security]\n{security}" if security else ""))
+        out[i + 1] = p
+    return out

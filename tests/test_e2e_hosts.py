@@ -154,6 +154,17 @@ class Deployment:
         wait_until(f"run {run_id} finished", done, timeout_s=timeout_s, interval_s=3.0)
         return seen
 
+    def resume(self, run_dir: Path, rounds: int) -> int:
+        """``fedpacs run resume RUN_DIR`` by address, then until the new Flower run
+        finished with every round in place; returns the round it continued after."""
+        res = self.fedpacs("run", "resume", str(run_dir), *self.control(app_key=True))
+        m = re.search(r"run (\d+) started: resumes \S+ after round (\d+)", res.stdout)
+        assert m, res.stdout
+        st = self.wait_finished(int(m.group(1)), timeout_s=600)
+        assert st["status"] == "finished:completed", st
+        assert_complete(run_dir, rounds, self.pki)
+        return int(m.group(2))
+
     # ------------------------------------------------------------ hospitals
     def start_daemon(self, h: Hospital) -> None:
         h.starts += 1
@@ -382,13 +393,7 @@ def test_serverapp_killed_then_run_resume_continues(fed: Deployment) -> None:
     wait_until("the killed run reads failed or interrupted",
                lambda: fed.status(run_id).get("state") in {"failed", "interrupted"},
                timeout_s=180, interval_s=3.0)
-    res = fed.fedpacs("run", "resume", str(run_dir), *fed.control(app_key=True))
-    m = re.search(r"run (\d+) started: resumes \S+ after round (\d+)", res.stdout)
-    assert m, res.stdout
-    assert int(m.group(2)) >= 2
-    st = fed.wait_finished(int(m.group(1)), timeout_s=600)
-    assert st["status"] == "finished:completed", st
-    assert_complete(run_dir, rounds, fed.pki)
+    assert fed.resume(run_dir, rounds) >= 2
 
 
 def test_superlink_killed_and_restarted_on_its_database(fed: Deployment) -> None:
@@ -406,12 +411,7 @@ def test_superlink_killed_and_restarted_on_its_database(fed: Deployment) -> None
     wait_until("the run cut off with its SuperLink reads failed or interrupted",
                lambda: fed.status(run_id).get("state") in {"failed", "interrupted"},
                timeout_s=240, interval_s=3.0)
-    res = fed.fedpacs("run", "resume", str(run_dir), *fed.control(app_key=True))
-    m = re.search(r"run (\d+) started", res.stdout)
-    assert m, res.stdout
-    st = fed.wait_finished(int(m.group(1)), timeout_s=600)
-    assert st["status"] == "finished:completed", st
-    assert_complete(run_dir, rounds, fed.pki)
+    assert fed.resume(run_dir, rounds) >= 1
 
 
 def test_site_daemon_killed_and_restarted_rejoins_without_registration(
@@ -436,12 +436,7 @@ def test_site_daemon_killed_and_restarted_rejoins_without_registration(
     wait_until("the stopped run reads interrupted",
                lambda: fed.status(run_id).get("state") == "interrupted",
                timeout_s=120, interval_s=2.0)
-    res = fed.fedpacs("run", "resume", str(run_dir), *fed.control(app_key=True))
-    m = re.search(r"run (\d+) started", res.stdout)
-    assert m, res.stdout
-    st = fed.wait_finished(int(m.group(1)), timeout_s=600)
-    assert st["status"] == "finished:completed", st
-    assert_complete(run_dir, 3, fed.pki)
+    assert fed.resume(run_dir, 3) >= 1
     for n in range(1, 4):
         assert train_sites(run_dir, n) == set(SITES)
 

@@ -51,24 +51,17 @@ from fedpacs.server.rundir import (
     read_status,
     round_folder,
 )
-from tests.loopback import LoopbackGrid
+from tests.loopback import LoopbackGrid, breastmnist_sites
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
 TASK = "breastmnist"
 
 
-def _sites(tmp_path: Path, data_dir: Path, n: int = 3) -> dict[int, Path]:
-    """``n`` sites, each with a 1/12 share of BreastMNIST (45 training images: one batch)."""
-    out = {}
-    for i in range(n):
-        p = tmp_path / f"site{i}.toml"
-        p.write_text(f'[site]\nname = "site-{i}"\ntask = "{TASK}"\n[data]\nformat = "medmnist"\n'
-                     f'root = "{data_dir}/medmnist_breast/breastmnist.npz"\npartition = {i}\n'
-                     f"num_partitions = 12\n[compute]\nthreads = 1\n"
-                     "[security]\nrequire_secagg = false\n")  # (the FedAdam run is plain)
-        out[i + 1] = p
-    return out
+def _sites(tmp_path: Path, data_dir: Path) -> dict[int, Path]:
+    """3 sites, each with a 1/12 share of BreastMNIST (45 training images: one batch)."""
+    return breastmnist_sites(tmp_path, data_dir, num_partitions=12,
+                             security="require_secagg = false\n")  # (the FedAdam run is plain)
 
 
 def _cfg(runs: Path, name: str, **kw: Any) -> RunConfig:

@@ -55,7 +55,7 @@ from fedpacs.common.models import build_model
 from fedpacs.server.app import run_federation
 from fedpacs.server.grid import secagg_stage
 from fedpacs.server.secure import MODULUS_RANGE, QUANTIZATION_RANGE
-from tests.loopback import LoopbackGrid, send_stage
+from tests.loopback import LoopbackGrid, breastmnist_sites, send_stage
 
 pytestmark = pytest.mark.usefixtures("task_identity")
 
@@ -65,14 +65,7 @@ TASK = "breastmnist"
 
 
 def _sites(tmp_path: Path, data_dir: Path, n: int = 3) -> dict[int, Path]:
-    out = {}
-    for i in range(n):
-        p = tmp_path / f"site{i}.toml"
-        p.write_text(f'[site]\nname = "site-{i}"\ntask = "{TASK}"\n[data]\nformat = "medmnist"\n'
-                     f'root = "{data_dir}/medmnist_breast/breastmnist.npz"\npartition = {i}\n'
-                     f"num_partitions = {n}\n[compute]\nthreads = 1\n")
-        out[i + 1] = p
-    return out
+    return breastmnist_sites(tmp_path, data_dir, n=n)
 
 
 def _cfg(tmp_path: Path, **kw: object) -> RunConfig:
