@@ -24,7 +24,9 @@ SIGINT: 130; every process stopped with :data:`STOP_GRACE_S` of grace):
   rejoins as the same node (Flower binds the node id to the registered public key). After
   a SuperNode died by a signal (kill -9) the SuperLink counts it online for up to two
   heartbeats (60 s): restarts meanwhile are refused ("Failed to activate SuperNode"), and
-  the daemon keeps trying (:data:`REJOIN_S`);
+  the daemon keeps trying (:data:`REJOIN_S`); the same holds for the first
+  :data:`REJOIN_S` after the daemon starts (the site's previous daemon may just have been
+  killed);
 * crash loop: when the SuperNode or the SuperExec exits on its own (an exit code, not a
   signal) :data:`GIVE_UP_EXITS` times in a row, each within :data:`STABLE_S` of its start,
   the daemon stops everything and fails with ExitCode.PROCESS: a key the SuperLink does not
@@ -192,12 +194,16 @@ class RestartPolicy:
     stable_s: float = STABLE_S  # up this long: the pauses start from the first again
     give_up_after: int = 0  # quick exits by code in a row that end the daemon (0: never)
     rejoin_s: float = 0.0  # quick exits this long after one by a signal are not counted
+    # ... nor this long after the first start: the site's previous daemon may just have
+    # died (kill -9, a power cut) and left its node counted online at the SuperLink
+    rejoin_at_start: bool = False
 
     def pause(self, streak: int) -> float:
         return self.pauses_s[min(streak, len(self.pauses_s) - 1)]
 
 
-SUPERNODE_RESTARTS = RestartPolicy(give_up_after=GIVE_UP_EXITS, rejoin_s=REJOIN_S)
+SUPERNODE_RESTARTS = RestartPolicy(give_up_after=GIVE_UP_EXITS, rejoin_s=REJOIN_S,
+                                   rejoin_at_start=True)
 SUPEREXEC_RESTARTS = RestartPolicy(give_up_after=GIVE_UP_EXITS)
 WARM_RESTARTS = RestartPolicy(pauses_s=WARM_BACKOFF_S)  # tasks run cold meanwhile: no limit
 
@@ -291,6 +297,8 @@ class Restarting:
         self.proc = self.start()
         self.starts += 1
         self.started_at = now
+        if self.starts == 1 and self.policy.rejoin_at_start:
+            self.killed_at = now  # refusals in the first rejoin_s are expected, as after a kill
         if self.starts > 1:
             log.warning("restarted the site's %s: pid %d (restart %d)", self.name,
                         self.proc.pid, self.restarts)

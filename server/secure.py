@@ -34,6 +34,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 from torch import nn
 
@@ -134,8 +135,30 @@ class SecureFedAvg(LegacyFedAvg):
         return ndarrays_to_parameters(wire.to_numpy_list(named)), dict(agg)
 
 
+class KeyExchangeDropoutWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, except for a site that fails during the key exchange.
+
+    Flower 1.41 fixes the round's sampled sites when it sends the setup stage. A site whose
+    setup or share-keys reply is missing or an error (a link cut as the round starts, a
+    site just rejoining) never handed shares of its keys to the others, and nobody masked
+    with it; yet at unmasking the workflow counts it as dropped and asks for its shares,
+    finds none and halts the round ("Not enough shares to recover secret"): the other
+    sites' work is lost. Here the sites of the round are those that finished the key
+    exchange; one that drops after it is unmasked from its shares as before."""
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState
+                         ) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        left = state.sampled_node_ids - state.active_node_ids
+        if left:
+            log.warning("SecAgg+: %d site(s) did not finish the key exchange; the round goes "
+                        "on with the %d that did", len(left), len(state.active_node_ids))
+        state.sampled_node_ids = set(state.active_node_ids)
+        return bool(ok)
+
+
 def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
-    return SecAggPlusWorkflow(
+    return KeyExchangeDropoutWorkflow(
         num_shares=1.0,  # every sampled site holds a share of every other's keys
         reconstruction_threshold=cfg.secagg_threshold, max_weight=cfg.secagg_max_weight,
         clipping_range=cfg.secagg_clip, quantization_range=QUANTIZATION_RANGE,

@@ -199,6 +199,28 @@ def test_a_site_that_drops_after_the_key_exchange_is_unmasked_from_shares(
     assert set(rec["train_sites"]) == {"site-0", "site-1"}
 
 
+def test_a_site_lost_during_the_key_exchange_leaves_the_round_to_the_others(
+        tmp_path: Path, data_dir: Path) -> None:
+    """A site whose link goes as the round starts answers the setup stage but never sends
+    its key shares. Flower's workflow alone then halts the round at unmasking (it asks the
+    others for shares that were never handed out); fedpacs' goes on with the three sites
+    that finished the key exchange, and their sum is exactly their FedAvg."""
+    sites = _sites(tmp_path, data_dir, n=4)
+    cfg = _cfg(tmp_path, round_timeout_s=3.0)
+
+    def lost(nid: int, msg: Message) -> bool:
+        stage = msg.content.config_records.get(RECORD_KEY_CONFIGS, ConfigRecord()).get(Key.STAGE)
+        return nid == 4 and stage != Stage.SETUP
+
+    run_federation(LoopbackGrid(client_app, sites, drop=lost), cfg,
+                   Context(1, 0, {}, RecordDict(), {}))
+    local = _local_models(cfg, {k: v for k, v in sites.items() if k != 4})
+    assert _max_diff(_final_state(cfg), _fedavg([local[1], local[2], local[3]])) < 2e-3
+    rec = json.loads((Path(cfg.run_dir) / "rounds" / "round-001" / "metrics.json").read_text())
+    assert rec["secagg"]["sites_summed"] == 3
+    assert set(rec["train_sites"]) == {"site-0", "site-1", "site-2"}
+
+
 def test_bad_updates_are_dropped_and_the_round_completes(
         tmp_path: Path, data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     sites = _sites(tmp_path, data_dir)

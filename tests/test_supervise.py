@@ -180,6 +180,18 @@ def test_refusals_after_a_kill_do_not_count_as_a_crash_loop(
     assert caplog.text.count("refusals are expected for up to 30s") == 3
 
 
+def test_refusals_right_after_the_daemon_starts_do_not_count_either() -> None:
+    """The site's previous daemon was killed (kill -9): its node may still count as online
+    at the SuperLink, so the new daemon's first SuperNodes are refused for up to a minute."""
+    policy = SupervisorPolicy(supernode=RestartPolicy(pauses_s=(0.2, 0.8), give_up_after=3,
+                                                      rejoin_s=30.0, rejoin_at_start=True))
+    node = in_turn(exiting(1), exiting(1), exiting(1), sleeper)
+    with supervised(SiteCommands(supernode=node, superexec=lambda _pid: sleeper()),
+                    policy=policy) as sup:
+        until(sup, "three restarts", lambda: sup.supernode.restarts == 3)
+        assert sup.supernode.strikes == 0 and sup.supernode.proc is not None
+
+
 def test_rejoin_covers_flowers_heartbeat() -> None:
     from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
