@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedpacs.common import metrics
+from fedpacs.common.nets.googlenet import training_loss
 from fedpacs.common.tasks import TaskConfig
 
 
@@ -62,7 +63,7 @@ def train(model: nn.Module, data: Dataset, *, task: TaskConfig, params: TrainPar
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            loss = training_loss(loss_fn, model(x), y)  # + auxiliary heads' losses
             if global_params:
                 prox = sum(((p - g) ** 2).sum() for p, g in
                            zip(model.parameters(), global_params, strict=True))

@@ -1,4 +1,5 @@
-"""Model registry: every network a federated run can use, built by name from a task.
+"""Model registry: every network a federated run can use, built by name from a task:
+MONAI's networks, and the seed papers' networks that MONAI lacks (fedpacs.common.nets).
 
 Server and sites call :func:`build_model` with the same :class:`TaskConfig` and seed,
 so the global model and every local model share keys, shapes and initial weights.
@@ -14,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fedpacs.common.errors import ConfigError, FieldError
+from fedpacs.common.errors import ConfigError, FieldError, did_you_mean
+from fedpacs.common.nets import alexnet, fcn, googlenet, pspnet, segnet, vgg
 
 if TYPE_CHECKING:
     from fedpacs.common.tasks import TaskConfig
@@ -77,7 +79,18 @@ def _segresnet(task: TaskConfig) -> dict[str, Any]:
             "out_channels": task.num_classes, "init_filters": task.width}
 
 
+def _resunet(task: TaskConfig) -> dict[str, Any]:
+    """The registry's U-Net levels with two residual units per level (Kerfoot 2018)."""
+    if any(s % 8 for s in task.input_shape):  # three stride-2 levels, concatenated back
+        raise ConfigError("task", [FieldError(
+            "task.input_shape", "sides that are multiples of 8 for resunet",
+            repr(list(task.input_shape)), "pad the input to multiples of 8 or use segnet, "
+            "fcn8s or pspnet, which take any size")])
+    return _unet(task) | {"num_res_units": 2}
+
+
 NETS = "monai.networks.nets"
+OWN = "fedpacs.common.nets"
 MODELS: dict[str, ModelSpec] = {
     "resnet18": ModelSpec("classification", (2, 3), f"{NETS}.ResNet", _resnet([2, 2, 2, 2]),
                           "ResNet-18 (He 2016), MONAI implementation"),
@@ -91,16 +104,38 @@ MODELS: dict[str, ModelSpec] = {
                       "V-Net (Milletari 2016); input sides must be multiples of 16"),
     "segresnet": ModelSpec("segmentation", (2, 3), f"{NETS}.SegResNet", _segresnet,
                            "SegResNet (Myronenko 2018), MONAI implementation"),
+    # the seed papers' networks (fedpacs.common.nets; width 64 is the published width)
+    "alexnet": ModelSpec("classification", (2, 3), f"{OWN}.alexnet.AlexNet",
+                         alexnet.task_kwargs, "AlexNet (Krizhevsky 2012), torchvision layout"),
+    "vgg16": ModelSpec("classification", (2, 3), f"{OWN}.vgg.VGG16", vgg.task_kwargs,
+                       "VGG-16 (Simonyan 2015), configuration D, no batch norm"),
+    "googlenet": ModelSpec("classification", (2, 3), f"{OWN}.googlenet.GoogLeNet",
+                           googlenet.task_kwargs, "GoogLeNet / Inception v1 (Szegedy 2015) "
+                           "with its two auxiliary classifiers in training"),
+    "fcn8s": ModelSpec("segmentation", (2, 3), f"{OWN}.fcn.FCN8s", fcn.task_kwargs,
+                       "FCN-8s (Long 2015): VGG-16 encoder, pool3/pool4 skip fusion"),
+    "segnet": ModelSpec("segmentation", (2, 3), f"{OWN}.segnet.SegNet", segnet.task_kwargs,
+                        "SegNet (Badrinarayanan 2017): decoder unpools with the pooling indices"),
+    "pspnet": ModelSpec("segmentation", (2, 3), f"{OWN}.pspnet.PSPNet", pspnet.task_kwargs,
+                        "PSPNet (Zhao 2017): dilated ResNet-18-like backbone, pyramid pooling"),
+    "resunet": ModelSpec("segmentation", (2, 3), f"{NETS}.UNet", _resunet,
+                         "Residual U-Net (Kerfoot 2018), MONAI UNet with 2 residual units; "
+                         "input sides must be multiples of 8"),
 }
+
+
+def unknown_network(field: str, name: str) -> FieldError:
+    """The error for a network name that is not in the registry: the choices, and the
+    nearest one when the name looks misspelt."""
+    return FieldError(field, f"one of {', '.join(sorted(MODELS))}", repr(name),
+                      "pick a registered network" + did_you_mean(name, sorted(MODELS)))
 
 
 def build_model(task: TaskConfig, *, seed: int = 0) -> nn.Module:
     """Build the task's network with deterministic initial weights for ``seed``."""
     spec = MODELS.get(task.network)
     if spec is None:
-        raise ConfigError("task", [FieldError(
-            "task.network", f"one of {', '.join(sorted(MODELS))}", repr(task.network),
-            "pick a registered network")])
+        raise ConfigError("task", [unknown_network("task.network", task.network)])
     if spec.kind != task.kind or task.spatial_dims not in spec.spatial_dims:
         raise ConfigError("task", [FieldError(
             "task.network", f"a {task.kind} network for {task.spatial_dims}D input",

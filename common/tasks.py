@@ -95,12 +95,11 @@ def validate_task_dict(d: dict[str, Any], *, source_prefix: str) -> list[FieldEr
             errs.append(FieldError(f"{p}{key}", f"an integer in {lo}..{hi}", repr(v),
                                    f"set {key} to the number of channels/classes/features"))
     # the network must exist and fit the task kind
-    from fedpacs.common.models import MODELS
+    from fedpacs.common.models import MODELS, unknown_network
 
     spec = MODELS.get(str(d["network"]))
     if spec is None:
-        errs.append(FieldError(f"{p}network", f"one of {', '.join(sorted(MODELS))}",
-                               repr(d["network"]), "pick a network from the model registry"))
+        errs.append(unknown_network(f"{p}network", str(d["network"])))
     elif d["kind"] in TASK_KINDS and spec.kind != d["kind"]:
         errs.append(FieldError(f"{p}network", f"a {d['kind']} network", f"{d['network']!r} "
                                f"(a {spec.kind} network)", "pick a network of the task's kind"))
