@@ -177,15 +177,9 @@ def test_the_public_grid_api_fastgrid_relies_on() -> None:
 # --- rounds over the real ServerApp and ClientApp (tests/loopback.py) --------------------
 
 def _plain_sites(tmp_path: Path, data_dir: Path, n: int = 3) -> dict[int, Path]:
-    out = {}
-    for i in range(n):
-        p = tmp_path / f"site{i}.toml"
-        p.write_text(f'[site]\nname = "site-{i}"\ntask = "breastmnist"\n[data]\nformat = '
-                     f'"medmnist"\nroot = "{data_dir}/medmnist_breast/breastmnist.npz"\n'
-                     f"partition = {i}\nnum_partitions = {n}\n[compute]\nthreads = 1\n"
-                     "[security]\nrequire_secagg = false\n")
-        out[i + 1] = p
-    return out
+    from tests.loopback import breastmnist_sites
+
+    return breastmnist_sites(tmp_path, data_dir, n=n, security="require_secagg = false\n")
 
 
 def test_a_plain_round_is_one_exchange_and_every_round_has_its_evaluation(
