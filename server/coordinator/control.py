@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,6 @@ class ByAddress:
 
 
 APP_KEY_FLAG, ARTIFACT_KEY_FLAG, RUNS_DIR_FLAG = "--app-key", "--artifact-key", "--runs-dir"
-CONNECTION_FLAGS = ("--ca", APP_KEY_FLAG, ARTIFACT_KEY_FLAG, RUNS_DIR_FLAG)
 DEFAULT_WORKDIR = Path("runs/federation")
 
 
@@ -499,10 +498,7 @@ class RunStatus:
     reconciled: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "status": self.status, "details": self.details,
-                "run_dir": self.run_dir, "state": self.state, "round": self.round,
-                "rounds": self.rounds, "error": self.error, "latest": self.latest,
-                "reconciled": self.reconciled}
+        return asdict(self)
 
 
 def _int(v: Any) -> int | None:
@@ -542,7 +538,11 @@ def run_status(*, control: Control, run_id: int, run_dir: Path | None) -> RunSta
     status.json left at running by a ServerApp that is gone is settled first (only for
     the run directory's latest Flower run: an earlier one of a resumed run says nothing
     about the run now)."""
-    flower = control.flower_run(run_id)
+    return status_of(control.flower_run(run_id), run_id=run_id, run_dir=run_dir)
+
+
+def status_of(flower: FlowerRun, *, run_id: int, run_dir: Path | None) -> RunStatus:
+    """:func:`run_status` for what Flower already said of the run (``flower``)."""
     if run_dir is None:
         return RunStatus(run_id, flower.status, flower.details)
     record = read_run_record(run_dir)

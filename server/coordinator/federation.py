@@ -485,14 +485,6 @@ class Federation:
     def __exit__(self, *exc: object) -> None:
         self.down()
 
-    # ---------------------------------------------------------------- flwr CLI
-    def flwr(self, *args: str, timeout_s: float | None = None) -> str:
-        """Run the ``flwr`` CLI against this SuperLink; returns stdout or raises ProcessError."""
-        return self.control.flwr(*args, timeout_s=timeout_s)
-
-    def flwr_json(self, *args: str) -> Any:
-        return self.control.flwr_json(*args)
-
     # ---------------------------------------------------------------- site keys
     @property
     def node_ids_file(self) -> Path:
@@ -648,12 +640,6 @@ class Federation:
     def flower_status(self, run_id: int) -> str:
         return self.control.flower_run(run_id).status
 
-    def run_status(self, run_id: int) -> dict[str, Any]:
-        """Flower's status of the run plus fedpacs' round progress and latest metrics, with
-        a status.json left stale by a ServerApp that is gone settled first."""
-        return ctl.run_status(control=self.control, run_id=run_id,
-                              run_dir=self.find_run_dir(run_id)).to_json()
-
     def stop_run(self, run_id: int) -> None:
         self.run_dir(run_id)  # refuses a run of another federation
         self.control.stop(run_id)
@@ -688,7 +674,8 @@ class Federation:
         while Flower runs it); when the SuperLink dies the run is marked interrupted and
         ProcessError raised. Returns Flower's final status (status.json settled to it)."""
         run_dir = self.run_dir(run_id)
-        seen, status, next_status = 0, "pending", 0.0
+        seen, next_status = 0, 0.0
+        flower = ctl.FlowerRun(run_id, "pending")
         deadline = time.monotonic() + timeout_s
         reported: set[int] = set()
 
@@ -705,12 +692,12 @@ class Federation:
             report()
             if time.monotonic() >= next_status:
                 try:
-                    status = self.flower_status(run_id)
+                    flower = self.control.flower_run(run_id)
                 except ProcessError:  # the SuperLink may have died since the check
                     self._check_run_alive(run_dir, reported, on_gone)
                     raise
                 next_status = time.monotonic() + self.timeouts.status_every
-                if status.startswith("finished"):
+                if flower.finished:
                     report()
                     break
             if time.monotonic() >= deadline:
@@ -720,7 +707,7 @@ class Federation:
                 raise DeadlineError(f"run {run_id} did not finish within {timeout_s:.0f}s; "
                                     f"logs in {self.log_dir}")
             time.sleep(1.0)
-        ctl.run_status(control=self.control, run_id=run_id, run_dir=run_dir)  # settles it
+        ctl.status_of(flower, run_id=run_id, run_dir=run_dir)  # settles status.json
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.log_dir / f"run-{run_id}.log").write_text(self.logs(run_id), encoding="utf-8")
-        return status
+        return flower.status
