@@ -58,6 +58,7 @@ from fedpacs.server.recorder import (
     evaluation_phase,
     metric_dict,
     site_name,
+    unanswered,
 )
 from fedpacs.server.report import write_report
 from fedpacs.server.resume import RESUME_KEY, Checkpoint, open_checkpoint
@@ -194,6 +195,7 @@ class FederatedRun:
         self.current = arrays
         closed = self.recorder.close(server_round)
         record = closed.record
+        record.dropped = unanswered(exchanges)  # (SecAgg+ stages count theirs in secagg)
         started = time.monotonic()
         if self.holdout is not None:
             record.heldout = evaluate(self.model, self.holdout, task=self.task,
@@ -235,13 +237,11 @@ class FederatedRun:
         self.run_dir.set_status("running", round_=self.offset, total=cfg.rounds)
         try:
             return self._run()
-        except (KeyboardInterrupt, SystemExit) as exc:
-            self.run_dir.set_status("interrupted", round_=len(self.run_dir.rounds) - 1,
-                                    total=cfg.rounds, error=stop_reason(exc))
-            raise
         except BaseException as exc:
-            self.run_dir.set_status("failed", round_=len(self.run_dir.rounds) - 1,
-                                    total=cfg.rounds, error=stop_reason(exc))
+            stopped = isinstance(exc, KeyboardInterrupt | SystemExit)
+            self.run_dir.set_status("interrupted" if stopped else "failed",
+                                    round_=len(self.run_dir.rounds) - 1, total=cfg.rounds,
+                                    error=stop_reason(exc))
             raise
 
     def _run(self) -> Path:

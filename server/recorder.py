@@ -201,6 +201,12 @@ class RoundRecord:
         return len(self.train.sites) if self.train else 0
 
 
+def unanswered(exchanges: Sequence[Exchange]) -> int:
+    """Plain train messages of a round's exchanges that got no reply (errors are replies)
+    by the deadline: the round's ``dropped`` sites."""
+    return sum(e.sent - e.replies for e in exchanges if e.kind == "train" and not e.stage)
+
+
 @dataclass(frozen=True)
 class ClosedRound:
     """What :meth:`RoundRecorder.close` hands over: the round's record, the sites'
@@ -227,15 +233,6 @@ class RoundRecorder:
     _site_phases: dict[str, dict[str, float]] = field(default_factory=dict)
     _rejected: dict[str, str] = field(default_factory=dict)
     _secagg: SecAggCount | None = None
-    _sent = 0  # plain rounds: train messages sent, and replies (errors included) received
-    _answered = 0
-
-    def sent(self, messages: int) -> None:
-        self._sent += messages
-
-    def answered(self, replies: int) -> None:
-        self._answered += replies
-
     # hooks given to Flower's strategies (train_metrics_aggr_fn / evaluate_metrics_aggr_fn)
     def aggregate_train(self, records: list[RecordDict], key: str) -> MetricRecord:
         """The training metrics' weighted mean (by ``key``); the folded evaluation is kept
@@ -308,8 +305,7 @@ class RoundRecorder:
     def close(self, server_round: int) -> ClosedRound:
         """The finished round; the recorder starts the next one empty."""
         rec = RoundRecord(round=server_round, train=self._train, evaluate=self._evaluate,
-                          rejected=self._rejected, secagg=self._secagg,
-                          dropped=max(self._sent - self._answered, 0))
+                          rejected=self._rejected, secagg=self._secagg)
         closed = ClosedRound(rec, self._evaluated_before, self._site_phases)
         self._train, self._evaluate, self._rejected, self._secagg = None, None, {}, None
         self._sent = self._answered = 0

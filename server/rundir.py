@@ -205,7 +205,4 @@ def read_server_side(run_name: str) -> dict[str, Any]:
     runs = os.environ.get(RUNS_DIR_ENV, "")
     if not runs or not RUN_NAME_RE.match(run_name):
         return {}
-    try:
-        return dict(json.loads((Path(runs) / run_name / SERVER_SIDE_FILE).read_text()))
-    except (OSError, ValueError):
-        return {}
+    return read_server_side_file(Path(runs) / run_name)

@@ -141,16 +141,12 @@ class ScreenedStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        messages = list(self.inner.configure_train(server_round + self.round_offset, arrays,
-                                                   config, grid))
-        self.recorder.sent(len(messages))
-        return messages
+        return self.inner.configure_train(server_round + self.round_offset, arrays, config,
+                                          grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        replies = list(replies)
-        self.recorder.answered(len(replies))
         kept, rejected = screen(replies, self.model.state_dict(), max_norm=self.max_norm,
                                 max_weight=self.max_weight)
         for site, reason in rejected.items():

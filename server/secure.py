@@ -73,18 +73,17 @@ class SecureFedAvg(LegacyFedAvg):
     (shapes, dtypes, finite, norm bound) and keeps per-site metrics (sent in the clear)."""
 
     def __init__(self, cfg: RunConfig, model: nn.Module, recorder: RoundRecorder, *,
-                 initial: ArrayRecord | None = None, round_offset: int = 0) -> None:
-        """``initial``: the global model to start from (default: ``model``'s state);
+                 initial: ArrayRecord, round_offset: int = 0) -> None:
+        """``initial``: the global model to start from;
         ``round_offset`` (a resumed run: its last completed round) is added to the round
         numbers the workflow counts from 1, in the sites' instructions and the logs."""
         self.cfg, self.model, self.recorder = cfg, model, recorder
         self.sampled = 0
         self.round_offset = round_offset
-        start = wire.model_to_arrays(model) if initial is None else initial
         super().__init__(
             fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=cfg.min_sites,
             min_evaluate_clients=cfg.min_sites, min_available_clients=cfg.min_sites,
-            initial_parameters=ndarrays_to_parameters(wire.to_numpy_list(start)),
+            initial_parameters=ndarrays_to_parameters(wire.to_numpy_list(initial)),
             on_fit_config_fn=lambda r: RoundInstructions.for_round(
                 cfg, r + round_offset, evaluate_first=True).to_dict(),
             accept_failures=True)
@@ -167,13 +166,13 @@ def secagg_workflow(cfg: RunConfig) -> SecAggPlusWorkflow:
 
 def run_secure(grid: Grid, context: Context, cfg: RunConfig, model: nn.Module,
                recorder: RoundRecorder, end_of_round: EndOfRound, *,
-               initial: ArrayRecord | None = None, round_offset: int = 0) -> ArrayRecord:
+               initial: ArrayRecord, round_offset: int = 0) -> ArrayRecord:
     """SecAgg+ rounds ``round_offset + 1`` .. ``cfg.rounds`` over ``grid`` (every
-    exchange of the workflow goes through it), from ``initial`` (default: ``model``'s
-    state); returns the final global model (packed). A fresh run (``round_offset`` 0)
-    records its initial model as round 0 first; a resumed one has it recorded."""
+    exchange of the workflow goes through it), from ``initial``; returns the final global
+    model (packed). A fresh run (``round_offset`` 0) records its initial model as round 0
+    first; a resumed one has it recorded."""
     if round_offset >= cfg.rounds:  # resumed after the last round: nothing left to train
-        return wire.model_to_arrays(model) if initial is None else initial
+        return initial
     strategy = SecureFedAvg(cfg, model, recorder, initial=initial, round_offset=round_offset)
     legacy = LegacyContext(context=context,
                            config=ServerConfig(num_rounds=cfg.rounds - round_offset),
@@ -190,7 +189,7 @@ def run_secure(grid: Grid, context: Context, cfg: RunConfig, model: nn.Module,
         end_of_round(server_round + round_offset, current())
 
     if round_offset == 0:
-        end_of_round(0, wire.model_to_arrays(model))
+        end_of_round(0, initial)
     DefaultWorkflow(fit_workflow=secagg_workflow(cfg), evaluate_workflow=evaluate_workflow)(
         grid, legacy)
     return current()
