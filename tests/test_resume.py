@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -131,23 +130,13 @@ class Seen:
         return False
 
 
-class OrderedGrid(LoopbackGrid):
-    """Replies in node order. The ServerApp pulls the replies it awaits by id from a set,
-    so they come in a random order, and floating-point sums depend on their order (1e-7
-    apart, which FedAdam and the sites' optimiser blow up to 1e-3 over three rounds): in
-    node order two runs of one config give the same model every time."""
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return sorted(super().pull_messages(message_ids),
-                      key=lambda m: m.metadata.src_node_id)
-
 
 def test_a_fedadam_run_stopped_twice_and_resumed_ends_as_the_unstopped_run(
         tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sites = _sites(tmp_path, data_dir)
     runs = tmp_path / "runs"
     whole = _cfg(runs, "whole")
-    run_federation(OrderedGrid(client_app, sites), whole, _context())
+    run_federation(LoopbackGrid(client_app, sites), whole, _context())
 
     cfg = _cfg(runs, "stopped")
     run_dir = Path(cfg.run_dir)
@@ -162,7 +151,7 @@ def test_a_fedadam_run_stopped_twice_and_resumed_ends_as_the_unstopped_run(
     with monkeypatch.context() as m:
         m.setattr(RunDirectory, "append_round", die_at_round_2)
         with pytest.raises(KeyboardInterrupt):
-            run_federation(OrderedGrid(client_app, sites), cfg, _context())
+            run_federation(LoopbackGrid(client_app, sites), cfg, _context())
     status = read_status(run_dir)
     assert (status["state"], status["round"]) == ("interrupted", 1)
     assert status["error"] == "KeyboardInterrupt (SIGINT)"
@@ -176,7 +165,7 @@ def test_a_fedadam_run_stopped_twice_and_resumed_ends_as_the_unstopped_run(
     resumed = _resumed_config(run_dir, monkeypatch)
     assert resumed == replace(cfg, resume_from=1)
     seen = Seen(stop_at=3)
-    run = FederatedRun(OrderedGrid(client_app, sites, drop=seen), resumed, _context())
+    run = FederatedRun(LoopbackGrid(client_app, sites, drop=seen), resumed, _context())
     assert not (round_folder(run_dir, 2)).exists()  # the unrecorded round is dropped
     with pytest.raises(KeyboardInterrupt):
         run.run()
@@ -196,7 +185,7 @@ def test_a_fedadam_run_stopped_twice_and_resumed_ends_as_the_unstopped_run(
     seen = Seen()
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        serverapp_main(OrderedGrid(client_app, sites, drop=seen),
+        serverapp_main(LoopbackGrid(client_app, sites, drop=seen),
                        Context(1, 0, {}, RecordDict(), app_config))
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -250,7 +239,7 @@ def test_secagg_resume_continues_the_round_numbers_and_the_model(
     runs = tmp_path / "runs"
     secure = {"secagg": True, "strategy": "fedavg", "rounds": 2}
     whole = _cfg(runs, "whole", **secure)
-    run_federation(OrderedGrid(client_app, sites), whole, _context())
+    run_federation(LoopbackGrid(client_app, sites), whole, _context())
 
     cfg = _cfg(runs, "stopped", **secure)
     run_dir = Path(cfg.run_dir)
@@ -267,7 +256,7 @@ def test_secagg_resume_continues_the_round_numbers_and_the_model(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         assert install_sigterm_handler()
-        grid = OrderedGrid(client_app, sites, drop=sigterm_at_round_2)
+        grid = LoopbackGrid(client_app, sites, drop=sigterm_at_round_2)
         with pytest.raises(SystemExit) as stopped:
             run_federation(grid, cfg, _context())
     finally:
@@ -276,7 +265,7 @@ def test_secagg_resume_continues_the_round_numbers_and_the_model(
     status = read_status(run_dir)
     assert (status["state"], status["error"], status["round"]) == ("interrupted", "SIGTERM", 1)
 
-    grid = OrderedGrid(client_app, sites)
+    grid = LoopbackGrid(client_app, sites)
     FederatedRun(grid, _resumed_config(run_dir, monkeypatch), _context()).run()
     stages = [m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
               for p in grid.pushes for m in p[:1]
@@ -503,7 +492,7 @@ def test_a_run_stopped_after_its_last_round_only_finishes(
     cfg = _stopped_run(tmp_path / "runs", "run", rounds=4)  # rounds 0..3 of 3
     run_dir = Path(cfg.run_dir)
     seen = Seen()
-    grid = OrderedGrid(client_app, _sites(tmp_path, data_dir), drop=seen)
+    grid = LoopbackGrid(client_app, _sites(tmp_path, data_dir), drop=seen)
     FederatedRun(grid, replace(load_resume(run_dir).config, resume_from=3), _context()).run()
     assert seen.rounds == [("evaluate", 3)]
     assert read_status(run_dir)["state"] == "finished"
