@@ -56,15 +56,11 @@ class FCN8s(nn.Module):
         self.score_fr = conv(fc, c, 1)
         self.score_pool4 = conv(8 * width, c, 1)
         self.score_pool3 = conv(4 * width, c, 1)
-        self.upsample = upsample
-        self.up2: nn.Module | None = None
-        self.up_pool4: nn.Module | None = None
-        self.up8: nn.Module | None = None
-        init_vgg(self)
-        if upsample == "deconv":
-            self.up2 = _bilinear_deconv(d, c, 2)
-            self.up_pool4 = _bilinear_deconv(d, c, 2)
-            self.up8 = _bilinear_deconv(d, c, 8)
+        init_vgg(self)  # (before the deconvolutions, which start out bilinear)
+        deconv = upsample == "deconv"
+        self.up2 = _bilinear_deconv(d, c, 2) if deconv else None
+        self.up_pool4 = _bilinear_deconv(d, c, 2) if deconv else None
+        self.up8 = _bilinear_deconv(d, c, 8) if deconv else None
 
     def _up(self, deconv: nn.Module | None, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if deconv is not None:
