@@ -424,15 +424,21 @@ def test_site_daemon_killed_and_restarted_rejoins_without_registration(
     """site-c's daemon is killed (kill -9) and started again: the same node, no
     re-registration. Then a run stopped with `run stop` by address is resumed."""
     c = fed.hospitals["site-c"]
-    before = fed.nodes()["site-c"].get("node-id")
+    node = fed.nodes()["site-c"]
     assert c.daemon is not None
     c.daemon.kill()  # kill -9 the daemon: its SuperNode and SuperExec go with it
     c.daemon.wait(timeout=30)
     wait_until("site-c's processes gone", lambda: not pids_in(c.host, r"fedpacs"),
                timeout_s=30)
     fed.start_daemon(c)
+    # the SuperLink reads a killed node as online until its heartbeat lapses (a message sent
+    # to it after that, before the new SuperNode comes, gets Flower's "node unavailable"
+    # reply and the site misses that round): wait for the new SuperNode's own activation
+    wait_until("site-c's new SuperNode activated",
+               lambda: fed.nodes()["site-c"].get("online-at") != node.get("online-at"),
+               timeout_s=240, interval_s=2.0)
     fed.wait_online(set(SITES), timeout_s=240)
-    assert fed.nodes()["site-c"].get("node-id") == before
+    assert fed.nodes()["site-c"].get("node-id") == node.get("node-id")
     # a run stopped by address reads interrupted, and resumes with all four sites
     run_id, run_dir = fed.start_run("--task", "hippocampus", "--rounds", "3", "--min-sites",
                                     "4", "--no-secagg")
@@ -443,5 +449,5 @@ def test_site_daemon_killed_and_restarted_rejoins_without_registration(
                timeout_s=120, interval_s=2.0)
     assert fed.resume(run_dir, 3) >= 1
     for n in range(1, 4):
-        assert train_sites(run_dir, n) == set(SITES)
+        assert train_sites(run_dir, n) == set(SITES), read_rounds(run_dir)[n]
 
