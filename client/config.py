@@ -46,6 +46,10 @@ class ComputeConfig:
     # keep imports, kernels and decoded data in a warm parent that forks a process per
     # message (fedpacs.client.warm); false: a cold process per message, as Flower does
     warm: bool = True
+    # on CUDA only (a CPU site trains as before): mixed precision (float16 autocast with a
+    # gradient scaler) and DataLoader worker processes feeding the GPU
+    amp: bool = True
+    loader_workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,8 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
     check_unknown(site, {"name", "task"}, "site.", errs)
     check_unknown(data, {"format", "root", "partition", "num_partitions", "holdout_fraction",
                           "val_fraction", "seed", "labels", "window", "spacing"}, "data.", errs)
-    check_unknown(comp, {"device", "threads", "warm"}, "compute.", errs)
+    check_unknown(comp, {"device", "threads", "warm", "amp", "loader_workers"}, "compute.",
+                  errs)
 
     name = site.get("name")
     if not isinstance(name, str) or not name.strip():
@@ -210,6 +215,12 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
         errs.append(FieldError("compute.warm", "true or false", type_name(warm),
                                "set warm = true (or false for a cold process per message)"))
         warm = ComputeConfig.warm
+    amp = comp.get("amp", ComputeConfig.amp)
+    if not isinstance(amp, bool):
+        errs.append(FieldError("compute.amp", "true or false", type_name(amp),
+                               "set amp = true (mixed precision on CUDA) or false"))
+        amp = ComputeConfig.amp
+    workers = _int(comp, "loader_workers", ComputeConfig.loader_workers, 0, "compute.")
     preprocess = parse_preprocess(data, fmt, errs)
     ingest = parse_ingest(raw, base_dir, errs) if "pacs" in raw else None
     security = parse_security(section(raw, "security", errs), base_dir, errs)
@@ -220,7 +231,8 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
         name=name.strip(), task=task,
         data=DataSpec(format=fmt, root=root, partition=partition, num_partitions=num_parts,
                       holdout_fraction=holdout, val_fraction=val, seed=seed, labels=labels),
-        compute=ComputeConfig(device=str(device), threads=threads, warm=warm), source=source,
+        compute=ComputeConfig(device=str(device), threads=threads, warm=warm, amp=amp,
+                              loader_workers=workers), source=source,
         ingest=ingest, custom_task=custom,
         security=security, preprocess=preprocess,
     )

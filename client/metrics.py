@@ -30,6 +30,7 @@ class SiteMetrics:
     val_samples: Gauge
     last_round: Gauge
     peak_memory: Gauge
+    gpu_peak_memory: Gauge
     rounds: Counter
     errors: Counter
 
@@ -52,6 +53,9 @@ def site_metrics() -> SiteMetrics:
                          multiprocess_mode="mostrecent"),
         peak_memory=Gauge("fedpacs_site_peak_memory_bytes", "Peak resident memory of a "
                           "ClientApp process", multiprocess_mode="max"),
+        gpu_peak_memory=Gauge("fedpacs_site_gpu_peak_memory_bytes", "Peak GPU memory a "
+                              "round's local training allocated (CUDA sites only)",
+                              multiprocess_mode="mostrecent"),
         rounds=Counter("fedpacs_site_rounds", "Training rounds completed by this site"),
         errors=Counter("fedpacs_site_errors", "Messages refused by this site, by code",
                        ["code"]),

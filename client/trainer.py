@@ -32,6 +32,7 @@ from fedpacs.common.datasets import SiteData
 from fedpacs.common.engine import TrainParams, evaluate, train
 from fedpacs.common.errors import ConfigError, FieldError, PolicyError
 from fedpacs.common.models import build_model, norm_state_keys, pick_device
+from fedpacs.common.recipe import Recipe
 from fedpacs.common.tasks import TaskConfig, task_with_network
 
 log = logging.getLogger("fedpacs.site")
@@ -86,7 +87,15 @@ class OpenRound:
     device: torch.device
     data: SiteData
     model: torch.nn.Module
+    recipe: Recipe
     fedbn_restored: int = 0  # normalisation entries taken from this site's own state
+    data_partition: int = 0
+
+    @property
+    def seed(self) -> int:
+        """This site's seed for the round: its sampling, augmentation and uncertainty
+        draws differ from every other site's and round's, and repeat when run again."""
+        return self.ins.seed * 1_000_003 + self.ins.server_round * 101 + self.data_partition
 
 
 FEDBN_STATE_KEY = "fedbn-local"
@@ -100,6 +109,7 @@ def open_round(site: SiteConfig, content: RecordDict, state: RecordDict, *,
     ins = RoundInstructions.from_record(content.config_records[CONFIG_KEY])
     task, device = prepare(site, ins.task, ins.network, ins.task_json)
     policy.enforce(site, ins, task, training=training)
+    recipe = ins.training_recipe(task.kind)
     if not training and ins.xval_model not in ("", XVAL_GLOBAL) \
             and not site.security.share_local_model:
         raise PolicyError("a cross-site validation message", [FieldError(
@@ -114,7 +124,7 @@ def open_round(site: SiteConfig, content: RecordDict, state: RecordDict, *,
         local = state.array_records[FEDBN_STATE_KEY].to_torch_state_dict()
         model.load_state_dict(local, strict=False)
         restored = len(local)
-    return OpenRound(ins, task, device, data, model, restored)
+    return OpenRound(ins, task, device, data, model, recipe, restored, site.data.partition)
 
 
 def keep_norm_layers(model: torch.nn.Module, state: RecordDict) -> None:
@@ -131,7 +141,8 @@ def evaluation(site: SiteConfig, r: OpenRound) -> dict[str, float]:
     reply. The global random state is left as it was, so that training after it draws the
     same numbers as without it."""
     with torch.random.fork_rng(devices=[]):
-        values = evaluate(r.model, r.data.val, task=r.task, device=r.device)
+        values = evaluate(r.model, r.data.val, task=r.task, device=r.device, recipe=r.recipe,
+                          seed=r.seed)
     timing.mark(timing.EVALUATED)
     site_metrics().val_samples.set(len(r.data.val))
     log.info("site %s round %d: evaluated on %d samples: %s", site.name, r.ins.server_round,
@@ -154,10 +165,10 @@ def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> Rec
     r = open_round(site, content, state, training=True)
     ins, task, device, data, model = r.ins, r.task, r.device, r.data, r.model
     evaluated = fold_evaluation(evaluation(site, r)) if ins.evaluate_first else {}
-    seed = ins.seed * 1_000_003 + ins.server_round * 101 + site.data.partition
-    res = train(model, data.train, task=task, device=device, seed=seed, params=TrainParams(
-        epochs=ins.local_epochs, batch_size=ins.batch_size, lr=ins.lr,
-        proximal_mu=ins.proximal_mu))
+    res = train(model, data.train, task=task, device=device, seed=r.seed, recipe=r.recipe,
+                amp=site.compute.amp, workers=site.compute.loader_workers,
+                params=TrainParams(epochs=ins.local_epochs, batch_size=ins.batch_size,
+                                   lr=ins.lr, proximal_mu=ins.proximal_mu))
     timing.mark(timing.TRAINED)
     if ins.fedbn:
         keep_norm_layers(model, state)
@@ -167,8 +178,11 @@ def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> Rec
     m.last_round.set(ins.server_round)
     m.rounds.inc()
     m.record_memory()
-    log.info("site %s round %d: trained on %d samples in %.1fs, loss %.4f",
-             site.name, ins.server_round, res.num_examples, res.seconds, res.loss)
+    if device.type == "cuda":
+        m.gpu_peak_memory.set(res.gpu_peak_mb * 2**20)
+    log.info("site %s round %d: trained on %d samples in %.1fs (lr %.3g), loss %.4f%s",
+             site.name, ins.server_round, res.num_examples, res.seconds, ins.lr, res.loss,
+             f", GPU peak {res.gpu_peak_mb:.0f} MiB" if device.type == "cuda" else "")
     metrics = MetricRecord({wire.NUM_EXAMPLES: res.num_examples, "train-loss": res.loss,
                             "train-seconds": res.seconds, **evaluated, **site_timing()})
     return RecordDict({wire.ARRAYS_KEY: wire.model_to_arrays(model),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedpacs.common.errors import ConfigError, FieldError, did_you_mean
+from fedpacs.common.recipe import DEFAULT_RECIPE, Recipe
 from fedpacs.common.strategies import SECAGG_STRATEGIES, STRATEGY_NAMES
 from fedpacs.common.tasks import (
     TASK_PRESETS,
@@ -86,7 +87,8 @@ class DataSpec:
 
 # RunConfig fields that name coordinator paths, keys or ports: they stay on the coordinator.
 SERVER_SIDE_FIELDS = frozenset({"run_dir", "eval_format", "eval_root", "eval_holdout_fraction",
-                                "eval_seed", "metrics_port", "artifact_key", "resume_from"})
+                                "eval_seed", "metrics_port", "artifact_key", "resume_from",
+                                "init_model", "init_registry"})
 # set by `fedpacs run resume` alone (fedpacs.server.resume.mark_resume, in server.json):
 # never from a run.toml, a flag or the run's app
 RESUME_FIELD = "resume_from"
@@ -102,7 +104,26 @@ class RunConfig:
     # 0 (the default): the task preset's value (fedpacs.common.tasks.PRESET_TRAINING)
     local_epochs: int = 0
     batch_size: int = 0
-    lr: float = 0.0
+    lr: float = 0.0  # the base rate; each round's follows lr-schedule (recipe.round_lr)
+    # the training recipe (fedpacs.common.recipe.Recipe, where each default and meaning lives)
+    augment: str = DEFAULT_RECIPE.augment
+    loss: str = DEFAULT_RECIPE.loss
+    class_weights: str = DEFAULT_RECIPE.class_weights
+    focal_gamma: float = DEFAULT_RECIPE.focal_gamma
+    sampler: str = DEFAULT_RECIPE.sampler
+    optimizer: str = DEFAULT_RECIPE.optimizer
+    momentum: float = DEFAULT_RECIPE.momentum
+    weight_decay: float = DEFAULT_RECIPE.weight_decay
+    lr_schedule: str = DEFAULT_RECIPE.lr_schedule
+    warmup_rounds: int = DEFAULT_RECIPE.warmup_rounds
+    grad_clip: float = DEFAULT_RECIPE.grad_clip
+    freeze: str = DEFAULT_RECIPE.freeze
+    uncertainty: str = DEFAULT_RECIPE.uncertainty
+    uncertainty_samples: int = DEFAULT_RECIPE.uncertainty_samples
+    # server-side: the run's round-0 weights from a registry model id, a MONAI bundle folder
+    # or a .pt file (fedpacs.common.transfer); "": the network's seeded initial weights
+    init_model: str = ""
+    init_registry: str = ""  # server-side: the registry folder an --init-model id is read from
     min_sites: int = 3
     round_timeout_s: float = 900.0
     seed: int = 0
@@ -146,6 +167,10 @@ class RunConfig:
         for name in ("local_epochs", "batch_size", "lr"):
             if getattr(self, name) == 0:
                 object.__setattr__(self, name, getattr(defaults, name))
+
+    def recipe(self) -> Recipe:
+        """The run's training recipe (what every site's round instructions carry)."""
+        return Recipe(**{f.name: getattr(self, f.name) for f in fields(Recipe)})
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
@@ -282,10 +307,30 @@ class RunConfig:
         if self.task in TASK_PRESETS and self.network and not self.task_json:
             d = TASK_PRESETS[self.task].to_dict() | {"network": self.network}
             errs.extend(validate_task_dict(d, source_prefix=""))
+        errs.extend(self.recipe_problems())
         if self.eval_format and not Path(self.eval_root).exists():
             errs.append(FieldError("eval-root", "an existing path on the server",
                                    repr(self.eval_root), "fix the held-out data path"))
         return errs
+
+    def recipe_problems(self) -> list[FieldError]:
+        """The recipe's problems, and whether it fits the run's task (its kind, and dropout
+        layers for MC dropout: the network is built on the meta device, without memory)."""
+        try:
+            task = self.task_config()
+        except (ConfigError, ValueError, KeyError):
+            return self.recipe().validate()  # the task's own errors are reported apart
+        has_dropout = None
+        if self.uncertainty == "mc-dropout":
+            import torch
+
+            from fedpacs.common.models import MODELS
+
+            with torch.device("meta"):
+                net = MODELS[task.network].build(task)
+            has_dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
+                              for m in net.modules())
+        return self.recipe().validate(task.kind, has_dropout=has_dropout)
 
     def task_config(self) -> TaskConfig:
         """The task preset (or custom task), with the run's network if one was chosen."""
@@ -310,12 +355,15 @@ RUN_TOML_SECTIONS: dict[str, dict[str, str]] = {
     "run": {"task": "task", "network": "network", "rounds": "rounds",
             "min_sites": "min_sites", "round_timeout_s": "round_timeout_s", "seed": "seed",
             "cross_site": "cross_site", "cross_site_local": "cross_site_local"},
-    "training": {"local_epochs": "local_epochs", "batch_size": "batch_size", "lr": "lr"},
+    "training": {"local_epochs": "local_epochs", "batch_size": "batch_size", "lr": "lr",
+                 **{f.name: f.name for f in fields(Recipe) if not f.name.startswith("uncert")},
+                 "init_model": "init_model"},
     "strategy": {"name": "strategy", "proximal_mu": "proximal_mu", "server_lr": "server_lr",
                  "trimmed_beta": "trimmed_beta", "krum_malicious": "krum_malicious",
                  "fedbn": "fedbn"},
     "evaluation": {"format": "eval_format", "root": "eval_root",
-                   "holdout_fraction": "eval_holdout_fraction", "seed": "eval_seed"},
+                   "holdout_fraction": "eval_holdout_fraction", "seed": "eval_seed",
+                   "uncertainty": "uncertainty", "uncertainty_samples": "uncertainty_samples"},
     "secagg": {"enabled": "secagg", "threshold": "secagg_threshold", "clip": "secagg_clip",
                "max_weight": "secagg_max_weight"},
     "screening": {"max_update_norm": "max_update_norm"},
@@ -360,6 +408,9 @@ def load_run_config(path: Path | None, flags: dict[str, Any]) -> RunConfig:
         root = values.get("eval_root")
         if isinstance(root, str) and root and not Path(root).is_absolute():
             values["eval_root"] = str((path.parent / root).resolve())
+        init = values.get("init_model")
+        if isinstance(init, str) and init and (path.parent / init).exists():
+            values["init_model"] = str((path.parent / init).resolve())
     if RESUME_FIELD in flags:
         errs.append(FieldError(RESUME_FIELD.replace("_", "-"), "no value here (a new run "
                                "starts at round 0)", repr(flags[RESUME_FIELD]),

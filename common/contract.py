@@ -26,6 +26,7 @@ from flwr.app import ConfigRecord
 
 from fedpacs.common.config import RunConfig
 from fedpacs.common.errors import ConfigError, FieldError
+from fedpacs.common.recipe import Recipe, round_lr
 
 # Keys of the records inside a Flower message (FedAvg uses "arrays" and "config").
 ARRAYS_KEY = "arrays"
@@ -73,6 +74,7 @@ class RoundInstructions:
     dp_clip: float
     dp_epsilon: float
     dp_delta: float
+    recipe: str  # the run's training recipe as JSON (fedpacs.common.recipe.Recipe)
     xval_model: str = ""  # which model a cross-site validation message carries
     # train messages: first evaluate the incoming global model on the validation split and
     # fold its metrics into the reply (one exchange per round instead of train + evaluate)
@@ -82,14 +84,27 @@ class RoundInstructions:
     def for_round(cls, cfg: RunConfig, server_round: int, *, xval_model: str = "",
                   fedbn: bool | None = None, evaluate_first: bool = False
                   ) -> RoundInstructions:
-        """The instructions of round ``server_round`` of run ``cfg`` (no server paths)."""
+        """The instructions of round ``server_round`` of run ``cfg`` (no server paths); the
+        round's learning rate follows the run's schedule."""
+        recipe = cfg.recipe()
         return cls(task=cfg.task, server_round=server_round, local_epochs=cfg.local_epochs,
-                   batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, network=cfg.network,
+                   batch_size=cfg.batch_size, seed=cfg.seed, network=cfg.network,
+                   lr=round_lr(cfg.lr, server_round, cfg.rounds, recipe),
+                   recipe=recipe.to_json(),
                    task_json=cfg.task_json, proximal_mu=cfg.proximal_mu,
                    fedbn=cfg.fedbn if fedbn is None else fedbn, secagg=cfg.secagg,
                    secagg_clip=cfg.secagg_clip, secagg_max_weight=cfg.secagg_max_weight,
                    dp_clip=cfg.dp_clip, dp_epsilon=cfg.dp_epsilon, dp_delta=cfg.dp_delta,
                    xval_model=xval_model, evaluate_first=evaluate_first)
+
+    def training_recipe(self, kind: str) -> Recipe:
+        """The recipe this round carries, checked here as any input from the server is
+        (known choices, values in range, fitting a task of ``kind``)."""
+        recipe = Recipe.from_json(self.recipe, source="round instructions from the server")
+        errs = recipe.validate(kind)
+        if errs:
+            raise ConfigError("round instructions from the server", errs)
+        return recipe
 
     def to_dict(self) -> dict[str, bool | int | float | str]:
         return {_key(f.name): getattr(self, f.name) for f in fields(self)}

@@ -71,7 +71,8 @@ def _unet(task: TaskConfig) -> dict[str, Any]:
 
 def _vnet(task: TaskConfig) -> dict[str, Any]:
     return {"spatial_dims": task.spatial_dims, "in_channels": task.in_channels,
-            "out_channels": task.num_classes, "dropout_prob": 0.0}
+            "out_channels": task.num_classes, "dropout_prob_down": 0.0,
+            "dropout_prob_up": (0.0, 0.0)}
 
 
 def _segresnet(task: TaskConfig) -> dict[str, Any]:

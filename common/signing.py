@@ -89,8 +89,11 @@ def _load_public(path: Path) -> Ed25519PublicKey:
     return key
 
 
+HELDOUT_CASES_FILE = "final/heldout_cases.json"  # per-case held-out results (--uncertainty)
+
+
 def artifact_paths(run_dir: Path) -> list[str]:
-    files = ["final/model.pt", "final/model_card.json", "metrics.json"]
+    files = ["final/model.pt", "final/model_card.json", "metrics.json", HELDOUT_CASES_FILE]
     files += sorted(str(p.relative_to(run_dir)) for p in (run_dir / "rounds").glob("*/*")
                     if p.is_file())
     return [f for f in files if (run_dir / f).is_file()]

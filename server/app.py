@@ -19,7 +19,7 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,15 +37,18 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedpacs.common import wire
+from fedpacs.common.artifacts import write_json
 from fedpacs.common.config import RunConfig
 from fedpacs.common.contract import TIMING_PREFIX, VAL_PREFIX, XVAL_GLOBAL, RoundInstructions
 from fedpacs.common.datasets import load_holdout
-from fedpacs.common.engine import evaluate
+from fedpacs.common.engine import evaluate, evaluate_cases
 from fedpacs.common.errors import ConfigError, DataError, FieldError
 from fedpacs.common.flowertune import quick_object_pulls
 from fedpacs.common.models import build_model, pick_device
-from fedpacs.common.signing import sign_run
+from fedpacs.common.recipe import round_lr
+from fedpacs.common.signing import HELDOUT_CASES_FILE, sign_run
 from fedpacs.common.telemetry import multiprocess_dir
+from fedpacs.common.transfer import load_init_model, weights_sha256
 from fedpacs.common.wire import XVAL_MODEL_KEY
 from fedpacs.server.grid import FastGrid
 from fedpacs.server.metrics import ServerMetrics
@@ -129,8 +132,15 @@ class FederatedRun:
         self.grid = FastGrid(grid, default_timeout_s=cfg.round_timeout_s)
         self.cfg, self.context = cfg, context
         self.task = cfg.task_config()
+        self.recipe = cfg.recipe()
         torch.manual_seed(cfg.seed)
         self.model = build_model(self.task, seed=cfg.seed)
+        self.init_source = ""  # round 0's weights when they come from --init-model
+        if cfg.init_model and cfg.resume_from < 0:
+            init = load_init_model(cfg.init_model, self.task, registry_root=Path(
+                cfg.init_registry) if cfg.init_registry else None)
+            self.model.load_state_dict(init.state_dict)
+            self.init_source = f"{init.kind}: {Path(init.source).name}"
         # (the run's identity in every card: its config as started, not where it resumed)
         self.run_dir = RunDirectory(Path(cfg.run_dir), task=self.task,
                                     config=replace(cfg, resume_from=-1).to_flat())
@@ -197,9 +207,16 @@ class FederatedRun:
         record = closed.record
         record.dropped = unanswered(exchanges)  # (SecAgg+ stages count theirs in secagg)
         started = time.monotonic()
+        record.weights_sha256 = weights_sha256(self.model.state_dict())
+        if server_round == 0:
+            record.init_model = self.init_source
+        else:
+            record.lr = round_lr(self.cfg.lr, server_round, self.cfg.rounds, self.recipe)
         if self.holdout is not None:
-            record.heldout = evaluate(self.model, self.holdout, task=self.task,
-                                      device=self.device)
+            with torch.random.fork_rng(devices=[]):
+                record.heldout = evaluate(self.model, self.holdout, task=self.task,
+                                          device=self.device, recipe=self.recipe,
+                                          seed=self.cfg.seed + server_round)
             record.heldout["num-examples"] = float(len(self.holdout))
         heldout_s = time.monotonic() - started
         record.time = time.time()
@@ -285,11 +302,27 @@ class FederatedRun:
             "exchanges": self.prior_exchanges + [e.to_json() for e in self.grid.exchanges],
             "resumed_from": cfg.resume_from,  # -1: never stopped (else the last resume)
         })
+        self.heldout_cases()
         write_report(self.run_dir.root)
         if cfg.artifact_key:
             sign_run(self.run_dir.root, Path(cfg.artifact_key))
         self.run_dir.set_status("finished", round_=cfg.rounds, total=cfg.rounds)
         return final
+
+    def heldout_cases(self) -> None:
+        """With an uncertainty method, the final model's per-case held-out results in
+        ``final/heldout_cases.json`` (signed with the run): case index in the held-out
+        split, metric, uncertainty; the cases to look at first (most uncertain) on top."""
+        if self.holdout is None or self.recipe.uncertainty == "none":
+            return
+        with torch.random.fork_rng(devices=[]):
+            cases = evaluate_cases(self.model, self.holdout, task=self.task,
+                                   device=self.device, recipe=self.recipe, seed=self.cfg.seed)
+        rows = sorted((asdict(c) for c in cases), key=lambda c: -c["uncertainty"])
+        write_json(self.run_dir.root / HELDOUT_CASES_FILE, {
+            "method": self.recipe.uncertainty, "samples": self.recipe.uncertainty_samples,
+            "uncertainty": "predictive entropy of the mean prediction, nats (per voxel, "
+                           "averaged over the case, for segmentation)", "cases": rows})
 
     def cross_site(self, final_arrays: ArrayRecord, final_eval: Phase | None
                    ) -> dict[str, dict[str, dict[str, float]]]:

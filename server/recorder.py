@@ -153,6 +153,11 @@ class RoundRecord:
     timing: Timing | None = None
     # the strategy's state after this round (rounds/round-NNN/strategy.pt), for resuming
     strategy_sha256: str = ""
+    # the global model's weights (fedpacs.common.transfer.weights_sha256: keys, shapes and
+    # values, whatever the file); round 0 of a run with --init-model: the source's
+    weights_sha256: str = ""
+    lr: float = 0.0  # the learning rate the round's sites trained with (its schedule)
+    init_model: str = ""  # round 0: where its weights came from (kind: name), "" seeded
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"round": self.round}
@@ -174,6 +179,12 @@ class RoundRecord:
             out["model_sha256"] = self.model_sha256
         if self.strategy_sha256:
             out["strategy_sha256"] = self.strategy_sha256
+        if self.weights_sha256:
+            out["weights_sha256"] = self.weights_sha256
+        if self.lr:
+            out["lr"] = self.lr
+        if self.init_model:
+            out["init_model"] = self.init_model
         if self.timing is not None:
             out["timing"] = self.timing.to_json()
         return out
@@ -194,7 +205,9 @@ class RoundRecord:
                    time=float(d.get("time", 0.0)),
                    model_sha256=str(d.get("model_sha256", "")),
                    timing=Timing.from_json(timing) if timing else None,
-                   strategy_sha256=str(d.get("strategy_sha256", "")))
+                   strategy_sha256=str(d.get("strategy_sha256", "")),
+                   weights_sha256=str(d.get("weights_sha256", "")),
+                   lr=float(d.get("lr", 0.0)), init_model=str(d.get("init_model", "")))
 
     @property
     def participating(self) -> int:

@@ -233,3 +233,45 @@ def test_round_instructions_need_evaluate_first() -> None:
     with pytest.raises(ConfigError) as exc:
         RoundInstructions.from_record(record)
     assert [e.field for e in exc.value.errors] == ["config.evaluate-first"]
+
+
+@pytest.mark.parametrize("recipe", [
+    '{"optimizer": "lbfgs"}',  # not a recipe this site's code knows
+    '{"uncertainty-samples": 100000}',  # 100000 forward passes per case
+    '{"loss": "dice"}',  # a segmentation loss on a classification site
+    '{"augment": "flip", "shell": "rm -rf /"}',  # an unknown key
+    '[1, 2]',  # not an object
+])
+def test_a_bad_recipe_from_the_server_is_refused(tmp_path: Path, data_dir: Path,
+                                                 recipe: str) -> None:
+    """A (malicious or mismatched) server's recipe is checked at the site like any of
+    its input: the round is refused with the config code, nothing is trained."""
+    site = _site(tmp_path, data_dir)
+    msg = _message("breastmnist")
+    msg.content.config_records["config"]["recipe"] = recipe
+    reply = handle(msg, _context(str(site)), train_round)
+    assert reply.has_error() and reply.error.code == ExitCode.CONFIG
+    assert str(tmp_path) not in reply.error.reason
+
+
+def test_the_recipe_and_the_rounds_learning_rate_reach_the_site(tmp_path: Path,
+                                                               data_dir: Path) -> None:
+    """The run's recipe travels in the round's instructions; the site trains with the
+    round's scheduled rate (here SGD with warm-up: round 1 of 4 at half the base rate)."""
+    from fedpacs.client.config import load_site_config
+    from fedpacs.client.trainer import open_round
+
+    run = RunConfig(task="breastmnist", local_epochs=1, batch_size=64, lr=0.01, rounds=4,
+                    optimizer="sgd", momentum=0.5, warmup_rounds=1, lr_schedule="cosine",
+                    augment="flip,intensity", loss="focal", class_weights="balanced")
+    ins = RoundInstructions.for_round(run, 1)
+    assert ins.lr == pytest.approx(0.005)
+    assert RoundInstructions.for_round(run, 2).lr == pytest.approx(0.01)
+    assert RoundInstructions.for_round(run, 4).lr == pytest.approx(0.01 * 0.5 * (
+        1 + __import__("math").cos(__import__("math").pi * 2 / 3)))
+    model = build_model(TASK_PRESETS["breastmnist"])
+    msg = RecordDict({"arrays": wire.model_to_arrays(model), "config": ins.to_record()})
+    r = open_round(load_site_config(_site(tmp_path, data_dir)), msg, RecordDict(),
+                   training=True)
+    assert r.recipe == run.recipe() and r.recipe.optimizer == "sgd"
+    assert r.ins.lr == pytest.approx(0.005)

@@ -157,3 +157,31 @@ def test_site_names_go_on_past_z() -> None:
     names = site_names(30)
     assert names[:2] == ["site-a", "site-b"] and names[25:28] == ["site-z", "site-aa", "site-ab"]
     assert len(set(names)) == 30
+
+
+def test_the_recipe_is_validated_before_anything_starts(tmp_path: Path) -> None:
+    """Recipe fields from run.toml and flags: each bad one named, with the choices and a
+    did-you-mean; a loss or sampler that does not fit the task, and MC dropout on a
+    network without dropout, refused."""
+    from fedpacs.common.config import load_run_config
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('[run]\ntask = "hippocampus"\n[training]\noptimizer = "adamm"\n'
+                    'augment = "flip,elastik"\nloss = "focal"\nsampler = "balanced"\n'
+                    'lr_schedule = "cosine"\nwarmup_rounds = 2\n'
+                    '[evaluation]\nuncertainty = "mc-dropout"\n')
+    cfg = load_run_config(toml, {})
+    assert (cfg.optimizer, cfg.lr_schedule, cfg.warmup_rounds) == ("adamm", "cosine", 2)
+    errs = {e.field: str(e) for e in cfg.validate()}
+    assert set(errs) == {"optimizer", "augment", "loss", "sampler", "uncertainty"}
+    assert "did you mean 'adam'" in errs["optimizer"]
+    assert "did you mean 'elastic'" in errs["augment"]
+    assert "dice-focal" in errs["loss"]  # the segmentation losses are offered
+    assert "tta" in errs["uncertainty"]  # the U-Net has no dropout to sample
+    ok = load_run_config(None, {"task": "breastmnist", "network": "alexnet",
+                                "uncertainty": "mc-dropout", "loss": "focal",
+                                "sampler": "balanced", "class_weights": "balanced"})
+    assert ok.validate() == []
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, {"task": "breastmnist", "warmup_rounds": "2"})
+    assert "warmup-rounds" in str(err.value)

@@ -306,6 +306,40 @@ def run_start(
     batch_size: Annotated[int | None, typer.Option(help="default: the task's")] = None,
     lr: Annotated[float | None, typer.Option(help="local learning rate (default: the "
                                                   "task's)")] = None,
+    augment: Annotated[str | None, typer.Option(
+        help="training-split augmentation, seeded per site and round: a comma list of "
+             "flip, rotate, scale, elastic, intensity, or all (default: none)")] = None,
+    loss: Annotated[str | None, typer.Option(
+        help="auto | ce | focal | dice | dice-ce | dice-focal (default auto: dice-ce for "
+             "segmentation, ce for classification)")] = None,
+    class_weights: Annotated[str | None, typer.Option(
+        help="none | balanced: inverse class frequency of each site's training split")] = None,
+    focal_gamma: Annotated[float | None, typer.Option(help="focal loss gamma (default 2)")
+                           ] = None,
+    sampler: Annotated[str | None, typer.Option(
+        help="shuffle | balanced: every class drawn equally often (classification)")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="adam | adamw | sgd (default adam)")
+                         ] = None,
+    momentum: Annotated[float | None, typer.Option(help="sgd momentum (default 0.9)")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="default 0")] = None,
+    lr_schedule: Annotated[str | None, typer.Option(
+        help="constant | cosine | step, over the run's rounds (default constant)")] = None,
+    warmup_rounds: Annotated[int | None, typer.Option(
+        help="rounds of linear learning-rate warm-up (default 0)")] = None,
+    grad_clip: Annotated[float | None, typer.Option(
+        help="clip each step's gradient to this L2 norm (default 0: off)")] = None,
+    freeze: Annotated[str | None, typer.Option(
+        help="none | features: train only the network's head (with --init-model)")] = None,
+    init_model: Annotated[str | None, typer.Option(
+        help="round-0 weights: a registry model id, a MONAI bundle folder or a .pt file "
+             "(default: the network's seeded initial weights)")] = None,
+    registry: Annotated[Path, typer.Option(
+        help="the registry folder an --init-model id is looked up in")] = Path(
+            "registry/models"),
+    uncertainty: Annotated[str | None, typer.Option(
+        help="evaluation: none | mc-dropout | tta, reported next to the metric")] = None,
+    uncertainty_samples: Annotated[int | None, typer.Option(
+        help="forward passes per case for --uncertainty (default 8)")] = None,
     proximal_mu: Annotated[float | None, typer.Option(help="FedProx mu")] = None,
     fedbn: Annotated[bool | None, typer.Option(
         "--fedbn/--no-fedbn", help="keep normalisation layers local")] = None,
@@ -338,6 +372,8 @@ def run_start(
     dp_delta: Annotated[float | None, typer.Option(help="local DP delta")] = None,
 ) -> None:
     """Validate a run against the federation, then start it; prints the run id."""
+    from dataclasses import replace
+
     from fedpacs.common.config import custom_task_fields, load_run_config, read_toml
     from fedpacs.server.coordinator import control as ctl
 
@@ -349,6 +385,12 @@ def run_start(
         "task": task, "network": network, "strategy": strategy, "rounds": rounds,
         "min_sites": min_sites, "round_timeout_s": round_timeout,
         "local_epochs": local_epochs, "batch_size": batch_size, "lr": lr,
+        "augment": augment, "loss": loss, "class_weights": class_weights,
+        "focal_gamma": focal_gamma, "sampler": sampler, "optimizer": optimizer,
+        "momentum": momentum, "weight_decay": weight_decay, "lr_schedule": lr_schedule,
+        "warmup_rounds": warmup_rounds, "grad_clip": grad_clip, "freeze": freeze,
+        "init_model": init_model, "uncertainty": uncertainty,
+        "uncertainty_samples": uncertainty_samples,
         "proximal_mu": proximal_mu, "fedbn": fedbn, "cross_site_local": cross_site_local,
         "eval_root": eval_root,
         "eval_format": eval_format, "secagg": secagg, "secagg_clip": secagg_clip,
@@ -357,7 +399,13 @@ def run_start(
     }.items() if v is not None}
     if task_file is not None:
         flags |= custom_task_fields(read_toml(task_file), str(task_file))
-    started = ctl.start(target=target, cfg=load_run_config(config, flags))
+    if init_model is not None:  # a path for the ServerApp, whatever its working folder
+        flags["init_model"] = str(Path(init_model).resolve()) if Path(init_model).exists() \
+            else init_model
+    cfg = load_run_config(config, flags)
+    if cfg.init_model:
+        cfg = replace(cfg, init_registry=str(registry.resolve()))
+    started = ctl.start(target=target, cfg=cfg)
     typer.echo(f"run {started.run_id} started; run directory {started.run_dir}")
 
 

@@ -420,6 +420,12 @@ def start_run(*, control: Control, cfg: RunConfig, runs_dir: Path, apps_dir: Pat
     apps signed by a key they trust), submit it and record the Flower run id in the run's
     run.json."""
     errs = cfg.validate()
+    if not errs and cfg.init_model:  # its layers must fit the run's network
+        from fedpacs.common.transfer import init_model_problems
+
+        errs = init_model_problems(cfg.init_model, cfg.task_config(),
+                                   registry_root=Path(cfg.init_registry)
+                                   if cfg.init_registry else None)
     if errs:
         raise ConfigError("run config", errs)
     prep = prepare_run(cfg, runs_dir=runs_dir, apps_dir=apps_dir, artifact_key=artifact_key)
