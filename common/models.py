@@ -59,7 +59,7 @@ def _resnet(layers: list[int]) -> Callable[[TaskConfig], dict[str, Any]]:
 def _densenet121(task: TaskConfig) -> dict[str, Any]:
     return {"spatial_dims": task.spatial_dims, "in_channels": task.in_channels,
             "out_channels": task.num_classes, "init_features": 2 * task.width,
-            "growth_rate": task.width}
+            "growth_rate": task.width, "small_input": min(task.input_shape) < 64}
 
 
 def _unet(task: TaskConfig) -> dict[str, Any]:
@@ -76,6 +76,10 @@ def _vnet(task: TaskConfig) -> dict[str, Any]:
 
 
 def _segresnet(task: TaskConfig) -> dict[str, Any]:
+    if task.width % 8:  # its group norms have 8 groups
+        raise ConfigError("task", [FieldError(
+            "task.width", "a multiple of 8 for segresnet (its group norms have 8 groups)",
+            str(task.width), "set width to 8, 16, 32 ...")])
     return {"spatial_dims": task.spatial_dims, "in_channels": task.in_channels,
             "out_channels": task.num_classes, "init_filters": task.width}
 
@@ -97,8 +101,9 @@ MODELS: dict[str, ModelSpec] = {
                           "ResNet-18 (He 2016), MONAI implementation"),
     "resnet34": ModelSpec("classification", (2, 3), f"{NETS}.ResNet", _resnet([3, 4, 6, 3]),
                           "ResNet-34 (He 2016), MONAI implementation"),
-    "densenet121": ModelSpec("classification", (2, 3), f"{NETS}.DenseNet121", _densenet121,
-                             "DenseNet-121 (Huang 2017), MONAI implementation"),
+    "densenet121": ModelSpec("classification", (2, 3), f"{OWN}.densenet.DenseNet121",
+                             _densenet121, "DenseNet-121 (Huang 2017), MONAI implementation; "
+                             "a stride-1 stem below 64 pixels per side"),
     "unet": ModelSpec("segmentation", (2, 3), f"{NETS}.UNet", _unet,
                       "U-Net (Ronneberger 2015) / 3D U-Net (Cicek 2016), MONAI UNet"),
     "vnet": ModelSpec("segmentation", (3,), f"{NETS}.VNet", _vnet,

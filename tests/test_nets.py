@@ -25,8 +25,14 @@ from fedpacs.common.nets.pspnet import PSPNet
 from fedpacs.common.nets.segnet import SegNet
 from fedpacs.common.tasks import TASK_PRESETS, TaskConfig
 
-CLASSIFIERS = ("alexnet", "vgg16", "googlenet")
+CLASSIFIERS = ("alexnet", "vgg16", "googlenet")  # the seed papers' own (fedpacs.common.nets)
 SEGMENTERS = ("fcn8s", "segnet", "pspnet", "resunet")
+# every registered network, MONAI's too: shapes and learning are shown for each
+ALL_CLASSIFIERS = tuple(n for n, s in MODELS.items() if s.kind == "classification")
+SEGMENTERS_2D = tuple(n for n, s in MODELS.items()
+                      if s.kind == "segmentation" and 2 in s.spatial_dims)
+SEGMENTERS_3D = tuple(n for n, s in MODELS.items()
+                      if s.kind == "segmentation" and 3 in s.spatial_dims)
 TINY = 4  # width of the shape tests
 
 
@@ -56,7 +62,7 @@ def no_dropout(model: nn.Module) -> nn.Module:
 # -- shapes ----------------------------------------------------------------------------
 # breastmnist/pneumoniamnist 28x28, pacs-modality 64x64, adrenalmnist3d 28^3 (and 64^3)
 @pytest.mark.parametrize("shape", [(28, 28), (64, 64), (28, 28, 28), (64, 64, 64)])
-@pytest.mark.parametrize("network", CLASSIFIERS)
+@pytest.mark.parametrize("network", ALL_CLASSIFIERS)
 def test_classifier_output_shapes(network: str, shape: tuple[int, ...]) -> None:
     model = build_model(classifier_task(network, shape))
     x = torch.randn(2, 1, *shape)
@@ -68,10 +74,11 @@ def test_classifier_output_shapes(network: str, shape: tuple[int, ...]) -> None:
 
 
 # hippocampus: the 48x64x48 volumes and their 48x64 slices
-@pytest.mark.parametrize("shape", [(48, 64), (48, 64, 48)])
-@pytest.mark.parametrize("network", SEGMENTERS)
+@pytest.mark.parametrize(("network", "shape"), [(n, (48, 64)) for n in SEGMENTERS_2D]
+                         + [(n, (48, 64, 48)) for n in SEGMENTERS_3D])
 def test_segmenter_output_shapes(network: str, shape: tuple[int, ...]) -> None:
-    model = build_model(segmenter_task(network, shape)).eval()
+    width = 8 if network == "segresnet" else TINY  # (its group norms have 8 groups)
+    model = build_model(segmenter_task(network, shape, width=width)).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 1, *shape)).shape == (2, 3, *shape)
 
@@ -114,10 +121,12 @@ IMAGENET = {"name": "imagenet", "kind": "classification", "spatial_dims": 2,
 @pytest.mark.parametrize(("network", "count"), [
     ("alexnet", 61_100_840), ("vgg16", 138_357_544),
     ("googlenet", 13_004_888),  # with its two auxiliary classifiers, as registered
+    ("densenet121", 7_978_856),  # width 32: 64 initial features, growth 32
 ])
 def test_published_parameter_counts(network: str, count: int) -> None:
+    width = {"densenet121": 32}.get(network, 64)
     with torch.device("meta"):
-        model = build_model(TaskConfig(network=network, **IMAGENET))
+        model = build_model(TaskConfig(network=network, **(IMAGENET | {"width": width})))
     assert n_params(model) == count
 
 
@@ -168,7 +177,7 @@ def loss_drops(model: nn.Module, task: TaskConfig, x: torch.Tensor, y: torch.Ten
     return before, after
 
 
-@pytest.mark.parametrize("network", CLASSIFIERS)
+@pytest.mark.parametrize("network", ALL_CLASSIFIERS)
 def test_classifiers_learn_breastmnist(network: str,
                                        breast_batch: tuple[torch.Tensor, torch.Tensor]) -> None:
     task = dataclasses.replace(TASK_PRESETS["breastmnist"], network=network, width=8)
@@ -176,12 +185,38 @@ def test_classifiers_learn_breastmnist(network: str,
     assert after < 0.9 * before
 
 
-@pytest.mark.parametrize("network", SEGMENTERS)
+@pytest.mark.parametrize("network", SEGMENTERS_2D)
 def test_segmenters_learn_hippocampus_slices(
         network: str, hippocampus_slices: tuple[torch.Tensor, torch.Tensor]) -> None:
     task = segmenter_task(network, (48, 64), width=8)
     before, after = loss_drops(build_model(task), task, *hippocampus_slices, steps=8, lr=3e-3)
     assert after < 0.9 * before
+
+
+@pytest.mark.parametrize("network", ["vnet"])
+def test_3d_only_segmenters_learn_a_hippocampus_volume(network: str, data_dir: Path) -> None:
+    """V-Net is 3D only: a 32^3 crop (its sides multiples of 16) of a real volume, with the
+    pure Dice loss of its paper."""
+    from fedpacs.common.recipe import Recipe
+
+    assert set(SEGMENTERS_3D) - set(SEGMENTERS_2D) == {network}
+    site = load_partition(DataSpec("nifti", data_dir / "msd_hippocampus_udacity",
+                                   num_partitions=100), TASK_PRESETS["hippocampus"])
+    x, y = site.train.tensors
+    x, y = x[:1, :, 8:40, 16:48, 8:40], y[:1, :, 8:40, 16:48, 8:40]
+    assert set(y.unique().tolist()) == {0, 1, 2}
+    task = segmenter_task(network, (32, 32, 32))
+    model = build_model(task).train()
+    loss_fn = make_loss(task, Recipe(loss="dice"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.95 * losses[0], losses
 
 
 # -- each paper's mechanism ------------------------------------------------------------
@@ -284,7 +319,7 @@ def test_network_def_is_json_and_rebuilds_the_network(network: str) -> None:
 
 @pytest.mark.parametrize(("network", "shape", "minimum"), [
     ("alexnet", (16, 16), "at least 21"), ("googlenet", (7, 7), "at least 8"),
-    ("resunet", (28, 28), "multiples of 8"),
+    ("resunet", (28, 28), "multiples of 8"), ("segresnet", (32, 32), "multiple of 8"),
 ])
 def test_inputs_too_small_or_odd_are_config_errors(network: str, shape: tuple[int, ...],
                                                    minimum: str) -> None:
@@ -292,7 +327,8 @@ def test_inputs_too_small_or_odd_are_config_errors(network: str, shape: tuple[in
             else segmenter_task(network, shape))
     with pytest.raises(ConfigError) as exc:
         build_model(task)
-    assert "task.input_shape" in str(exc.value) and minimum in str(exc.value)
+    field = "task.width" if network == "segresnet" else "task.input_shape"
+    assert field in str(exc.value) and minimum in str(exc.value)
 
 
 def test_googlenet_and_vgg_take_tiny_inputs() -> None:

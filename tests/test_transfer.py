@@ -261,7 +261,7 @@ def test_an_unsigned_registry_model_is_checked_against_its_card(
     ({"network": "resnet34"}, ["unexpected", "layer1.2.conv1.weight [8, 8, 3, 3]",
                                "a resnet34 model"]),
     ({"network": "densenet121"}, ["missing (conv1.weight [8, 1, 3, 3]", "more", "unexpected",
-                                  "features.conv0.weight [16, 1, 7, 7]"]),
+                                  "features.conv0.weight [16, 1, 3, 3]"]),  # (small-input stem)
 ])
 def test_weights_of_another_shape_are_refused_naming_the_layers(
         tmp_path: Path, source_model: nn.Module, changes: dict[str, object],
