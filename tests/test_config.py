@@ -185,3 +185,18 @@ def test_the_recipe_is_validated_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_run_config(None, {"task": "breastmnist", "warmup_rounds": "2"})
     assert "warmup-rounds" in str(err.value)
+
+
+def test_compute_amp_and_loader_workers_are_the_sites_own(tmp_path: Path,
+                                                          data_dir: Path) -> None:
+    base = ('[site]\nname = "h-a"\ntask = "breastmnist"\n[data]\nformat = "medmnist"\n'
+            f'root = "{data_dir}/medmnist_breast/breastmnist.npz"\n')
+    default = load_site_config(_write(tmp_path, base))
+    assert (default.compute.amp, default.compute.loader_workers) == (True, 2)
+    off = load_site_config(_write(tmp_path, base + "[compute]\namp = false\nloader_workers = 0\n"))
+    assert (off.compute.amp, off.compute.loader_workers) == (False, 0)
+    with pytest.raises(ConfigError) as exc:
+        load_site_config(_write(tmp_path, base + '[compute]\namp = "yes"\nloader_workers = -1\n'
+                                'amp_level = 2\n'))
+    assert {e.field for e in exc.value.errors} == {"compute.amp", "compute.loader_workers",
+                                                   "compute.amp_level"}
