@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fedpacs.common.errors import ConfigError, FieldError, did_you_mean
+from fedpacs.common.flat import read_flat, type_name
 from fedpacs.common.recipe import DEFAULT_RECIPE, Recipe
 from fedpacs.common.strategies import SECAGG_STRATEGIES, STRATEGY_NAMES
 from fedpacs.common.tasks import (
@@ -27,9 +28,6 @@ from fedpacs.common.tasks import (
     validate_task_dict,
 )
 
-
-def type_name(v: object) -> str:
-    return f"{v!r} ({type(v).__name__})"
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file or raise a ConfigError naming the file and the parse problem."""
@@ -189,31 +187,7 @@ class RunConfig:
     def from_flat(cls, flat: dict[str, Any], *, source: str = "run config",
                   check: bool = True) -> RunConfig:
         """Parse Flower's flat run config (types checked); with ``check``, validated too."""
-        errs: list[FieldError] = []
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, v in flat.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                names = ", ".join(k.replace("_", "-") for k in known)
-                errs.append(FieldError(key, f"one of {names}", repr(key),
-                                       "remove or rename the key"))
-                continue
-            default = known[name].default
-            if isinstance(default, bool):
-                ok = isinstance(v, bool)
-            elif isinstance(default, int):
-                ok = isinstance(v, int) and not isinstance(v, bool)
-            elif isinstance(default, float):
-                ok = isinstance(v, int | float) and not isinstance(v, bool)
-                v = float(v) if ok else v
-            else:
-                ok = isinstance(v, str)
-            if not ok:
-                errs.append(FieldError(key, type(default).__name__, type_name(v),
-                                       f"set {key} to a {type(default).__name__}"))
-                continue
-            values[name] = v
+        values, errs = read_flat(cls, flat)
         cfg = cls(**values) if not errs else cls()
         if not errs and check:
             errs.extend(cfg.validate())

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fedpacs.common.errors import ConfigError, FieldError, did_you_mean
+from fedpacs.common.flat import read_flat
 
 AUGMENTATIONS = ("flip", "rotate", "scale", "elastic", "intensity")
 LOSSES = ("auto", "ce", "focal", "dice", "dice-ce", "dice-focal")
@@ -85,24 +86,7 @@ class Recipe:
 
     @classmethod
     def from_mapping(cls, raw: dict[str, Any], *, source: str = "recipe") -> Recipe:
-        errs: list[FieldError] = []
-        known = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, v in raw.items():
-            name = key.replace("-", "_")
-            if name not in known:
-                errs.append(FieldError(f"recipe.{key}", "one of " + ", ".join(
-                    k.replace("_", "-") for k in known), repr(key), "remove or rename the key"
-                    + did_you_mean(name, list(known))))
-                continue
-            default = known[name].default
-            if isinstance(default, float) and isinstance(v, int) and not isinstance(v, bool):
-                v = float(v)
-            if type(v) is not type(default):
-                errs.append(FieldError(key, type(default).__name__, repr(v),
-                                       f"set {key} to a {type(default).__name__}"))
-                continue
-            values[name] = v
+        values, errs = read_flat(cls, raw, prefix="recipe.")
         if errs:
             raise ConfigError(source, errs)
         recipe = cls(**values)
