@@ -15,6 +15,7 @@ setup: $(VENV)/.installed
 system-deps:
 	@{ command -v Orthanc || [ -x /usr/sbin/Orthanc ]; } >/dev/null && \
 	  [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && \
+	  command -v dcmqrscp >/dev/null && \
 	  { command -v ip || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ]; } >/dev/null || \
 	  ( $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    --no-install-recommends orthanc orthanc-dicomweb dcmtk iproute2 )

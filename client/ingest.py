@@ -43,18 +43,22 @@ from fedpacs.client.dicom import (
 from fedpacs.client.pacs import (
     REJECTED_PEER,
     REJECTED_SERIES,
+    UNRESOLVED,
     CohortQuery,
     PacsConfig,
+    PacsRefused,
     Refusal,
+    Removal,
     SeriesRef,
     Transport,
+    as_cohort,
     make_transport,
 )
-from fedpacs.common.errors import DataError, PacsError
+from fedpacs.common.errors import DataError, ExitCode, PacsError
 
-__all__ = ["BAD_UID", "NOT_RETRIEVED", "PACS_UNREACHABLE", "REJECTED_PEER", "REJECTED_SERIES",
-           "RETRIEVE_FAILED", "TOO_LARGE", "InstanceCache", "IngestSummary", "Skipped",
-           "import_folder", "ingest"]
+__all__ = ["BAD_UID", "NOT_RETRIEVED", "PACS_REFUSED", "PACS_UNREACHABLE", "REJECTED_PEER",
+           "REJECTED_SERIES", "RETRIEVE_FAILED", "TOO_LARGE", "UNRESOLVED", "InstanceCache",
+           "IngestSummary", "Skipped", "import_folder", "ingest"]
 
 log = logging.getLogger("fedpacs.ingest")
 
@@ -62,8 +66,11 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 # Skip kinds of the ingest itself (instance and series problems carry the DataError kinds
 # of fedpacs.client.dicom: not-dicom, unreadable, truncated, no-pixels, missing-slices,
-# bad-uid, too-large; refusals of the transport: rejected-peer, rejected-series).
+# bad-uid, too-large; refusals of the transport: rejected-peer, rejected-series; and
+# unresolved: a series whose [cohort] values neither the PACS nor its first header gave).
 PACS_UNREACHABLE = "pacs-unreachable"  # the cohort query failed: nothing was ingested
+PACS_REFUSED = "pacs-refused"          # the PACS refused in a way every series would meet
+                                       # (association/context, move destination): stopped
 RETRIEVE_FAILED = "retrieve-failed"    # the PACS refused or broke off one series' transfer
 NOT_RETRIEVED = "not-retrieved"        # instances the PACS listed but did not send
 
@@ -77,19 +84,40 @@ class Skipped:
 
 @dataclass
 class IngestSummary:
+    """What an ingest did. ``studies_found``/``series_found``: what the PACS answered (the
+    series of the studies no study-level pattern removed); ``cohort_studies``/
+    ``cohort_series``: what the [cohort] patterns left (``removed``: what each removed);
+    ``empty_cohort``: why nothing was left, with the fix ("" when something was)."""
+
     studies_found: int = 0
     series_found: int = 0
+    cohort_studies: int = 0
+    cohort_series: int = 0
     instances_found: int = 0
     retrieved: int = 0
     already_cached: int = 0
     converted: int = 0
+    header_reads: int = 0  # series whose [cohort] values were read from an instance header
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
+    asked: str = ""  # what the PACS itself was asked to match
+    removed: list[Removal] = field(default_factory=list)
+    empty_cohort: str = ""
 
     @property
     def unreachable(self) -> bool:
         """The PACS could not be queried at all (a skip of kind :data:`PACS_UNREACHABLE`)."""
         return any(s.kind == PACS_UNREACHABLE for s in self.skipped)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        """PACS: unreachable, or it refused (association, context, move destination);
+        CONFIG: the [cohort] left nothing to ingest; DATA: something skipped; else OK."""
+        if any(s.kind in (PACS_UNREACHABLE, PACS_REFUSED) for s in self.skipped):
+            return ExitCode.PACS
+        if self.empty_cohort:
+            return ExitCode.CONFIG
+        return ExitCode.DATA if self.skipped else ExitCode.OK
 
     def counts(self) -> dict[str, int]:
         """Counts and codes only: what may leave the site."""
@@ -98,10 +126,19 @@ class IngestSummary:
         return out
 
     def lines(self) -> list[str]:
-        out = [f"studies found {self.studies_found}, series {self.series_found}, instances "
+        out = [f"studies found {self.studies_found}, series {self.series_found}; in the cohort "
+               f"studies {self.cohort_studies}, series {self.cohort_series}, instances "
                f"{self.instances_found}; retrieved {self.retrieved}, already cached "
                f"{self.already_cached}; series converted {self.converted}; skipped "
                f"{len(self.skipped)} ({self.seconds:.1f}s)"]
+        if self.asked:
+            out.append(f"  asked the PACS for: {self.asked}")
+        out += [f"  {r.line()}" for r in self.removed]
+        if self.header_reads:
+            out.append(f"  {self.header_reads} series: [cohort] values read from the header of "
+                       "their first instance (the PACS does not answer them in C-FIND)")
+        if self.empty_cohort:
+            out.append(f"  nothing to ingest: {self.empty_cohort}")
         out += [f"  skipped [{s.kind}] {s.item}: {s.reason}" for s in self.skipped]
         return out
 
@@ -224,7 +261,8 @@ def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
            progress: Progress | None = None) -> IngestSummary:
     """Find the cohort on the PACS, fetch what the cache lacks, convert each series.
 
-    Problems become skips in the summary (an unreachable PACS: ``summary.unreachable``);
+    Problems become skips in the summary (an unreachable PACS: ``summary.unreachable``;
+    what `site ingest` exits with: ``summary.exit_code``);
     a [pacs] config no transport can use (dicomweb without a URL) raises ConfigError.
     Series and instances whose UIDs are not DICOM UIDs are skipped (``bad-uid``) before
     anything is asked or written; what the transport refuses (another peer, another series,
@@ -239,13 +277,19 @@ def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
         summary.skipped.append(Skipped(r.item, r.kind, r.reason))
 
     try:
-        series = tr.find_series(query, refuse=refuse)
+        cohort = as_cohort(tr.find_series(query, refuse=refuse))
     except PacsError as err:
         summary.skipped.append(Skipped(pacs.describe(), PACS_UNREACHABLE, str(err)))
         summary.seconds = time.monotonic() - t0
         return summary
-    summary.series_found = len(series)
-    summary.studies_found = len({s.study_uid for s in series})
+    series = list(cohort.series)
+    summary.studies_found, summary.series_found = cohort.studies_found, cohort.series_found
+    summary.cohort_series = len(series)
+    summary.cohort_studies = len({s.study_uid for s in series})
+    summary.asked, summary.removed = cohort.asked, list(cohort.removed)
+    summary.header_reads = cohort.header_reads
+    if not summary.skipped:  # else the skips say why (bad UIDs, unresolved values)
+        summary.empty_cohort = cohort.nothing_left()
     for i, s in enumerate(series):
         if progress:
             progress("retrieve", i, len(series))
@@ -265,6 +309,11 @@ def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
             summary.already_cached += len(sops) - len(missing)
             if missing:  # the whole series when nothing listed is cached or refused
                 _retrieve(tr, cache, s, missing, summary, whole=len(missing) == len(listed))
+        except PacsRefused as err:  # every further series would meet it: stop asking
+            left = len(series) - i - 1
+            summary.skipped.append(Skipped(s.series_uid, PACS_REFUSED, str(err) + (
+                f" ({left} more series not asked for)" if left else "")))
+            break
         except PacsError as err:
             summary.skipped.append(Skipped(s.series_uid, RETRIEVE_FAILED, str(err)))
             continue
@@ -347,8 +396,9 @@ def import_folder(folder: Path, cache_dir: Path, *, convert: bool = True,
         summary.instances_found += 1
         summary.retrieved += 1
         series.setdefault(ref.series_uid, ref)
-    summary.series_found = len(series)
-    summary.studies_found = len({s.study_uid for s in series.values()})
+    summary.series_found = summary.cohort_series = len(series)
+    summary.studies_found = summary.cohort_studies = len({s.study_uid
+                                                          for s in series.values()})
     if convert:
         for s in series.values():
             convert_series(cache, s, summary)

@@ -9,29 +9,40 @@ the PACS, and accepts only the PACS (address and AE title) sending instances of 
 of at most ``max_instance_mb`` (:func:`store_refusal`). Whatever is refused goes to the
 ``refuse`` callback with a reason code (:data:`REJECTED_PEER`, :data:`REJECTED_SERIES`,
 ``too-large``, ``bad-uid``), never to the sink.
+
+The [cohort] patterns are matched here, one way for every PACS (:func:`pattern_matches`:
+case-insensitive, whole value, ``*`` and ``?``); the PACS is asked only for what narrows
+safely (dates, study UIDs, a plain modality code). :func:`find_cohort` counts what the PACS
+found and what each pattern removed, and reads a value the PACS does not answer from an
+instance-level answer or the first instance's header rather than dropping the series.
+A refusal (association, presentation context, a DIMSE failure status) is named with the
+fix (:func:`dimse_status`); one that every further request would meet is a
+:class:`PacsRefused`.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import io
 import ipaddress
 import json
 import logging
+import re
 import socket
 import socketserver
 import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol, TypeGuard
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -94,6 +105,12 @@ STATUS_CANNOT_UNDERSTAND = 0xC000    # unreadable header, bad UID
 WIRE_SLACK = MIB
 MAX_INSTANCE_MB_LIMIT = 65536  # [pacs] max_instance_mb: at most 64 GB
 UID_KEYWORDS = tuple(UID_TAGS)  # StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID
+
+
+class PacsRefused(PacsError):
+    """The PACS refused this site's association or a request in a way every further request
+    would meet too (association or presentation context rejected, move destination unknown,
+    not authorised): the ingest stops asking and exits with ``ExitCode.PACS``."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +192,13 @@ def study_uids_error(uids: list[str], *,
 
 @dataclass(frozen=True)
 class CohortQuery:
-    """Which studies/series to ingest. Empty fields do not filter. Patterns use * and ?."""
+    """Which studies/series to ingest. Empty fields do not filter.
+
+    ``modality``, ``study_description`` and ``series_description`` are patterns (``*`` any
+    characters, ``?`` one, everything else literal) matched by this site, case-insensitively,
+    against the whole value (:func:`pattern_matches`), whatever the PACS. The PACS is asked
+    only for what narrows safely: the date range, the study UIDs and, for a modality without
+    wildcards, ModalitiesInStudy (exact codes)."""
 
     modality: str = ""
     study_description: str = ""
@@ -187,6 +210,24 @@ class CohortQuery:
     def date_range(self) -> str:
         return f"{self.date_from}-{self.date_to}" if self.date_from or self.date_to else ""
 
+    def pacs_modality(self) -> str:
+        """ModalitiesInStudy to ask the PACS for: the modality as a code (upper case) when
+        it is a plain code, else "" (a pattern is matched here only)."""
+        code = self.modality.strip().upper()
+        return code if _CS_CODE.fullmatch(code) else ""
+
+    def asked(self) -> str:
+        """What the PACS itself is asked to match (for the ingest summary)."""
+        parts = [f"StudyDate {self.date_range()}"] if self.date_range() else []
+        if self.pacs_modality():
+            parts.append(f"ModalitiesInStudy {self.pacs_modality()}")
+        if self.study_uids:
+            parts.append(f"{len(self.study_uids)} StudyInstanceUID(s)")
+        return ", ".join(parts) or "every study"
+
+
+_CS_CODE = re.compile(r"[A-Z0-9_]{1,16}")
+
 
 @dataclass(frozen=True)
 class SeriesRef:
@@ -194,15 +235,54 @@ class SeriesRef:
     series_uid: str
     modality: str = ""
     series_description: str = ""
+    study_description: str = ""
 
 
-def _match(pattern: str, value: str) -> bool:
-    return not pattern or fnmatch.fnmatch(value.lower(), pattern.lower())
+def _wildcard_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c)
+                              for c in pattern.strip()), re.IGNORECASE | re.DOTALL)
+
+
+def pattern_matches(pattern: str, value: str) -> bool:
+    """The one [cohort] matching rule: an empty pattern matches anything; otherwise the
+    whole value (surrounding spaces ignored; for a multi-valued one such as
+    ModalitiesInStudy ``CT\\SR``, any of its values) matches ``pattern`` case-insensitively,
+    ``*`` standing for any characters and ``?`` for one (``[`` and the rest are literal)."""
+    if not pattern.strip():
+        return True
+    regex = _wildcard_regex(pattern)
+    return any(regex.fullmatch(v.strip()) for v in value.split("\\"))
+
+
+@dataclass(frozen=True)
+class CohortFilter:
+    """One [cohort] pattern: its key, the DICOM attribute it is matched against (for a
+    series; ``study_keyword`` at study level, "" when a study answer cannot decide it)."""
+
+    key: str
+    keyword: str
+    study_keyword: str
+    pattern: str
+
+
+FILTER_KEYWORDS = ("Modality", "StudyDescription", "SeriesDescription")
+
+
+def cohort_filters(query: CohortQuery) -> tuple[CohortFilter, ...]:
+    """The patterns ``query`` sets, in the order they are applied."""
+    return tuple(f for f in (
+        CohortFilter("modality", "Modality", "ModalitiesInStudy", query.modality),
+        CohortFilter("study_description", "StudyDescription", "StudyDescription",
+                     query.study_description),
+        CohortFilter("series_description", "SeriesDescription", "", query.series_description),
+    ) if f.pattern.strip())
 
 
 def series_matches(query: CohortQuery, s: SeriesRef) -> bool:
-    return (not query.modality or s.modality.upper() == query.modality.upper()) and _match(
+    """Whether a series' modality and description match the series-level patterns."""
+    return pattern_matches(query.modality, s.modality) and pattern_matches(
         query.series_description, s.series_description)
+
 
 
 Sink = Callable[[bytes, str], None]  # (Part-10 bytes, SOP Instance UID)
@@ -229,13 +309,261 @@ def log_refusal(refusal: Refusal) -> None:
 
 
 class Transport(Protocol):
+    """What the ingest asks of a PACS. ``find_series``: the series of the cohort, as a
+    :class:`Cohort` (with what the PACS found and what each pattern removed: the real
+    transports, through :func:`find_cohort`) or just the series (a fake that filters
+    itself)."""
+
     def find_series(self, query: CohortQuery, *,
-                    refuse: Refuse = log_refusal) -> list[SeriesRef]: ...
+                    refuse: Refuse = log_refusal) -> Cohort | Sequence[SeriesRef]: ...
 
     def find_instances(self, series: SeriesRef) -> list[str]: ...
 
     def retrieve(self, series: SeriesRef, sop_uids: list[str] | None, sink: Sink, *,
                  refuse: Refuse = log_refusal) -> int: ...
+
+
+Answer = dict[str, str]  # keyword -> value, for the values a PACS answered (UIDs always)
+
+
+def failing_filter(filters: tuple[CohortFilter, ...], answer: Answer, *, study: bool = False,
+                   final: bool = False) -> tuple[CohortFilter | None, tuple[CohortFilter, ...]]:
+    """(the first filter whose answered value does not match, the filters ``answer`` leaves
+    undecided). An empty or missing value decides nothing (a PACS may not answer a key),
+    unless ``final`` (the values are from the instance's own header: empty is empty). At
+    study level (``study``) a ModalitiesInStudy can only rule a study out (its series are
+    still matched one by one) and a series description decides nothing."""
+    open_: list[CohortFilter] = []
+    for f in filters:
+        keyword = f.study_keyword if study else f.keyword
+        value = answer.get(keyword, "").strip() if keyword else ""
+        if not value and not final:
+            open_.append(f)
+        elif not pattern_matches(f.pattern, value):
+            return f, ()
+        elif study and keyword == "ModalitiesInStudy":
+            open_.append(f)
+    return None, tuple(open_)
+
+
+@dataclass
+class Removal:
+    """What one [cohort] pattern removed: studies (decided by a study-level answer) and
+    series, with a few of the values it did not match (site-local: for the summary)."""
+
+    key: str
+    pattern: str
+    studies: int = 0
+    series: int = 0
+    seen: tuple[str, ...] = ()
+
+    def add(self, value: str, *, study: bool) -> None:
+        if study:
+            self.studies += 1
+        else:
+            self.series += 1
+        if len(self.seen) < 5 and value not in self.seen:
+            self.seen += (value,)
+
+    def line(self) -> str:
+        seen = f" (values not matched: {', '.join(repr(shown(v)) for v in self.seen)})" \
+            if self.seen else ""
+        return (f"[cohort] {self.key} = {self.pattern!r} removed {self.studies} study(ies) "
+                f"and {self.series} series{seen}")
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """What a cohort query found: the series in the cohort, what the PACS was asked and
+    answered (studies, and series of the studies still in the cohort), what each pattern
+    removed, and how many series' values had to be read from an instance header."""
+
+    series: tuple[SeriesRef, ...] = ()
+    asked: str = ""
+    studies_found: int = 0
+    series_found: int = 0
+    removed: tuple[Removal, ...] = ()
+    header_reads: int = 0
+
+    @classmethod
+    def of(cls, series: Sequence[SeriesRef]) -> Cohort:
+        """The series of a transport that filters itself (a fake): nothing removed here."""
+        return cls(tuple(series), "", len({s.study_uid for s in series}), len(series))
+
+    def nothing_left(self) -> str:
+        """Why the cohort is empty, and the fix ("" when it is not)."""
+        if self.series:
+            return ""
+        if not self.studies_found:
+            return (f"the PACS found no study for {self.asked or 'the query'}. Fix: check "
+                    "[cohort] date_from, date_to, modality and study_uids, and that [pacs] "
+                    "names the PACS that holds the studies")
+        culprits = [r for r in self.removed if r.studies or r.series]
+        named = ", ".join(f"{r.key} = {r.pattern!r}" for r in culprits) or "the [cohort] patterns"
+        return (f"the PACS found {self.studies_found} study(ies) ({self.series_found} series "
+                f"asked for), and {named} removed them all. Fix: widen or clear the "
+                "pattern(s) named (matched here, case-insensitively, against the whole value: "
+                "* any characters, ? one); the values not matched are listed above")
+
+
+def as_cohort(found: Cohort | Sequence[SeriesRef]) -> Cohort:
+    return found if isinstance(found, Cohort) else Cohort.of(found)
+
+
+class QueryAnswers(Protocol):
+    """The answers :func:`find_cohort` asks a transport for (only values the PACS gave)."""
+
+    def study_answers(self, query: CohortQuery) -> list[Answer]: ...
+
+    def series_answers(self, study_uids: list[str]) -> list[Answer]: ...
+
+    def instance_answers(self, series: SeriesRef) -> list[Answer]: ...
+
+    def find_instances(self, series: SeriesRef) -> list[str]: ...
+
+    def retrieve(self, series: SeriesRef, sop_uids: list[str] | None, sink: Sink, *,
+                 refuse: Refuse = log_refusal) -> int: ...
+
+
+# Reason code of a series whose [cohort] values neither the PACS' answers nor its first
+# instance's header gave (it is left out of the cohort, reported as a skip).
+UNRESOLVED = "unresolved"
+
+
+def find_cohort(pacs: QueryAnswers, query: CohortQuery, *,
+                refuse: Refuse = log_refusal) -> Cohort:
+    """Studies and series the PACS answers for ``query``'s PACS-side keys, matched here
+    against every [cohort] pattern (:func:`pattern_matches`), each removal counted.
+
+    A study whose answer already fails a pattern is removed before its series are asked
+    for. A value the PACS does not answer (``dcmqrscp`` leaves SeriesDescription out of its
+    series answers) is never taken for a mismatch: it is read from an instance-level answer,
+    else from the header of the series' first instance (retrieved with every check of
+    :meth:`Transport.retrieve`, then dropped); a series for which neither works goes to
+    ``refuse`` (:data:`UNRESOLVED`) instead of silently out of the cohort."""
+    filters = cohort_filters(query)
+    removed = {f.key: Removal(f.key, f.pattern) for f in filters}
+    studies: dict[str, Answer] = {}
+    answers = pacs.study_answers(query)
+    found = {st.get("StudyInstanceUID", "") for st in answers}
+    for st in answers:
+        uid = st.get("StudyInstanceUID", "")
+        if not valid_uid(uid):  # never into a series query (an empty one matches everything)
+            refuse(Refusal(BAD_UID, shown(uid), uid_problem(uid, "StudyInstanceUID") +
+                           " in the PACS' answer; its series were not queried"))
+            continue
+        fails, _ = failing_filter(filters, st, study=True)
+        if fails is not None:
+            removed[fails.key].add(st.get(fails.study_keyword, ""), study=True)
+        else:
+            studies.setdefault(uid, st)
+    series_answers = pacs.series_answers(sorted(studies))
+    refs: list[SeriesRef] = []
+    header_reads = 0
+    for se in series_answers:
+        study_uid = se.get("StudyInstanceUID", "")
+        answer = {k: v for k, v in studies.get(study_uid, {}).items()
+                  if k == "StudyDescription"} | se
+        fails, open_ = failing_filter(filters, answer)
+        ref = _series_ref(answer)
+        if fails is None and open_ and valid_uid(ref.study_uid) and valid_uid(ref.series_uid):
+            resolved = _resolve(pacs, ref, answer, open_, refuse)
+            if isinstance(resolved, str):
+                refuse(Refusal(UNRESOLVED, ref.series_uid, "the PACS does not answer "
+                               f"{', '.join(f.keyword for f in open_)} for this series and "
+                               f"{resolved}: not in the cohort. Fix: clear those [cohort] "
+                               "patterns, or check the series on the PACS"))
+                continue
+            answer, from_header = resolved
+            header_reads += from_header
+            fails, _ = failing_filter(filters, answer, final=True)
+            ref = _series_ref(answer)
+        if fails is not None:
+            removed[fails.key].add(answer.get(fails.keyword, ""), study=False)
+            continue
+        refs.append(ref)
+    return Cohort(tuple(sorted(refs, key=lambda r: (r.study_uid, r.series_uid))),
+                  query.asked(), len(found), len(series_answers), tuple(removed.values()),
+                  header_reads)
+
+
+def _series_ref(answer: Answer) -> SeriesRef:
+    return SeriesRef(answer.get("StudyInstanceUID", ""), answer.get("SeriesInstanceUID", ""),
+                     answer.get("Modality", ""), answer.get("SeriesDescription", ""),
+                     answer.get("StudyDescription", ""))
+
+
+def _resolve(pacs: QueryAnswers, ref: SeriesRef, answer: Answer,
+             open_: tuple[CohortFilter, ...], refuse: Refuse) -> tuple[Answer, bool] | str:
+    """``answer`` completed with the values of ``open_`` from an instance-level answer,
+    else from the first instance's header (then True): or why neither worked."""
+    wanted = {f.keyword for f in open_}
+    try:
+        instances = pacs.instance_answers(ref)
+    except PacsRefused:
+        raise
+    except PacsError:  # a PACS that refuses keys it does not know: the plain UID query
+        instances = [{"SOPInstanceUID": u} for u in pacs.find_instances(ref)]
+    out = dict(answer)
+    for inst in instances:
+        for k in wanted - {k for k, v in out.items() if v.strip()}:
+            if inst.get(k, "").strip():
+                out[k] = inst[k]
+    still = {k for k in wanted if not out.get(k, "").strip()}
+    if not still:
+        return out, False
+    sops = sorted(u for u in (i.get("SOPInstanceUID", "") for i in instances) if valid_uid(u))
+    if not sops:
+        return "it lists no instance whose header could tell"
+    header = _header_answer(pacs, ref, sops[0], refuse)
+    if isinstance(header, str):
+        return header
+    return out | {k: header.get(k, "") for k in still}, True
+
+
+def _header_answer(pacs: QueryAnswers, ref: SeriesRef, sop_uid: str,
+                   refuse: Refuse) -> Answer | str:
+    """The [cohort] values in the header of one instance, retrieved like any other (the
+    storage checks apply; the pixels are not decoded, the bytes are not kept)."""
+    got: list[bytes] = []
+
+    def keep(data: bytes, sop: str) -> None:
+        if sop == sop_uid and not got:
+            got.append(data)
+
+    try:
+        pacs.retrieve(ref, [sop_uid], keep, refuse=refuse)
+    except PacsRefused:
+        raise
+    except PacsError as err:
+        return f"its first instance could not be retrieved ({err})"
+    if not got:
+        return "its first instance did not arrive"
+    try:
+        ds = pydicom.dcmread(io.BytesIO(got[0]), stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, AttributeError) as exc:
+        return f"its first instance is unreadable ({type(exc).__name__})"
+    if (header_uid(ds, "SeriesInstanceUID"), header_uid(ds, "SOPInstanceUID")) != \
+            (ref.series_uid, sop_uid):
+        return "the instance sent is not the one asked for"
+    return {k: _text(ds, k) for k in FILTER_KEYWORDS}
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A (possibly multi-valued) string element as one string ("" when absent, empty or
+    undecodable)."""
+    try:
+        value = ds[keyword].value if keyword in ds else None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace").strip()
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v).strip() for v in value)
+    return str(value).strip()
+
 
 
 # --------------------------------------------------------------------------- acceptance
@@ -343,13 +671,93 @@ def listen_address(hosts: frozenset[str], port: int) -> str:
 
 
 # --------------------------------------------------------------------------- DIMSE
+STUDY_KEYWORDS = ("StudyInstanceUID", "StudyDescription", "ModalitiesInStudy")
+SERIES_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesDescription")
+INSTANCE_KEYWORDS = ("SOPInstanceUID", *FILTER_KEYWORDS)
+SERVICES = {"C-FIND": StudyRootQueryRetrieveInformationModelFind,
+            "C-GET": StudyRootQueryRetrieveInformationModelGet,
+            "C-MOVE": StudyRootQueryRetrieveInformationModelMove}
+
+
+@dataclass(frozen=True)
+class DimseStatus:
+    """A DIMSE failure status as a person reads it: its name, the fix, and whether every
+    further request would meet it too (``refused``: the ingest stops, exit code PACS).
+    ``fix`` may name ``{calling}``, ``{dest}``, ``{port}`` and ``{method}`` of the config."""
+
+    name: str
+    fix: str
+    refused: bool = False
+
+
+_RETRY = "retry later; if it persists, ask the PACS administrator (the PACS' log names the cause)"
+DIMSE_STATUSES: dict[int, DimseStatus] = {
+    0x0110: DimseStatus("processing failure", _RETRY),
+    0x0122: DimseStatus("SOP class not supported", "the PACS does not offer this Study Root "
+                        "query/retrieve service: ask its administrator to enable it for AE "
+                        "title {calling}, or set [pacs] method to another of c-get, c-move, "
+                        "dicomweb", refused=True),
+    0x0124: DimseStatus("refused: not authorised", "ask the PACS administrator to allow queries "
+                        "and retrieves from AE title {calling} ([pacs] calling_ae)",
+                        refused=True),
+    0x0211: DimseStatus("unrecognised operation", "the PACS does not offer this operation to "
+                        "{calling}: set [pacs] method to another of c-get, c-move, dicomweb",
+                        refused=True),
+    0x0213: DimseStatus("resource limitation", _RETRY),
+    0xA700: DimseStatus("out of resources", "the PACS is short of memory, disk or "
+                        "connections: retry later, or ingest a smaller cohort ([cohort] "
+                        "date_from/date_to)"),
+    0xA701: DimseStatus("out of resources: unable to calculate the number of matches",
+                        "retry later, or ingest a smaller cohort ([cohort] date_from/date_to)"),
+    0xA702: DimseStatus("out of resources: unable to perform sub-operations", "the PACS could "
+                        "not send the instances: with c-move, check that the PACS can connect "
+                        "to this host at port {port} as AE {dest} ([pacs] storage_port, "
+                        "move_destination); else retry later"),
+    0xA801: DimseStatus("move destination unknown", "the PACS does not know AE title {dest}: "
+                        "register {dest} at the PACS with this host's address and port {port} "
+                        "(Orthanc: DicomModalities; dcmqrscp: HostTable), or set [pacs] "
+                        "move_destination to the AE title under which the PACS knows this "
+                        "site; method c-get needs no destination", refused=True),
+    0xA900: DimseStatus("identifier does not match SOP class", "the PACS refused the keys of "
+                        "this site's request (a PACS with strict identifier checks): report "
+                        "this with the PACS' log; method dicomweb, where the PACS offers it, "
+                        "asks differently", refused=True),
+    0xFE00: DimseStatus("cancelled", "the request was cancelled at the PACS: run the ingest "
+                        "again"),
+}
+
+
+def dimse_status(code: int) -> DimseStatus:
+    """The name and fix of a DIMSE failure status (PS3.4 C.4 and PS3.7 C)."""
+    if code in DIMSE_STATUSES:
+        return DIMSE_STATUSES[code]
+    if 0xC000 <= code <= 0xCFFF:
+        return DimseStatus("unable to process", _RETRY)
+    if 0xA700 <= code <= 0xA7FF:
+        return DIMSE_STATUSES[0xA700]
+    if 0xA900 <= code <= 0xA9FF:
+        return DIMSE_STATUSES[0xA900]
+    return DimseStatus("a failure status this site does not know", _RETRY)
+
+
+def _answer(ds: Dataset, keywords: tuple[str, ...]) -> Answer:
+    """The values of ``keywords`` a C-FIND answer holds (UIDs as on the wire, always)."""
+    out: Answer = {}
+    for k in keywords:
+        if k in UID_TAGS:
+            out[k] = header_uid(ds, k) or ""
+        elif value := _text(ds, k):  # empty, absent or undecodable: not answered
+            out[k] = value
+    return out
+
+
 def _study_query(query: CohortQuery, uid: str = "") -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"
     ds.StudyInstanceUID = uid
     ds.StudyDate = query.date_range()
-    ds.StudyDescription = query.study_description
-    ds.ModalitiesInStudy = ""
+    ds.StudyDescription = ""  # a return key: matched here (PACS match case-sensitively)
+    ds.ModalitiesInStudy = query.pacs_modality()
     return ds
 
 
@@ -363,12 +771,14 @@ def _series_query(study_uid: str) -> Dataset:
     return ds
 
 
-def _image_query(s: SeriesRef, sop_uid: str = "") -> Dataset:
+def _image_query(s: SeriesRef, sop_uid: str = "", keywords: tuple[str, ...] = ()) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = "IMAGE"
     ds.StudyInstanceUID = s.study_uid
     ds.SeriesInstanceUID = s.series_uid
     ds.SOPInstanceUID = sop_uid
+    for k in keywords:
+        setattr(ds, k, "")
     return ds
 
 
@@ -380,8 +790,22 @@ def _series_level(s: SeriesRef) -> Dataset:
     return ds
 
 
+# Why a PACS rejects an association ((result source, diagnostic) of the A-ASSOCIATE-RJ)
+REJECT_FIXES = {
+    (1, 3): "ask the PACS administrator to register this site's AE title {calling} ([pacs] "
+            "calling_ae) with this host's address",
+    (1, 7): "set [pacs] called_ae to the PACS' own AE title",
+    (3, 1): "the PACS is busy: retry later",
+    (3, 2): "the PACS has too many associations open: retry later",
+}
+
+
 class DimseTransport:
-    """C-FIND + C-GET or C-MOVE against a PACS with pynetdicom (Study Root model)."""
+    """C-FIND + C-GET or C-MOVE against a PACS with pynetdicom (Study Root model).
+
+    Every association proposes the Study Root FIND context (a PACS such as ``dcmqrscp
+    --require-find`` refuses GET/MOVE without it); an association or presentation context
+    the PACS refuses, and a failure status, are named with the fix (:func:`dimse_status`)."""
 
     def __init__(self, cfg: PacsConfig) -> None:
         self.cfg = cfg
@@ -393,27 +817,76 @@ class DimseTransport:
         ae.connection_timeout = min(self.cfg.timeout_s, 10.0)
         return ae
 
+    def _fix(self, text: str) -> str:
+        return text.format(calling=self.cfg.calling_ae, port=self.cfg.storage_port,
+                           dest=self.cfg.move_destination or self.cfg.calling_ae,
+                           method=self.cfg.method)
+
     @contextmanager
-    def associate(self, ae: AE, **kw: Any) -> Iterator[Association]:
-        """An association with the PACS (released on exit), or a PacsError naming the fix."""
+    def associate(self, ae: AE, *, service: str = "", **kw: Any) -> Iterator[Association]:
+        """An association with the PACS (released on exit) on which the PACS accepted the
+        context of ``service`` (C-FIND, C-GET, C-MOVE), or a PacsError naming the fix: a
+        :class:`PacsRefused` when the PACS answered with a refusal."""
         assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.called_ae, **kw)
         if not assoc.is_established:
-            why = ("rejected by the PACS" if assoc.is_rejected else
-                   "not established (connection refused, timed out or aborted)")
-            raise PacsError(f"PACS {self.cfg.describe()}: association {why}. Fix: check "
-                            "[pacs] host, port, called_ae/calling_ae, and that the PACS is "
-                            "running and knows this site's AE title")
+            raise self._not_established(assoc)
         try:
+            wanted = SERVICES.get(service)
+            if wanted is not None and wanted not in {cx.abstract_syntax
+                                                     for cx in assoc.accepted_contexts}:
+                raise PacsRefused(
+                    f"PACS {self.cfg.describe()}: association accepted, but the PACS refused "
+                    f"the {service} presentation context ({wanted.name}). Fix: "
+                    + (f'set [pacs] method = "{"c-move" if service == "C-GET" else "c-get"}" '
+                       "(or dicomweb), or ask the PACS administrator to allow "
+                       f"{service} for AE title {self.cfg.calling_ae}"
+                       if service != "C-FIND" else "ask the PACS administrator to allow "
+                       f"Study Root queries for AE title {self.cfg.calling_ae}"))
             yield assoc
         finally:
             if assoc.is_established:
                 assoc.release()
 
+    def _not_established(self, assoc: Association) -> PacsError:
+        rsp = assoc.acceptor.primitive
+        where = f"PACS {self.cfg.describe()}"
+        if assoc.is_rejected and rsp is not None:
+            fix = REJECT_FIXES.get((rsp.result_source or 0, rsp.diagnostic or 0),
+                                   "check [pacs] called_ae and calling_ae, and ask the PACS "
+                                   "administrator whether it accepts AE title {calling}")
+            return PacsRefused(f"{where}: association rejected ({rsp.result_str}; "
+                               f"{rsp.source_str}: {rsp.reason_str}). Fix: {self._fix(fix)}")
+        if rsp is not None and not assoc.accepted_contexts:
+            names = ", ".join(sorted({cx.abstract_syntax.name for cx in assoc.rejected_contexts
+                                      if cx.abstract_syntax is not None})) or "all"
+            return PacsRefused(f"{where}: the PACS answered but accepted none of the "
+                               f"presentation contexts proposed ({names}). Fix: ask the PACS "
+                               "administrator to allow Study Root query/retrieve for AE title "
+                               f"{self.cfg.calling_ae}, or set [pacs] method to another of "
+                               "c-get, c-move, dicomweb")
+        return PacsError(f"{where}: association not established (connection refused, timed "
+                         "out or aborted). Fix: check [pacs] host and port, and that the PACS "
+                         "is running and reachable from this host")
+
+    def _status_error(self, what: str, code: int) -> PacsError:
+        st = dimse_status(code)
+        fix = st.fix
+        if what == "C-MOVE" and 0xC000 <= code <= 0xCFFF:
+            fix += ("; with c-move, a PACS that does not know the destination answers this too "
+                    "(Orthanc does): check that AE title {dest} is registered at the PACS with "
+                    "this host's address and port {port} ([pacs] move_destination, "
+                    "storage_port)")
+        return (PacsRefused if st.refused else PacsError)(
+            f"PACS {self.cfg.describe()}: {what} failed with status 0x{code:04X} ({st.name})."
+            f" Fix: {self._fix(fix)}")
+
     def _find(self, queries: list[Dataset]) -> list[Dataset]:
+        if not queries:
+            return []
         ae = self.new_ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         out: list[Dataset] = []
-        with self.associate(ae) as assoc:
+        with self.associate(ae, service="C-FIND") as assoc:
             for q in queries:
                 for status, ident in assoc.send_c_find(
                         q, StudyRootQueryRetrieveInformationModelFind):
@@ -424,31 +897,24 @@ class DimseTransport:
                     if status.Status in PENDING and ident is not None:
                         out.append(ident)
                     elif status.Status not in PENDING and status.Status != 0x0000:
-                        raise PacsError(f"PACS {self.cfg.describe()}: C-FIND failed with "
-                                        f"status 0x{status.Status:04X}. Fix: check that the "
-                                        "PACS allows queries from this AE title")
+                        raise self._status_error("C-FIND", status.Status)
         return out
 
-    def find_series(self, query: CohortQuery, *,
-                    refuse: Refuse = log_refusal) -> list[SeriesRef]:
-        study_qs = ([_study_query(query, u) for u in query.study_uids] if query.study_uids
-                    else [_study_query(query)])
-        studies = self._find(study_qs)
-        uids = set()
-        for st in studies:
-            uid = header_uid(st, "StudyInstanceUID") or ""
-            if valid_uid(uid):
-                uids.add(uid)
-            else:  # never put it into a series query (an empty one would match everything)
-                refuse(Refusal(BAD_UID, shown(uid), uid_problem(uid, "StudyInstanceUID") +
-                               " in the PACS' C-FIND answer; its series were not queried"))
-        series = self._find([_series_query(u) for u in sorted(uids)])
-        refs = [SeriesRef(header_uid(s, "StudyInstanceUID") or "",
-                          header_uid(s, "SeriesInstanceUID") or "",
-                          str(s.get("Modality", "")), str(s.get("SeriesDescription", "")))
-                for s in series]
-        return sorted((r for r in refs if series_matches(query, r)),
-                      key=lambda r: (r.study_uid, r.series_uid))
+    def study_answers(self, query: CohortQuery) -> list[Answer]:
+        qs = ([_study_query(query, u) for u in query.study_uids] if query.study_uids
+              else [_study_query(query)])
+        return [_answer(d, STUDY_KEYWORDS) for d in self._find(qs)]
+
+    def series_answers(self, study_uids: list[str]) -> list[Answer]:
+        return [_answer(d, SERIES_KEYWORDS)
+                for d in self._find([_series_query(u) for u in study_uids])]
+
+    def instance_answers(self, series: SeriesRef) -> list[Answer]:
+        return [_answer(d, INSTANCE_KEYWORDS)
+                for d in self._find([_image_query(series, keywords=FILTER_KEYWORDS)])]
+
+    def find_series(self, query: CohortQuery, *, refuse: Refuse = log_refusal) -> Cohort:
+        return find_cohort(self, query, refuse=refuse)
 
     def find_instances(self, series: SeriesRef) -> list[str]:
         return sorted(header_uid(d, "SOPInstanceUID") or ""
@@ -473,19 +939,18 @@ class DimseTransport:
             raise PacsError(f"PACS {self.cfg.describe()}: {what} got no response within "
                             f"{self.cfg.timeout_s:.0f}s. Fix: raise [pacs] timeout_s")
         if status.Status not in PENDING and status.Status not in (0x0000, 0xB000):
-            raise PacsError(f"PACS {self.cfg.describe()}: {what} failed with status "
-                            f"0x{status.Status:04X}. Fix: check the PACS allows retrieval "
-                            "by this AE title (and, for C-MOVE, knows the destination)")
+            raise self._status_error(what, status.Status)
 
     def _get(self, series: SeriesRef, sop_uids: list[str] | None, sink: Sink,
              policy: StorePolicy, refuse: Refuse) -> int:
         ae = self.new_ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         for uid in GET_STORAGE_CLASSES:
             ae.add_requested_context(uid, TRANSFER_SYNTAXES)
         roles = [build_role(uid, scp_role=True) for uid in GET_STORAGE_CLASSES]
         received = _Receiver(sink, policy, refuse)  # our own association: no peer check
-        with self.associate(ae, ext_neg=roles,
+        with self.associate(ae, service="C-GET", ext_neg=roles,
                             evt_handlers=[(evt.EVT_C_STORE, received.handle)]) as assoc:
             for req in self._requests(series, sop_uids):
                 for status, _ in assoc.send_c_get(req, StudyRootQueryRetrieveInformationModelGet):
@@ -523,7 +988,8 @@ class DimseTransport:
         try:
             ae = self.new_ae()
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-            with self.associate(ae) as assoc:
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+            with self.associate(ae, service="C-MOVE") as assoc:
                 for req in self._requests(series, sop_uids):
                     for status, _ in assoc.send_c_move(
                             req, dest, StudyRootQueryRetrieveInformationModelMove):
@@ -712,23 +1178,43 @@ class DicomWebTransport:
         v = element.get("Value", [""]) if isinstance(element, dict) else [""]
         return str(v[0]) if isinstance(v, list) and v else ""
 
-    def find_series(self, query: CohortQuery, *,
-                    refuse: Refuse = log_refusal) -> list[SeriesRef]:
-        params = {"StudyDate": query.date_range(), "StudyDescription": query.study_description}
-        studies = ([{"0020000D": {"Value": [u]}} for u in query.study_uids] if query.study_uids
-                   else self._json("studies", params))
-        refs = []
-        for st in studies:
-            suid = self._val(st, "0020000D")
-            if not valid_uid(suid):  # never into a URL
-                refuse(Refusal(BAD_UID, shown(suid), uid_problem(suid, "StudyInstanceUID") +
-                               " in the PACS' QIDO answer; its series were not queried"))
-                continue
-            for se in self._json(self._url("studies", suid, "series")):
-                refs.append(SeriesRef(suid, self._val(se, "0020000E"), self._val(se, "00080060"),
-                                      self._val(se, "0008103E")))
-        return sorted((r for r in refs if series_matches(query, r)),
-                      key=lambda r: (r.study_uid, r.series_uid))
+    @staticmethod
+    def _answer(item: dict[str, Any], keywords: tuple[str, ...]) -> Answer:
+        """The values of ``keywords`` in a DICOM JSON dataset (multi-valued joined by
+        backslashes; UIDs always, "" when absent)."""
+        out: Answer = {}
+        for k in keywords:
+            element = item.get(f"{tag_for_keyword(k):08X}")
+            values = element.get("Value") if isinstance(element, dict) else None
+            texts = [str(v).strip() for v in values if isinstance(v, str | int | float)] \
+                if isinstance(values, list) else []
+            value = "\\".join(texts) if k not in UID_TAGS else (texts[0] if texts else "")
+            if value or k in UID_TAGS:
+                out[k] = value
+        return out
+
+    def study_answers(self, query: CohortQuery) -> list[Answer]:
+        params = {"StudyDate": query.date_range(), "ModalitiesInStudy": query.pacs_modality(),
+                  "includefield": "00081030,00080061"}  # StudyDescription, ModalitiesInStudy
+        items = ([i for u in query.study_uids
+                  for i in self._json("studies", params | {"StudyInstanceUID": u})]
+                 if query.study_uids else self._json("studies", params))
+        return [self._answer(i, STUDY_KEYWORDS) for i in items]
+
+    def series_answers(self, study_uids: list[str]) -> list[Answer]:
+        return [self._answer(i, SERIES_KEYWORDS) | {"StudyInstanceUID": uid}
+                for uid in study_uids
+                for i in self._json(self._url("studies", uid, "series"),
+                                    {"includefield": "00080060,0008103E"})]
+
+    def instance_answers(self, series: SeriesRef) -> list[Answer]:
+        items = self._json(self._url("studies", series.study_uid, "series", series.series_uid,
+                                     "instances"),
+                           {"includefield": "00080060,00081030,0008103E"})
+        return [self._answer(i, INSTANCE_KEYWORDS) for i in items]
+
+    def find_series(self, query: CohortQuery, *, refuse: Refuse = log_refusal) -> Cohort:
+        return find_cohort(self, query, refuse=refuse)
 
     def find_instances(self, series: SeriesRef) -> list[str]:
         items = self._json(self._url("studies", series.study_uid, "series", series.series_uid,

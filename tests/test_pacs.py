@@ -105,7 +105,7 @@ def test_ingest_methods_build_header_geometry(orthanc: tuple[OrthancServer, int]
     server, move_port = orthanc
     cfg = server.pacs_config(method, move_destination=MOVE_AE, storage_port=move_port)
     summary = ingest(cfg, query, tmp_path / "cache")
-    assert summary.skipped == [] and summary.series_found == expected_series
+    assert summary.skipped == [] and summary.cohort_series == expected_series
     assert summary.converted == expected_series and summary.retrieved == summary.instances_found
     for vol_path in list_volumes(tmp_path / "cache"):
         arr, meta = load_volume(vol_path)
@@ -148,7 +148,7 @@ def test_missing_slices_named_and_rest_ingested(orthanc: tuple[OrthancServer, in
     server, _ = orthanc
     s = ingest(server.pacs_config("c-get"), CohortQuery(series_description="HippoCrop*"),
                tmp_path / "cache")
-    assert s.series_found == 2 and s.converted == 1
+    assert s.cohort_series == 2 and s.converted == 1
     [skip] = s.skipped
     assert skip.kind == "missing-slices" and "gap 2.00 mm, expected 1.00 mm" in skip.reason
     assert s.counts()["skipped-missing-slices"] == 1

@@ -76,10 +76,8 @@ def site_ingest(
     for line in summary.lines():
         typer.echo(line)
     typer.echo(f"cache {cfg.cache_dir}")
-    if summary.unreachable:
-        raise typer.Exit(int(ExitCode.PACS))
-    if summary.skipped:
-        raise typer.Exit(int(ExitCode.DATA))
+    if summary.exit_code != ExitCode.OK:  # PACS, CONFIG (empty cohort) or DATA
+        raise typer.Exit(int(summary.exit_code))
 
 
 @site_cli.command("start")
