@@ -66,8 +66,9 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 # Skip kinds of the ingest itself (instance and series problems carry the DataError kinds
 # of fedpacs.client.dicom: not-dicom, unreadable, truncated, no-pixels, missing-slices,
-# bad-uid, too-large; refusals of the transport: rejected-peer, rejected-series; and
-# unresolved: a series whose [cohort] values neither the PACS nor its first header gave).
+# bad-uid, too-large, unsupported-sop, no-decoder, undecodable; refusals of the transport:
+# rejected-peer, rejected-series; and unresolved: a series whose [cohort] values neither
+# the PACS nor its first header gave).
 PACS_UNREACHABLE = "pacs-unreachable"  # the cohort query failed: nothing was ingested
 PACS_REFUSED = "pacs-refused"          # the PACS refused in a way every series would meet
                                        # (association/context, move destination): stopped

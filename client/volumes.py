@@ -2,8 +2,9 @@
 
 ``fedpacs site ingest`` writes ``volumes/<SeriesInstanceUID>.npz`` (array, spacing, origin,
 direction and a JSON ``meta`` with UIDs, modality and the fingerprint of the instances it
-was built from); the site's data loader reads it back. Writes are atomic (a temporary
-``*.tmp.npz`` renamed into place) and listings skip temporaries.
+was built from); the site's data loader reads it back. Writes are crash-safe (a temporary
+``*.tmp.npz``, fsynced, renamed into place; removed when the write fails) and listings skip
+temporaries.
 """
 
 from __future__ import annotations
@@ -32,13 +33,27 @@ def list_volumes(cache_root: Path) -> list[Path]:
 
 def save_volume(dest: Path, *, array: np.ndarray, spacing: tuple[float, ...],
                 origin: tuple[float, ...], direction: np.ndarray, meta: dict[str, Any]) -> Path:
-    """Write one volume atomically (a reader never sees a half-written file)."""
+    """Write one volume crash-safe: a temporary, flushed and fsynced, renamed over ``dest``,
+    then the folder fsynced. A reader never sees a half-written file; a write that fails
+    (disk full, an error while saving) removes its temporary and leaves ``dest`` as it was;
+    a killed writer leaves at most a temporary that :func:`list_volumes` skips."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name[:-len(SUFFIX)]}.{os.getpid()}{TMP_SUFFIX}")
-    with tmp.open("wb") as f:
-        np.savez(f, array=array, spacing=np.array(spacing), origin=np.array(origin),
-                 direction=direction, meta=np.array(json.dumps(meta)))
-    tmp.replace(dest)
+    try:
+        with tmp.open("wb") as f:
+            np.savez(f, array=array, spacing=np.array(spacing), origin=np.array(origin),
+                     direction=direction, meta=np.array(json.dumps(meta)))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return dest
 
 
