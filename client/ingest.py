@@ -29,6 +29,7 @@ from fedpacs.client.dicom import (
     DEFAULT_MAX_INSTANCE_MB,
     MIB,
     TOO_LARGE,
+    UNDECODABLE,
     UNREADABLE,
     Volume,
     build_volume,
@@ -252,6 +253,8 @@ def convert_series(cache: InstanceCache, s: SeriesRef, summary: IngestSummary) -
                            max_pixel_bytes=cache.max_instance_bytes)
     except DataError as err:
         summary.skipped.append(Skipped(err.path, err.kind, err.problem))
+        if err.kind == UNDECODABLE and Path(err.path) in files:
+            Path(err.path).unlink(missing_ok=True)  # damaged in transit: retrieved again
         return
     cache.save_volume(vol, fp)
     summary.converted += 1

@@ -555,6 +555,15 @@ def test_damaged_frames_are_skipped_and_the_rest_of_the_cohort_kept(tmp_path: Pa
     assert np.array_equal(arr, build_volume(originals).array)
     assert [p for p in tmp_path.rglob("*") if p.is_file() and ".tmp" in p.name] == []
     assert len(list((tmp_path / "volumes").iterdir())) == 2
+    # the undecodable instance left the cache: the next ingest retrieves it again (now
+    # intact) and converts its series; nothing else is fetched twice
+    again = ingest(PacsConfig(port=1), CohortQuery(), tmp_path,
+                   transport=FakePacs(cut_series + bad_series + good_series,
+                                      corrupt={k: v for k, v in corrupt.items()
+                                               if k == str(top.SOPInstanceUID)}))
+    assert {sk.kind for sk in again.skipped} == {TRUNCATED}
+    # the middle slice came again; the cut one is refused at storing again, as before
+    assert again.retrieved == 1 and again.converted == 3
 
 
 @pytest.mark.filterwarnings("ignore:End of file reached before delimiter:UserWarning")
