@@ -3,6 +3,13 @@
 Array core: :func:`fit_to_shape` and :func:`zscore` transform one array; the readers map
 them over cases. Splits are deterministic functions of the sorted case IDs and a seed, so
 the server's held-out split never overlaps any site's partition.
+
+A 2D task on NIfTI volumes (the ``hippocampus-slices`` preset) reads each case's axial
+slices: the volume is normalised as a whole, then cut along its third voxel axis
+(:data:`SLICE_AXIS`, k: superior in RAS), keeping every slice whose mask holds foreground
+and every :data:`EMPTY_SLICE_EVERY`-th of the others (:func:`kept_slices`). Cases are
+split before they are sliced, so the slices of one case all lie in one site's training
+or validation split, or in the held-out split.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ from fedpacs.common.tasks import TaskConfig
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+SLICE_AXIS = 2  # 2D tasks on NIfTI volumes: slices along the third voxel axis (axial)
+EMPTY_SLICE_EVERY = 4  # of a case's slices without foreground, every 4th is kept
 __all__ = ["DATA_FORMATS", "DataFormat", "DataSpec", "SiteData"]  # (the first three live
 # in fedpacs.common.config, light enough for processes that never touch torch)
 
@@ -60,6 +69,18 @@ def zscore(arr: np.ndarray) -> np.ndarray:
     a = arr.astype(np.float32)
     std = float(a.std())
     return (a - float(a.mean())) / std if std > 0 else np.zeros_like(a)
+
+
+def kept_slices(label: np.ndarray, *, axis: int = SLICE_AXIS,
+                empty_every: int = EMPTY_SLICE_EVERY) -> np.ndarray:
+    """Indices along ``axis`` of the slices a 2D task keeps from a volume's label map:
+    every slice with foreground (a label > 0), and of the empty ones (in order) the first
+    and every ``empty_every``-th after it."""
+    other = tuple(a for a in range(label.ndim) if a != axis)
+    has_fg = np.asarray(np.asarray(label > 0).any(axis=other), dtype=bool)
+    idx = np.arange(label.shape[axis])
+    empty_kept = idx[~has_fg][::empty_every]
+    return idx[has_fg | np.isin(idx, empty_kept)]
 
 
 def split_ids(ids: list[str], *, holdout_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -136,7 +157,8 @@ def _nifti_arrays(cases: list[NiftiCase], task: TaskConfig
         try:
             img = read_nifti(case.image)
             lab = read_nifti(case.label) if case.label else None
-            if img.ndim != task.spatial_dims:
+            slicing = task.spatial_dims == 2 and img.ndim == 3  # a 2D task on volumes
+            if img.ndim != task.spatial_dims and not slicing:
                 raise DataError(str(case.image), f"{img.ndim}D image, task needs "
                                 f"{task.spatial_dims}D", "use data matching the task")
             if lab is None or lab.shape != img.shape:
@@ -151,8 +173,15 @@ def _nifti_arrays(cases: list[NiftiCase], task: TaskConfig
             log.warning("skipping case %s: %s", case.case_id, err)
             skipped.append((err.path, err.problem))
             continue
-        images.append(fit_to_shape(zscore(img), task.input_shape))
-        labels.append(fit_to_shape(lab.astype(np.int64), task.input_shape))
+        vol, mask = zscore(img), lab.astype(np.int64)
+        if slicing:
+            for k in kept_slices(mask):
+                images.append(fit_to_shape(np.take(vol, k, axis=SLICE_AXIS), task.input_shape))
+                labels.append(fit_to_shape(np.take(mask, k, axis=SLICE_AXIS),
+                                           task.input_shape))
+            continue
+        images.append(fit_to_shape(vol, task.input_shape))
+        labels.append(fit_to_shape(mask, task.input_shape))
     if not images:
         return empty_dataset(task), skipped
     x = torch.from_numpy(np.stack(images)[:, None])

@@ -117,6 +117,13 @@ TASK_PRESETS: dict[str, TaskConfig] = {
         in_channels=1, num_classes=3, input_shape=(48, 64, 48), width=16,
         class_names=("background", "anterior", "posterior"),
     ),
+    # the same MSD hippocampus volumes read as 2D axial slices (fedpacs.common.datasets:
+    # each case's slices along its third voxel axis, split by case like the volumes)
+    "hippocampus-slices": TaskConfig(
+        name="hippocampus-slices", kind="segmentation", network="unet", spatial_dims=2,
+        in_channels=1, num_classes=3, input_shape=(48, 64), width=16,
+        class_names=("background", "anterior", "posterior"),
+    ),
     "breastmnist": TaskConfig(
         name="breastmnist", kind="classification", network="resnet18", spatial_dims=2,
         in_channels=1, num_classes=2, input_shape=(28, 28), width=16,
@@ -153,6 +160,7 @@ class Training:
 DEFAULT_TRAINING = Training()
 PRESET_TRAINING: dict[str, Training] = {
     "hippocampus": Training(local_epochs=2, batch_size=4, lr=3e-3),
+    "hippocampus-slices": Training(local_epochs=1, batch_size=16, lr=3e-3),
     "breastmnist": Training(local_epochs=2, batch_size=32, lr=1e-3),
     "pneumoniamnist": Training(local_epochs=1, batch_size=32, lr=1e-3),
     "adrenalmnist3d": Training(local_epochs=2, batch_size=16, lr=1e-3),

@@ -37,6 +37,7 @@ class TaskData:
 
 DEMO_DATA: dict[str, TaskData] = {
     "hippocampus": TaskData("nifti", "msd_hippocampus_udacity"),
+    "hippocampus-slices": TaskData("nifti", "msd_hippocampus_udacity"),
     "breastmnist": TaskData("medmnist", "medmnist_breast/breastmnist.npz"),
     "pneumoniamnist": TaskData(
         "medmnist", "medmnist_pneumonia/pneumoniamnist_balanced_aksufatih.npz"),
