@@ -47,6 +47,9 @@ bench: setup system-deps
 	$(PY) bench/secagg.py
 	$(PY) bench/round_overhead.py --json runs/bench/round_overhead.json
 	$(PY) bench/many_sites.py --json runs/bench/many_sites.json
+	$(PY) bench/zoo.py --json runs/bench/zoo.json
+	$(PY) bench/zoo.py --hippocampus-recipe --json runs/bench/zoo-recipe.json
+	$(PY) bench/transfer.py --json runs/bench/transfer.json
 
 clean:
 	rm -rf runs .pytest_cache
