@@ -83,11 +83,15 @@ class SiteSummary:
     train: int
     val: int
     skipped: list[tuple[str, str]]
+    notes: list[str] = field(default_factory=list)  # what the user should know (and fix)
 
 
 def check_site(config_path: Path | None) -> SiteSummary:
     """Parse the site config and load its data once: counts plus skipped files with reasons."""
-    from fedpacs.client.data import load_site_data  # (torch: not in the daemon's own process)
+    from fedpacs.client.data import (  # (torch: not in the daemon's own process)
+        PacsSiteData,
+        load_site_data,
+    )
 
     site = load_site_config(config_path)
     data = load_site_data(site.data, site.custom_task or get_task(site.task),
@@ -95,7 +99,8 @@ def check_site(config_path: Path | None) -> SiteSummary:
     if len(data.train) == 0:
         raise DataError(str(site.data.root), "no usable training samples in this site's "
                         "partition", "check data.root, data.partition and the skipped files")
-    return SiteSummary(site, len(data.train), len(data.val), data.skipped)
+    notes = list(data.notes) if isinstance(data, PacsSiteData) else []
+    return SiteSummary(site, len(data.train), len(data.val), data.skipped, notes)
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,24 @@ NIfTI reader of fedpacs.common.datasets does (axes (column, row, slice), a NIfTI
 the server's held-out cases. The site config's ``[data] spacing`` and ``window`` (a
 :class:`~fedpacs.client.dicom.PacsPreprocess`) resample each volume (its mask with nearest)
 and window CT volumes before they are normalised and fitted to the input shape.
+
+Train/validation split by patient, never by series: each volume belongs to a group, the
+patient key stored at conversion (fedpacs.client.volumes; a keyed hash, never the
+PatientID), overridden by the manifest's ``group`` (or ``PatientID``) column for its rows;
+a volume with neither (converted before patient keys) falls back to its
+StudyInstanceUID, and the data summary counts those. The groups are partitioned and split
+(fedpacs.common.datasets), then expanded to their series, so every series of one patient
+is in one partition and one of train/validation; deterministic for a seed, independent of
+file order. ``val_fraction`` is a fraction of groups, not of series.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +36,14 @@ from torch.utils.data import TensorDataset
 
 from fedpacs.client.config import PacsPreprocess
 from fedpacs.client.dicom import prepare_image, prepare_mask
-from fedpacs.client.volumes import list_volumes, load_volume
+from fedpacs.client.volumes import (
+    cache_salt,
+    list_volumes,
+    load_volume,
+    patient_key,
+    stored_patient_key,
+    volume_meta,
+)
 from fedpacs.common.datasets import (
     DataSpec,
     SiteData,
@@ -41,6 +60,25 @@ from fedpacs.common.errors import DataError
 from fedpacs.common.tasks import TaskConfig
 
 log = logging.getLogger(__name__)
+
+GROUP_COLUMNS = ("group", "PatientID")  # manifest columns that group series, first wins
+
+
+@dataclass
+class PacsSiteData(SiteData):
+    """A PACS site's data plus notes for the data summary (counts only, no UIDs)."""
+
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PacsSplit:
+    """Which volumes (by SeriesInstanceUID) one partition trains and validates on."""
+
+    train: list[str]
+    val: list[str]
+    groups: dict[str, str]  # volume -> its group (in memory only: never written or sent)
+    no_patient_key: int  # volumes grouped by their StudyInstanceUID: no key, no manifest group
 
 
 def load_site_data(spec: DataSpec, task: TaskConfig, *,
@@ -61,15 +99,9 @@ def read_label_manifest(path: Path) -> dict[str, int | Path]:
     Classification: a ``label`` column of class indices. Segmentation: a ``mask`` column
     naming a NIfTI mask on the series' grid (relative to the CSV's folder).
     """
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise DataError(str(path), f"cannot read the label manifest ({exc.strerror})",
-                        "set data.labels to the CSV of labels") from exc
     out: dict[str, int | Path] = {}
-    for i, row in enumerate(rows, start=2):
-        uid = (row.get("SeriesInstanceUID") or row.get("StudyInstanceUID") or "").strip()
+    for i, row in enumerate(_manifest_rows(path), start=2):
+        uid = _row_uid(row)
         if row.get("mask"):
             mask = Path(str(row["mask"]).strip())
             out[uid] = mask if mask.is_absolute() else path.parent / mask
@@ -83,6 +115,105 @@ def read_label_manifest(path: Path) -> dict[str, int | Path]:
             raise DataError(f"{path}:{i}", "no SeriesInstanceUID/StudyInstanceUID",
                             "give each row a UID column") from None
     return out
+
+
+def read_manifest_groups(path: Path) -> dict[str, tuple[str, str]]:
+    """UID -> (column, value) from a label manifest's ``group`` (or ``PatientID``) column,
+    for the rows that give one ({} when the manifest has neither column)."""
+    out: dict[str, tuple[str, str]] = {}
+    for row in _manifest_rows(path):
+        uid = _row_uid(row)
+        for column in GROUP_COLUMNS:
+            value = str(row.get(column) or "").strip()
+            if uid and value:
+                out[uid] = (column, value)
+                break
+    return out
+
+
+def _manifest_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except OSError as exc:
+        raise DataError(str(path), f"cannot read the label manifest ({exc.strerror})",
+                        "set data.labels to the CSV of labels") from exc
+
+
+def _row_uid(row: Mapping[str, str | None]) -> str:
+    return str(row.get("SeriesInstanceUID") or row.get("StudyInstanceUID") or "").strip()
+
+
+def volume_groups(paths: list[Path], manifest_groups: Mapping[str, tuple[str, str]],
+                  salt: bytes | None) -> tuple[dict[str, str], int]:
+    """Volume id (file stem = SeriesInstanceUID) -> its group, and how many volumes fell
+    back to their StudyInstanceUID. A manifest row of the series (else of its study)
+    decides first: a ``group`` value as it is, a ``PatientID`` hashed like a stored key
+    (so it joins that patient's other series); then the volume's own patient key; then its
+    StudyInstanceUID. Group kinds are prefixed, so a value of one never equals another."""
+    groups: dict[str, str] = {}
+    fallback = 0
+    for p in paths:
+        meta = volume_meta(p)
+        study = str(meta.get("study_uid") or "")
+        given = manifest_groups.get(str(meta.get("series_uid") or p.stem)) or \
+            manifest_groups.get(study)
+        key = stored_patient_key(meta, salt)
+        if given is not None and given[0] == "group":
+            groups[p.stem] = f"group:{given[1]}"
+        elif given is not None:
+            groups[p.stem] = f"patient:{patient_key(salt or b'', given[1])}"
+        elif key:
+            groups[p.stem] = f"patient:{key}"
+        else:
+            groups[p.stem] = f"study:{study or p.stem}"
+            fallback += 1
+    return groups, fallback
+
+
+def split_groups(groups: Mapping[str, str], *, partition: int, num_partitions: int,
+                 val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, val) volume ids of one partition: the groups are partitioned and split
+    (as fedpacs.common.datasets splits case IDs), then expanded to their volumes, so the
+    volumes of one group are never on two sides. Each group takes part under its smallest
+    volume id, so the split depends on the volumes alone, not on the cache's salt (a
+    rebuilt cache splits alike; one series per patient splits as series did), and not on
+    their order."""
+    members: dict[str, list[str]] = defaultdict(list)
+    for vid, group in groups.items():
+        members[group].append(vid)
+    by_first = {min(vids): vids for vids in members.values()}
+    mine = partition_ids(list(by_first), partition=partition, num_partitions=num_partitions,
+                         seed=seed)
+    train, val = split_ids(mine, holdout_fraction=val_fraction, seed=seed + 7)
+    return (sorted(v for first in train for v in by_first[first]),
+            sorted(v for first in val for v in by_first[first]))
+
+
+def pacs_split(spec: DataSpec) -> PacsSplit:
+    """The patient-level split of a PACS cache for ``spec`` (see the module docstring)."""
+    paths = list_volumes(spec.root)
+    if not paths:
+        raise DataError(str(spec.root), "no converted volumes in volumes/",
+                        "run `fedpacs site ingest` first")
+    manifest = read_manifest_groups(spec.labels) if spec.labels is not None else {}
+    groups, fallback = volume_groups(paths, manifest, cache_salt(spec.root))
+    train, val = split_groups(groups, partition=spec.partition,
+                              num_partitions=spec.num_partitions,
+                              val_fraction=spec.val_fraction, seed=spec.seed)
+    return PacsSplit(train, val, groups, fallback)
+
+
+def no_key_note(split: PacsSplit) -> str:
+    """The data summary's line on volumes without a patient key ("" when none)."""
+    if not split.no_patient_key:
+        return ""
+    return (f"{split.no_patient_key} of {len(split.groups)} volumes have no patient key "
+            "(converted before patient keys, or no PatientID) and no group in the label "
+            "manifest: each is grouped by its StudyInstanceUID, so two studies of one "
+            "patient can fall on both sides of the split. Fix: run `fedpacs site ingest` "
+            "again (it converts them again with a key) or add a group column to the "
+            "label manifest")
 
 
 def read_mask(path: Path, volume_shape: tuple[int, ...], num_classes: int) -> np.ndarray:
@@ -142,19 +273,15 @@ def _pacs_arrays(paths: list[Path], labels: dict[str, int | Path], task: TaskCon
     return TensorDataset(torch.from_numpy(np.stack(xs)), y), skipped
 
 
-def _pacs_site(spec: DataSpec, task: TaskConfig, preprocess: PacsPreprocess) -> SiteData:
+def _pacs_site(spec: DataSpec, task: TaskConfig, preprocess: PacsPreprocess) -> PacsSiteData:
     if spec.labels is None:
         raise DataError(str(spec.root), "no label manifest", "set data.labels to a CSV")
     labels = read_label_manifest(spec.labels)
+    split = pacs_split(spec)
     by_id = {p.stem: p for p in list_volumes(spec.root)}
-    if not by_id:
-        raise DataError(str(spec.root), "no converted volumes in volumes/",
-                        "run `fedpacs site ingest` first")
-    mine = partition_ids(list(by_id), partition=spec.partition,
-                         num_partitions=spec.num_partitions, seed=spec.seed)
-    train_ids, val_ids = split_ids(mine, holdout_fraction=spec.val_fraction, seed=spec.seed + 7)
-    train, s1 = _pacs_arrays([by_id[i] for i in train_ids], labels, task, preprocess)
-    val, s2 = _pacs_arrays([by_id[i] for i in val_ids], labels, task, preprocess)
-    return SiteData(train, val, s1 + s2)
-
-
+    train, s1 = _pacs_arrays([by_id[i] for i in split.train], labels, task, preprocess)
+    val, s2 = _pacs_arrays([by_id[i] for i in split.val], labels, task, preprocess)
+    note = no_key_note(split)
+    if note:
+        log.warning("%s: %s", spec.root, note)
+    return PacsSiteData(train, val, s1 + s2, notes=[note] if note else [])

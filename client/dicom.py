@@ -172,6 +172,9 @@ class Volume:
     irregular_spacing: bool = False
     source_files: list[str] = field(default_factory=list)
     patient_geometry: bool = True
+    # PatientID of the first instance: only to derive the cache's patient key
+    # (fedpacs.client.volumes.patient_key); never written, logged or shown
+    patient_id: str = field(default="", repr=False)
 
 
 
@@ -815,7 +818,8 @@ def _volume(arr: np.ndarray, spacing: tuple[float, float, float],
         study_uid=str(first.get("StudyInstanceUID", "")),
         series_uid=str(first.get("SeriesInstanceUID", label)),
         series_description=str(first.get("SeriesDescription", "")), irregular_spacing=irregular,
-        source_files=[str(p) for p, _ in datasets], patient_geometry=patient_geometry)
+        source_files=[str(p) for p, _ in datasets], patient_geometry=patient_geometry,
+        patient_id=str(first.get("PatientID", "") or "").strip())
 
 
 # --------------------------------------------------------------------------- whole slides

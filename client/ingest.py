@@ -3,7 +3,7 @@
 The cache is keyed by SOP Instance UID (``instances/<study>/<series>/<sop>.dcm``), each
 file written atomically after it was read back and checked, so a second ingest downloads
 nothing new and a failed transfer never leaves a corrupt file. Converted series go to
-``volumes/<series>.npz`` with their geometry.
+``volumes/<series>.npz`` with their geometry and patient key (fedpacs.client.volumes).
 
 Only a valid DICOM UID becomes a path component (``..`` or ``1..2`` never does: such an
 instance or series is skipped as ``bad-uid`` before any path is built), an instance must
@@ -158,6 +158,12 @@ class InstanceCache:
         self.max_instance_bytes = max_instance_bytes
         (root / "instances").mkdir(parents=True, exist_ok=True)
         (root / volumes.VOLUMES_DIR).mkdir(parents=True, exist_ok=True)
+        self._salt: bytes | None = None  # of patient keys: read (or made) when first needed
+
+    def salt(self) -> bytes:
+        if self._salt is None:
+            self._salt = volumes.make_salt(self.root)
+        return self._salt
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         return self.root / "instances" / _component(study_uid, "StudyInstanceUID") / \
@@ -212,13 +218,21 @@ class InstanceCache:
         meta = {"modality": vol.modality, "study_uid": vol.study_uid,
                 "series_uid": vol.series_uid, "series_description": vol.series_description,
                 "irregular_spacing": vol.irregular_spacing, "fingerprint": fingerprint,
-                "num_instances": len(vol.source_files)}
+                "num_instances": len(vol.source_files),
+                **volumes.patient_meta(self.salt(), vol.patient_id)}
         return volumes.save_volume(self.volume_path(vol.series_uid), array=vol.array,
                                    spacing=vol.spacing, origin=vol.origin,
                                    direction=vol.direction, meta=meta)
 
     def volume_fingerprint(self, series_uid: str) -> str:
         return str(volumes.volume_meta(self.volume_path(series_uid)).get("fingerprint", ""))
+
+    def volume_current(self, series_uid: str, fingerprint: str) -> bool:
+        """The series' volume was converted from these instances, with a patient key
+        under this cache's salt (a volume from before patient keys is converted again)."""
+        meta = volumes.volume_meta(self.volume_path(series_uid))
+        return (meta.get("fingerprint") == fingerprint
+                and meta.get(volumes.PATIENT_KEY_SALT) == volumes.salt_id(self.salt()))
 
 
 def _component(uid: str, field: str) -> str:
@@ -245,7 +259,7 @@ def convert_series(cache: InstanceCache, s: SeriesRef, summary: IngestSummary) -
     if not files:
         return
     fp = _fingerprint(files)
-    if cache.volume_fingerprint(s.series_uid) == fp:
+    if cache.volume_current(s.series_uid, fp):
         summary.converted += 1
         return
     try:

@@ -5,20 +5,37 @@ direction and a JSON ``meta`` with UIDs, modality and the fingerprint of the ins
 was built from); the site's data loader reads it back. Writes are crash-safe (a temporary
 ``*.tmp.npz``, fsynced, renamed into place; removed when the write fails) and listings skip
 temporaries.
+
+Patient keys: a volume's ``meta`` carries ``patient_key``, a keyed hash (HMAC-SHA256) of
+its PatientID under the cache's own random salt (``patient-key.salt`` in the cache folder,
+made once, readable by the site's user only), and ``patient_key_salt``, which salt made it.
+The data loader groups a patient's series by that key, so no PatientID is in a file the
+trainer reads, and the key means nothing outside this cache. A volume converted before
+patient keys, or under another salt (the salt file was deleted), has no valid key;
+``fedpacs site ingest`` converts it again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedpacs.common.errors import DataError
+
 VOLUMES_DIR = "volumes"
 SUFFIX = ".npz"
 TMP_SUFFIX = ".tmp.npz"
+SALT_FILE = "patient-key.salt"
+SALT_BYTES = 32
+PATIENT_KEY = "patient_key"
+PATIENT_KEY_SALT = "patient_key_salt"
 
 
 def volume_path(cache_root: Path, series_uid: str) -> Path:
@@ -72,3 +89,65 @@ def volume_meta(path: Path) -> dict[str, Any]:
         return {}
     with np.load(path) as z:
         return dict(json.loads(str(z["meta"])))
+
+
+def cache_salt(cache_root: Path) -> bytes | None:
+    """The cache's salt of patient keys, None when it has none yet."""
+    path = cache_root / SALT_FILE
+    return _read_salt(path) if path.is_file() else None
+
+
+def make_salt(cache_root: Path) -> bytes:
+    """The cache's salt of patient keys, made (random, mode 0600) when absent. Two
+    processes that make it at once agree on one: each links its own temporary into place
+    and the one that comes second reads the first one's."""
+    path = cache_root / SALT_FILE
+    if path.is_file():
+        return _read_salt(path)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{SALT_FILE}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, secrets.token_bytes(SALT_BYTES))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # never replaces a salt that is already there
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _read_salt(path)
+
+
+def _read_salt(path: Path) -> bytes:
+    salt = path.read_bytes()
+    if len(salt) != SALT_BYTES:
+        raise DataError(str(path), f"{len(salt)} bytes, expected {SALT_BYTES}", "delete it "
+                        "and run `fedpacs site ingest` again (it makes a new salt and "
+                        "converts every volume again)")
+    return salt
+
+
+def salt_id(salt: bytes) -> str:
+    """Which salt made a key (a hash of the salt: says nothing about it)."""
+    return hashlib.sha256(b"fedpacs salt id\0" + salt).hexdigest()[:16]
+
+
+def patient_key(salt: bytes, patient_id: str) -> str:
+    """The keyed hash of a PatientID ("" for none): equal for equal IDs in one cache."""
+    pid = patient_id.strip()
+    return hmac.new(salt, pid.encode("utf-8"), "sha256").hexdigest() if pid else ""
+
+
+def patient_meta(salt: bytes, patient_id: str) -> dict[str, str]:
+    """The patient-key fields of a volume's ``meta``."""
+    return {PATIENT_KEY: patient_key(salt, patient_id), PATIENT_KEY_SALT: salt_id(salt)}
+
+
+def stored_patient_key(meta: dict[str, Any], salt: bytes | None) -> str:
+    """A volume's patient key when made under ``salt``, else "" (none, or another salt)."""
+    if salt is None or meta.get(PATIENT_KEY_SALT) != salt_id(salt):
+        return ""
+    return str(meta.get(PATIENT_KEY) or "")

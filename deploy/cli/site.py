@@ -28,6 +28,8 @@ def site_check(
                f"validation samples from {s.site.data.root}")
     for path, reason in s.skipped:
         typer.echo(f"  skipped {path}: {reason}")
+    for note in s.notes:
+        typer.echo(f"  note: {note}")
 
 
 @site_cli.command("ingest")
