@@ -11,7 +11,16 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedpacs.common.config import DataSpec, check_unknown, read_toml, section, type_name
+from fedpacs.common.config import (
+    DATA_FORMATS,
+    IMAGE_LAYOUTS,
+    DataSpec,
+    check_unknown,
+    format_task_problems,
+    read_toml,
+    section,
+    type_name,
+)
 from fedpacs.common.errors import ConfigError, FieldError
 from fedpacs.common.tasks import TASK_PRESETS, TaskConfig, validate_task_dict
 
@@ -21,7 +30,7 @@ if TYPE_CHECKING:  # (pydicom/pynetdicom are imported only by a site with a [pac
 
 SITE_CONFIG_ENV = "FEDPACS_SITE_CONFIG"
 SITE_CONFIG_NODE_KEY = "site-config"  # key in the SuperNode's --node-config
-SITE_DATA_FORMATS: tuple[str, ...] = ("nifti", "medmnist", "pacs")
+SITE_DATA_FORMATS: tuple[str, ...] = (*DATA_FORMATS, "pacs")
 
 DEFAULT_THREADS = 0  # 0: let torch decide
 DEFAULT_DEVICE = "auto"  # cuda when present, else cpu
@@ -147,7 +156,11 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
     fmt = data.get("format")
     if fmt not in SITE_DATA_FORMATS:
         errs.append(FieldError("data.format", f"one of {', '.join(SITE_DATA_FORMATS)}",
-                               type_name(fmt), 'set format = "nifti", "medmnist" or "pacs"'))
+                               type_name(fmt), 'set format = "nifti", "medmnist", "images", '
+                               '"image-masks" or "pacs"'))
+    site_task = custom or (TASK_PRESETS.get(task) if isinstance(task, str) else None)
+    if site_task is not None:
+        errs.extend(format_task_problems(fmt, site_task, "data.format"))
     root_raw = data.get("root")
     root: Path | None = None
     if not isinstance(root_raw, str) or not root_raw:
@@ -167,6 +180,13 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
         elif fmt == "medmnist" and not root.is_file():
             errs.append(FieldError("data.root", "a MedMNIST .npz file", str(root),
                                    "point root at the .npz file"))
+        elif fmt == "images" and not root.is_dir():
+            errs.append(FieldError("data.root", "a folder with one sub-folder per class",
+                                   str(root), f"lay the images out as {IMAGE_LAYOUTS['images']}"))
+        elif fmt == "image-masks" and not ((root / "images").is_dir()
+                                           and (root / "masks").is_dir()):
+            errs.append(FieldError("data.root", "a folder with images/ and masks/", str(root),
+                                   f"lay the images out as {IMAGE_LAYOUTS['image-masks']}"))
     labels: Path | None = None
     if "labels" in data or fmt == "pacs":
         lab_raw = data.get("labels")

@@ -58,8 +58,40 @@ def check_unknown(sec: dict[str, Any], allowed: set[str], prefix: str,
 
 # Formats both sides read (sites train on them, the server holds out a split of them);
 # a site's PACS cache ("pacs") is read by fedpacs.client.data alone.
-DataFormat = Literal["nifti", "medmnist", "pacs"]
-DATA_FORMATS: tuple[str, ...] = ("nifti", "medmnist")
+DataFormat = Literal["nifti", "medmnist", "images", "image-masks", "pacs"]
+DATA_FORMATS: tuple[str, ...] = ("nifti", "medmnist", "images", "image-masks")
+# Folders of 2D images (PNG/JPEG/TIFF, grey or RGB): the task kind each serves, its layout
+IMAGE_FORMATS: dict[str, str] = {"images": "classification", "image-masks": "segmentation"}
+IMAGE_LAYOUTS: dict[str, str] = {
+    "images": "root/<class name>/*.png|jpg|jpeg|tif|tiff, one sub-folder per class",
+    "image-masks": "root/images/X.png with root/masks/X.png (mask values: class indices)",
+}
+
+
+def format_task_problems(fmt: object, task: TaskConfig, field: str) -> list[FieldError]:
+    """Whether data format ``fmt`` can serve ``task`` (``field`` names where the format was
+    set): an image folder holds 2D images of 1 or 3 channels, ``images`` (class folders)
+    for a classification task, ``image-masks`` for a segmentation task. Empty when it fits
+    (other formats are checked by their readers)."""
+    if not isinstance(fmt, str) or fmt not in IMAGE_FORMATS:
+        return []
+    errs: list[FieldError] = []
+    kind = IMAGE_FORMATS[fmt]
+    if task.kind != kind:
+        other = next(f for f, k in IMAGE_FORMATS.items() if k == task.kind)
+        errs.append(FieldError(field, f'"{other}" for {task.kind} task {task.name!r}',
+                               f'"{fmt}" (a {kind} layout)',
+                               f'set {field} = "{other}" and lay the data out as '
+                               f"{IMAGE_LAYOUTS[other]}, or use a {kind} task"))
+    if task.spatial_dims != 2:
+        errs.append(FieldError(field, "a 3D format (nifti, medmnist) for 3D task "
+                               f"{task.name!r}", f'"{fmt}" (2D images)',
+                               'use format "nifti" for volumes, or a 2D task'))
+    if task.in_channels not in (1, 3):
+        errs.append(FieldError(field, "a task with in_channels 1 (grey) or 3 (RGB) for "
+                               f'"{fmt}"', f"task {task.name!r} with in_channels "
+                               f"{task.in_channels}", "set the task's in_channels to 1 or 3"))
+    return errs
 
 
 @dataclass(frozen=True)
@@ -69,6 +101,11 @@ class DataSpec:
     ``nifti``: ``root`` holds ``images/`` and ``labels/`` with matching file names.
     ``medmnist``: ``root`` is the ``.npz`` file; its official train/val/test splits are used
     (train and val are partitioned across sites, test is the held-out split).
+    ``images``: ``root`` holds one sub-folder per class (named as the task's class, a '/'
+    in it written '-' or '_', or its index; sorted order when the task names no classes)
+    of PNG/JPEG/TIFF images. ``image-masks``: ``root`` holds ``images/`` and ``masks/``
+    with matching file stems. An image is a case (split as NIfTI cases are); see
+    fedpacs.common.datasets for how images are converted.
     ``pacs``: ``root`` is a site's ingest cache, ``labels`` its label manifest (read on
     the site by fedpacs.client.data).
     """
@@ -126,7 +163,7 @@ class RunConfig:
     round_timeout_s: float = 900.0
     seed: int = 0
     run_dir: str = ""  # server-side folder for checkpoints and the final model
-    eval_format: str = ""  # server-side held-out data (optional): "nifti" | "medmnist"
+    eval_format: str = ""  # server-side held-out data (optional): one of DATA_FORMATS
     eval_root: str = ""
     eval_holdout_fraction: float = 0.2
     eval_seed: int = 0
@@ -225,6 +262,12 @@ class RunConfig:
         if self.eval_format and self.eval_format not in DATA_FORMATS:
             errs.append(FieldError("eval-format", f"empty or one of {', '.join(DATA_FORMATS)}",
                                    repr(self.eval_format), "leave empty to skip server evaluation"))
+        elif self.eval_format in IMAGE_FORMATS:
+            try:
+                errs.extend(format_task_problems(self.eval_format, self.task_config(),
+                                                 "eval-format"))
+            except (ConfigError, ValueError, KeyError):
+                pass  # the task's own errors are reported apart
         if self.strategy not in STRATEGY_NAMES:
             errs.append(FieldError("strategy", f"one of {', '.join(STRATEGY_NAMES)}",
                                    repr(self.strategy), "pick a strategy by name"
@@ -352,8 +395,18 @@ def custom_task_fields(raw: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def infer_eval_format(root: str) -> str:
-    """A held-out set's format from its path: a .npz is MedMNIST, a folder NIfTI."""
-    return "medmnist" if root.endswith(".npz") else "nifti"
+    """A held-out set's format from its path: a .npz is MedMNIST; a folder with images/
+    and masks/ image-masks; one with images/ (and labels/) NIfTI; one of sub-folders
+    without images/ class folders (images); anything else NIfTI."""
+    if root.endswith(".npz"):
+        return "medmnist"
+    path = Path(root)
+    if (path / "images").is_dir():
+        return "image-masks" if (path / "masks").is_dir() else "nifti"
+    if path.is_dir() and any(p.is_dir() and not p.name.startswith(".")
+                             for p in path.iterdir()):
+        return "images"
+    return "nifti"
 
 
 def load_run_config(path: Path | None, flags: dict[str, Any]) -> RunConfig:

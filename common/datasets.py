@@ -10,19 +10,35 @@ slices: the volume is normalised as a whole, then cut along its third voxel axis
 and every :data:`EMPTY_SLICE_EVERY`-th of the others (:func:`kept_slices`). Cases are
 split before they are sliced, so the slices of one case all lie in one site's training
 or validation split, or in the held-out split.
+
+Image folders (``images``: one sub-folder per class; ``image-masks``: ``images/`` and
+``masks/`` with matching stems) hold PNG/JPEG/TIFF files, 8-bit or 16-bit grey or RGB. An
+image is a case, split like a NIfTI case. Each image is read as 1 (grey) or 3 (colour)
+channels scaled to [0, 1] by its bit depth (/255, 16-bit /65535; an alpha channel is
+dropped), converted to the task's ``in_channels`` (colour to grey by ITU-R 601 luminance,
+as Pillow does; grey to colour by repeating it), resized to the task's ``input_shape``
+(antialiased bilinear; a mask nearest) and mapped to [-1, 1] as MedMNIST images are. So a
+folder mixing sizes or grey and colour images is used whole. A file that cannot be used is
+skipped with a reason code (:data:`IMAGE_SKIP_REASONS`, ``"code: why"`` in
+:attr:`SiteData.skipped`) and the rest kept; a class sub-folder that names no class of the
+task stops the reader (a DataError naming it and the classes expected).
 """
 
 from __future__ import annotations
 
 import logging
+import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import TensorDataset
 
-from fedpacs.common.config import DATA_FORMATS, DataFormat, DataSpec
+from fedpacs.common.config import DATA_FORMATS, IMAGE_FORMATS, IMAGE_LAYOUTS, DataFormat, DataSpec
 from fedpacs.common.errors import DataError
 from fedpacs.common.tasks import TaskConfig
 
@@ -246,19 +262,307 @@ def _medmnist_partition(n: int, spec: DataSpec) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- resampling
-def resize(arr: np.ndarray, shape: tuple[int, ...], *, nearest: bool = False) -> np.ndarray:
+def resize(arr: np.ndarray, shape: tuple[int, ...], *, nearest: bool = False,
+           antialias: bool = False) -> np.ndarray:
     """Interpolate a 2D/3D array to ``shape``: (bi/tri)linear, or nearest for label maps
-    (then the dtype is kept)."""
+    (then the dtype is kept); ``antialias`` (2D linear only) low-passes a shrinking image
+    first, as a photo's downscale should."""
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
     if nearest:
         out = torch.nn.functional.interpolate(x, size=shape, mode="nearest")
         return out[0, 0].numpy().astype(arr.dtype)
     mode = "bilinear" if len(shape) == 2 else "trilinear"
-    return torch.nn.functional.interpolate(x, size=shape, mode=mode, align_corners=False)[0, 0]\
+    return torch.nn.functional.interpolate(x, size=shape, mode=mode, align_corners=False,
+                                           antialias=antialias and len(shape) == 2)[0, 0]\
         .numpy()
 
 
+# --------------------------------------------------------------------------- image folders
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2: colour -> grey, as Pillow's convert("L")
+# Why an image folder's reader skipped a file (the code, then the reason, in SiteData.skipped)
+IMAGE_SKIP_REASONS: dict[str, str] = {
+    "unreadable-image": "the file is not a readable PNG/JPEG/TIFF (corrupt or truncated)",
+    "unsupported-image": "a readable image the reader does not take (a floating-point or "
+                         "32-bit image, several frames, a colour mask)",
+    "not-an-image": "a file without a .png/.jpg/.jpeg/.tif/.tiff suffix",
+    "not-in-class-folder": "an image directly in data.root, outside every class sub-folder",
+    "empty-class": "a class sub-folder without any image",
+    "no-mask": "an image in images/ without a mask of the same stem in masks/",
+    "mask-size": "a mask whose size differs from its image's",
+    "mask-values": "a mask with values outside the task's class indices",
+}
+C = TypeVar("C", "NiftiCase", "ImageCase")
+
+
+@dataclass(frozen=True)
+class ImageCase:
+    """One image of an image folder: its class index (``images``) or mask (``image-masks``)."""
+
+    case_id: str
+    image: Path
+    label: int = -1
+    mask: Path | None = None
+
+
+def _skip(path: Path, code: str, why: str) -> tuple[str, str]:
+    return str(path), f"{code}: {why}"
+
+
+def class_indices(folders: list[str], task: TaskConfig, root: Path) -> dict[str, int]:
+    """Class index of each class sub-folder name. With ``task.class_names``: the class a
+    folder names (case-insensitive, a '/' in the name written '-' or '_', or the class's
+    index); without: the index itself ("0", "1", ...) or else the folders' sorted order
+    (then one folder per class). A DataError names every folder naming no class."""
+    if task.class_names:
+        aliases: dict[str, int] = {}
+        for i, name in enumerate(task.class_names):
+            for alias in (name, name.replace("/", "-"), name.replace("/", "_"), str(i)):
+                aliases[alias.casefold()] = i
+        unknown = [f for f in folders if f.casefold() not in aliases]
+        if unknown:
+            expected = ", ".join(f"{n!r}" for n in task.class_names)
+            raise DataError(str(root / unknown[0]), f"class sub-folder(s) {', '.join(unknown)}"
+                            f" name no class of task {task.name!r} (expected one of "
+                            f"{expected}, or 0..{len(task.class_names) - 1})",
+                            "rename each folder to its class's name (a '/' written as '-' or "
+                            "'_') or index, or move it out of data.root", kind="unknown-class")
+        index = {f: aliases[f.casefold()] for f in folders}
+    elif all(f.isdigit() and int(f) < task.num_classes for f in folders):
+        index = {f: int(f) for f in folders}
+    elif len(folders) == task.num_classes:
+        index = {f: i for i, f in enumerate(sorted(folders))}
+    else:
+        raise DataError(str(root), f"{len(folders)} class sub-folders ({', '.join(folders)}) "
+                        f"for the {task.num_classes} classes of task {task.name!r}, which "
+                        "names none", f"name the folders 0..{task.num_classes - 1}, give the "
+                        "task class_names, or keep one folder per class", kind="unknown-class")
+    seen: dict[int, str] = {}
+    for f in sorted(folders):
+        if index[f] in seen:
+            raise DataError(str(root / f), f"folders {seen[index[f]]!r} and {f!r} both name "
+                            f"class {index[f]}", "merge them into one folder",
+                            kind="unknown-class")
+        seen[index[f]] = f
+    return index
+
+
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def list_image_folder(root: Path, task: TaskConfig
+                      ) -> tuple[list[ImageCase], list[tuple[str, str]]]:
+    """The images of ``root/<class>/``, case ID ``<class folder>/<file name>``; files
+    that are no image, outside a class folder, and empty class folders are reported."""
+    if not root.is_dir():
+        raise DataError(str(root), "not a folder", f"lay the images out as "
+                        f"{IMAGE_LAYOUTS['images']} and point data.root at it")
+    entries = _visible(root)
+    folders = [p for p in entries if p.is_dir()]
+    skipped = [_skip(p, "not-in-class-folder", "move it into its class's sub-folder")
+               for p in entries if p.is_file()]
+    if not folders:
+        raise DataError(str(root), "no class sub-folders",
+                        f"lay the images out as {IMAGE_LAYOUTS['images']}")
+    index = class_indices([p.name for p in folders], task, root)
+    cases: list[ImageCase] = []
+    for folder in folders:
+        files = [p for p in _visible(folder) if p.is_file()]
+        images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        skipped += [_skip(p, "not-an-image", f"suffix {p.suffix!r} is not one of "
+                          f"{', '.join(IMAGE_SUFFIXES)}") for p in files if p not in images]
+        if not images:
+            skipped.append(_skip(folder, "empty-class", f"no image of class "
+                                 f"{index[folder.name]} in the folder"))
+        cases += [ImageCase(f"{folder.name}/{p.name}", p, label=index[folder.name])
+                  for p in images]
+    if not cases:
+        raise DataError(str(root), "no images in the class sub-folders",
+                        f"lay the images out as {IMAGE_LAYOUTS['images']}")
+    return cases, skipped
+
+
+def list_image_masks(root: Path) -> tuple[list[ImageCase], list[tuple[str, str]]]:
+    """Pair ``images/X.*`` with ``masks/X.*`` (by stem; case ID the image's file name);
+    an image without a mask is skipped."""
+    img_dir, mask_dir = root / "images", root / "masks"
+    if not (img_dir.is_dir() and mask_dir.is_dir()):
+        raise DataError(str(root), "no images/ and masks/ folders",
+                        f"lay the images out as {IMAGE_LAYOUTS['image-masks']}")
+    masks: dict[str, Path] = {}
+    for p in reversed(_visible(mask_dir)):  # (of two masks with one stem, the first by name)
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+            masks[p.stem] = p
+    cases, skipped = [], []
+    for p in _visible(img_dir):
+        if not p.is_file():
+            continue
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append(_skip(p, "not-an-image", f"suffix {p.suffix!r} is not one of "
+                                 f"{', '.join(IMAGE_SUFFIXES)}"))
+        elif p.stem not in masks:
+            skipped.append(_skip(p, "no-mask", f"no masks/{p.stem}.* beside the image"))
+        else:
+            cases.append(ImageCase(p.name, p, mask=masks[p.stem]))
+    if not cases:
+        raise DataError(str(root), "no image/mask pairs found",
+                        f"lay the images out as {IMAGE_LAYOUTS['image-masks']}")
+    return cases, skipped
+
+
+def _open_image(path: Path, what: str) -> Image.Image:
+    """The decoded Pillow image of one frame, or a DataError naming the file. Pillow's
+    warnings on a damaged file (corrupt EXIF, ...) go to this module's log, once each."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with Image.open(path) as im:
+                frames = int(getattr(im, "n_frames", 1))
+                if frames > 1:
+                    raise DataError(str(path), f"{frames} frames in one {what} file",
+                                    "save each image as its own file",
+                                    kind="unsupported-image")
+                im.load()
+                return im
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error,
+                Image.DecompressionBombError) as exc:
+            raise DataError(str(path), f"not a readable {what} ({type(exc).__name__}: "
+                            f"{exc})", "re-export the file or remove it from the folder",
+                            kind="unreadable-image") from exc
+        finally:
+            for w in caught:
+                log.warning("%s: %s", path, w.message)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """A PNG/JPEG/TIFF image as (channels, rows, columns) float32 in [0, 1]: 1 channel for
+    grey (8-bit /255, 16-bit /65535), 3 for colour (palette and CMYK/YCbCr images
+    converted to RGB, alpha dropped); a DataError with a reason code otherwise."""
+    im = _open_image(path, "image")
+    mode = im.mode
+    if mode in ("1", "L", "LA", "La"):
+        grey = np.asarray(im.convert("L") if mode == "1" else im.getchannel(0))
+        return grey.astype(np.float32)[None] / 255.0
+    if mode.startswith("I"):  # 16-bit grey ("I;16", "I;16B", ...; "I" from some readers)
+        a = np.asarray(im)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(str(path), f"32-bit grey values {a.min()}..{a.max()} outside "
+                            "16 bits", "export the image as 8- or 16-bit",
+                            kind="unsupported-image")
+        return a.astype(np.float32)[None] / 65535.0
+    if mode == "F":
+        raise DataError(str(path), "a floating-point image (no fixed intensity range)",
+                        "export the image as 8- or 16-bit", kind="unsupported-image")
+    rgb = np.asarray(im.convert("RGB"))
+    return np.moveaxis(rgb, -1, 0).astype(np.float32) / 255.0
+
+
+def read_mask_image(path: Path) -> np.ndarray:
+    """A mask image's class indices (rows, columns) int64: grey or palette values as
+    stored (8 or 16 bit); a colour mask is refused."""
+    im = _open_image(path, "mask")
+    if im.mode not in ("1", "L", "P") and not im.mode.startswith("I"):
+        raise DataError(str(path), f"a mask of mode {im.mode} (not one channel of class "
+                        "indices)", "save the mask as 8-bit grey or palette PNG whose values "
+                        "are the class indices", kind="unsupported-image")
+    return np.asarray(im).astype(np.int64)
+
+
+def to_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """(c, rows, columns) -> (channels, rows, columns): colour to grey by luminance, grey to
+    colour by repetition."""
+    have = img.shape[0]
+    if have == channels:
+        return img
+    if have == 3 and channels == 1:
+        return (LUMA[0] * img[0] + LUMA[1] * img[1] + LUMA[2] * img[2])[None] \
+            .astype(np.float32)
+    if have == 1 and channels == 3:
+        return np.repeat(img, 3, axis=0)
+    raise ValueError(f"cannot convert {have} channel(s) to {channels}")
+
+
+def fit_image(img: np.ndarray, task: TaskConfig) -> np.ndarray:
+    """A [0, 1] image (c, rows, columns) as a sample of ``task``: its channels, resized to
+    its input shape, mapped to [-1, 1] as MedMNIST images are."""
+    x = to_channels(img, task.in_channels)
+    if x.shape[1:] != task.input_shape:
+        x = np.stack([resize(c, task.input_shape, antialias=True) for c in x])
+    return (x - 0.5) / 0.5
+
+
+def _image_arrays(cases: list[ImageCase], task: TaskConfig
+                  ) -> tuple[TensorDataset, list[tuple[str, str]]]:
+    images: list[np.ndarray] = []
+    labels: list[np.ndarray | int] = []
+    skipped = []
+    for case in cases:
+        try:
+            img = read_image(case.image)
+            if case.mask is None:
+                label: np.ndarray | int = case.label
+            else:
+                mask = read_mask_image(case.mask)
+                if mask.shape != img.shape[1:]:
+                    raise DataError(str(case.mask), f"mask size {mask.shape} != image size "
+                                    f"{img.shape[1:]} (rows, columns)",
+                                    "export the mask on the image's grid", kind="mask-size")
+                if mask.size and (mask.min() < 0 or mask.max() >= task.num_classes):
+                    raise DataError(str(case.mask), f"mask values {mask.min()}..{mask.max()} "
+                                    f"outside 0..{task.num_classes - 1}", "write class "
+                                    "indices (a lossless PNG), or fix task.num_classes",
+                                    kind="mask-values")
+                label = (mask if mask.shape == task.input_shape
+                         else resize(mask, task.input_shape, nearest=True))[None]
+        except DataError as err:
+            log.warning("skipping image %s: %s", case.case_id, err)
+            skipped.append((err.path, f"{err.kind}: {err.problem}"))
+            continue
+        images.append(fit_image(img, task))
+        labels.append(label)
+    if not images:
+        return empty_dataset(task), skipped
+    x = torch.from_numpy(np.ascontiguousarray(np.stack(images), dtype=np.float32))
+    y = torch.from_numpy(np.stack(labels).astype(np.int64)) if task.kind == "segmentation" \
+        else torch.tensor(labels, dtype=torch.long)
+    return TensorDataset(x, y), skipped
+
+
+def list_image_cases(spec: DataSpec, task: TaskConfig
+                     ) -> tuple[list[ImageCase], list[tuple[str, str]]]:
+    """The cases of an ``images`` or ``image-masks`` folder, after checking the task can
+    read them (2D, 1 or 3 channels; the format's task kind)."""
+    if task.spatial_dims != 2 or task.in_channels not in (1, 3) \
+            or task.kind != IMAGE_FORMATS[spec.format]:
+        raise DataError(str(spec.root), f"format {spec.format!r} holds 2D "
+                        f"{IMAGE_FORMATS[spec.format]} images of 1 or 3 channels; task "
+                        f"{task.name!r} is {task.spatial_dims}D {task.kind} with "
+                        f"{task.in_channels} channel(s)", "use a format that fits the task",
+                        kind="wrong-format")
+    if spec.format == "images":
+        return list_image_folder(spec.root, task)
+    return list_image_masks(spec.root)
+
+
 # --------------------------------------------------------------------------- entry points
+def _site_cases(cases: list[C], spec: DataSpec) -> tuple[list[C], list[C]]:
+    """(train, validation) cases of one site: its partition of the pool (all cases but the
+    held-out split), split again by ``val_fraction``."""
+    by_id = {c.case_id: c for c in cases}
+    pool, _ = split_ids(list(by_id), holdout_fraction=spec.holdout_fraction, seed=spec.seed)
+    mine = partition_ids(pool, partition=spec.partition, num_partitions=spec.num_partitions,
+                         seed=spec.seed)
+    train_ids, val_ids = split_ids(mine, holdout_fraction=spec.val_fraction, seed=spec.seed + 7)
+    return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+
+def _holdout_cases(cases: list[C], spec: DataSpec) -> list[C]:
+    by_id = {c.case_id: c for c in cases}
+    _, hold = split_ids(list(by_id), holdout_fraction=spec.holdout_fraction, seed=spec.seed)
+    return [by_id[i] for i in hold]
+
+
 def load_partition(spec: DataSpec, task: TaskConfig) -> SiteData:
     """The training and validation sets of one site (its partition of the pool) from a
     shared-format data set (a site's own PACS cache is read by fedpacs.client.data)."""
@@ -271,14 +575,16 @@ def load_partition(spec: DataSpec, task: TaskConfig) -> SiteData:
         va = _medmnist_partition(len(data["val_labels"]), spec)
         return SiteData(_medmnist_split(data, "train", tr, task, spec.root),
                         _medmnist_split(data, "val", va, task, spec.root))
+    if spec.format in IMAGE_FORMATS:
+        images, skipped = list_image_cases(spec, task)
+        train_imgs, val_imgs = _site_cases(images, spec)
+        train, s1 = _image_arrays(train_imgs, task)
+        val, s2 = _image_arrays(val_imgs, task)
+        return SiteData(train, val, skipped + s1 + s2)
     cases, skipped = list_nifti_cases(spec.root)
-    by_id = {c.case_id: c for c in cases}
-    pool, _ = split_ids(list(by_id), holdout_fraction=spec.holdout_fraction, seed=spec.seed)
-    mine = partition_ids(pool, partition=spec.partition, num_partitions=spec.num_partitions,
-                         seed=spec.seed)
-    train_ids, val_ids = split_ids(mine, holdout_fraction=spec.val_fraction, seed=spec.seed + 7)
-    train, s1 = _nifti_arrays([by_id[i] for i in train_ids], task)
-    val, s2 = _nifti_arrays([by_id[i] for i in val_ids], task)
+    train_cases, val_cases = _site_cases(cases, spec)
+    train, s1 = _nifti_arrays(train_cases, task)
+    val, s2 = _nifti_arrays(val_cases, task)
     return SiteData(train, val, skipped + s1 + s2)
 
 
@@ -290,8 +596,10 @@ def load_holdout(spec: DataSpec, task: TaskConfig) -> TensorDataset:
     if spec.format == "medmnist":
         data = read_medmnist(spec.root)
         return _medmnist_split(data, "test", np.arange(len(data["test_labels"])), task, spec.root)
+    if spec.format in IMAGE_FORMATS:
+        images, _ = list_image_cases(spec, task)
+        ds, _ = _image_arrays(_holdout_cases(images, spec), task)
+        return ds
     cases, _ = list_nifti_cases(spec.root)
-    by_id = {c.case_id: c for c in cases}
-    _, hold = split_ids(list(by_id), holdout_fraction=spec.holdout_fraction, seed=spec.seed)
-    ds, _ = _nifti_arrays([by_id[i] for i in hold], task)
+    ds, _ = _nifti_arrays(_holdout_cases(cases, spec), task)
     return ds

@@ -352,7 +352,7 @@ def run_start(
         help="held-out data on this host (a MedMNIST .npz or a NIfTI folder) the server "
              "evaluates every round (default: none)")] = None,
     eval_format: Annotated[str | None, typer.Option(
-        help="medmnist | nifti (default: from --eval-root)")] = None,
+        help="medmnist | nifti | images | image-masks (default: from --eval-root)")] = None,
     secagg: Annotated[bool | None, typer.Option(
         "--secagg/--no-secagg",
         help="SecAgg+: the server sees only the sum of the updates (default on)")] = None,
