@@ -30,6 +30,7 @@ import re
 import socket
 import socketserver
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -94,6 +95,9 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",     # RLE
 ]
 PENDING = (0xFF00, 0xFF01)
+# an association closed without an answer within this many seconds is tried once more
+# (a refused or timed-out one is not: that answer stands)
+QUICK_DROP_S = 2.0
 # Reason codes of instances and peers a retrieve refuses (with dicom's bad-uid, too-large).
 REJECTED_PEER = "rejected-peer"      # a C-STORE peer that is not the PACS (address, AE title)
 REJECTED_SERIES = "rejected-series"  # an instance not of the series (or SOPs) being retrieved
@@ -827,7 +831,18 @@ class DimseTransport:
         """An association with the PACS (released on exit) on which the PACS accepted the
         context of ``service`` (C-FIND, C-GET, C-MOVE), or a PacsError naming the fix: a
         :class:`PacsRefused` when the PACS answered with a refusal."""
+        started = time.monotonic()
         assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.called_ae, **kw)
+        if not assoc.is_established and assoc.acceptor.primitive is None \
+                and time.monotonic() - started < QUICK_DROP_S:
+            # closed before any answer, at once (not a timeout): a PACS busy forking, or a
+            # drop on the way; one more try reads its real answer (a rejection names why)
+            raw = getattr(assoc.dul.socket, "socket", None)  # pynetdicom leaves it open
+            if raw is not None:
+                raw.close()
+            time.sleep(QUICK_DROP_S / 4)
+            assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.called_ae,
+                                 **kw)
         if not assoc.is_established:
             raise self._not_established(assoc)
         try:

@@ -305,3 +305,62 @@ def test_multiframe_instance_matches_single_frame_series(tmp_path: Path, data_di
     assert np.array_equal(multi.array, single.array)
     assert multi.spacing == pytest.approx(single.spacing)
     assert multi.origin == pytest.approx(single.origin)
+
+
+def test_a_connection_dropped_without_an_answer_is_tried_once_more(tmp_path: Path) -> None:
+    """A PACS whose first connection closes before any answer (busy, or a drop on the
+    way) is asked once more, and its real answer reaches the user: here a rejection of
+    the called AE title, named with the fix (not "connection refused")."""
+    import socket
+    import threading
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    scp = AE(ae_title="PACS")
+    scp.require_called_aet = True  # rejects any other called AE title
+    scp.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    scp_port = free_port()
+    server = scp.start_server(("127.0.0.1", scp_port), block=False)
+    front = socket.create_server(("127.0.0.1", 0))
+    connections: list[int] = []
+    pipes: list[threading.Thread] = []
+
+    def proxy() -> None:  # the first connection is closed at once, later ones forwarded
+        while True:
+            try:
+                conn, _ = front.accept()
+            except OSError:
+                return
+            connections.append(1)
+            if len(connections) == 1:
+                conn.close()
+                continue
+            back = socket.create_connection(("127.0.0.1", scp_port))
+            for a, b in ((conn, back), (back, conn)):
+                pipes.append(threading.Thread(target=pipe, args=(a, b), daemon=True))
+                pipes[-1].start()
+
+    def pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            a.close()
+            b.close()
+
+    threading.Thread(target=proxy, daemon=True).start()
+    try:
+        cfg = PacsConfig(port=front.getsockname()[1], called_ae="NOTPACS", timeout_s=10)
+        s = ingest(cfg, CohortQuery(), tmp_path / "cache")
+    finally:
+        front.close()
+        server.shutdown()
+        for t in pipes:
+            t.join(timeout=10)
+    [skip] = s.skipped
+    assert len(connections) == 2
+    assert "association rejected" in skip.reason and "Called AE title not recognised" in \
+        skip.reason and s.exit_code == ExitCode.PACS
