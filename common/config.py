@@ -341,12 +341,11 @@ class RunConfig:
         if self.uncertainty == "mc-dropout":
             import torch
 
+            from fedpacs.common.engine import has_dropout as drops
             from fedpacs.common.models import MODELS
 
             with torch.device("meta"):
-                net = MODELS[task.network].build(task)
-            has_dropout = any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0
-                              for m in net.modules())
+                has_dropout = drops(MODELS[task.network].build(task))
         return self.recipe().validate(task.kind, has_dropout=has_dropout)
 
     def task_config(self) -> TaskConfig:
