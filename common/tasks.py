@@ -21,6 +21,17 @@ MAX_VOXELS = 2**24
 MAX_CHANNELS = 64
 MAX_CLASSES = 1000
 MAX_WIDTH = 256
+# Input preprocessing a task may name (fedpacs.common.preprocess implements them; the same
+# steps run at a site's training and evaluation, on the server's held-out cases and in an
+# exported MONAI bundle): CLAHE, the adaptive contrast enhancement of breast ultrasound,
+# Macenko stain normalisation of H&E images.
+PREPROCESS_STEPS: tuple[str, ...] = ("clahe", "ace", "macenko")
+# How samples are drawn from a case: "fit" centre-crops/pads (3D) or resizes (2D) each case
+# to ``input_shape``; "patches" keeps each case at its native (or ``spacing``-resampled)
+# size, trains on random ``input_shape`` patches weighted toward foreground and evaluates
+# whole cases by sliding-window inference (segmentation only).
+SAMPLINGS: tuple[str, ...] = ("fit", "patches")
+MAX_SPACING_MM = 100.0
 
 
 @dataclass(frozen=True)
@@ -40,11 +51,19 @@ class TaskConfig:
     input_shape: tuple[int, ...]
     width: int = 16
     class_names: tuple[str, ...] = field(default_factory=tuple)
+    # (see PREPROCESS_STEPS, SAMPLINGS) applied in this order to every image of the task
+    preprocess: tuple[str, ...] = field(default_factory=tuple)
+    sampling: str = "fit"
+    # target voxel spacing in mm, one per spatial axis in the order of input_shape; () keeps
+    # each case's own spacing (a site's [data] spacing still applies to its PACS volumes)
+    spacing: tuple[float, ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["input_shape"] = list(self.input_shape)
         d["class_names"] = list(self.class_names)
+        d["preprocess"] = list(self.preprocess)
+        d["spacing"] = list(self.spacing)
         return d
 
     @classmethod
@@ -62,6 +81,9 @@ class TaskConfig:
             input_shape=tuple(int(s) for s in d["input_shape"]),
             width=int(d.get("width", 16)),
             class_names=tuple(str(c) for c in d.get("class_names", ())),
+            preprocess=tuple(str(x) for x in d.get("preprocess", ())),
+            sampling=str(d.get("sampling", "fit")),
+            spacing=tuple(float(x) for x in d.get("spacing", ())),
         )
 
 
@@ -94,6 +116,28 @@ def validate_task_dict(d: dict[str, Any], *, source_prefix: str) -> list[FieldEr
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
             errs.append(FieldError(f"{p}{key}", f"an integer in {lo}..{hi}", repr(v),
                                    f"set {key} to the number of channels/classes/features"))
+    steps = d.get("preprocess", [])
+    if not isinstance(steps, list | tuple) or not all(
+            isinstance(x, str) and x in PREPROCESS_STEPS for x in steps) or \
+            len(set(steps)) != len(steps):
+        errs.append(FieldError(f"{p}preprocess", "a list of distinct steps out of "
+                               f"{', '.join(PREPROCESS_STEPS)}", repr(steps),
+                               'e.g. preprocess = ["clahe"], or leave it out'))
+    if d.get("sampling", "fit") not in SAMPLINGS:
+        errs.append(FieldError(f"{p}sampling", f"one of {', '.join(SAMPLINGS)}",
+                               repr(d.get("sampling")), 'set sampling = "fit" or "patches"'))
+    elif d.get("sampling") == "patches" and d["kind"] != "segmentation":
+        errs.append(FieldError(f"{p}sampling", '"fit" for a classification task',
+                               '"patches"', "patch sampling needs a mask to weight patches "
+                               'by and to stitch: use sampling = "fit"'))
+    spacing = d.get("spacing", [])
+    if not isinstance(spacing, list | tuple) or (spacing and (
+            len(spacing) != d["spatial_dims"] or not all(
+                isinstance(x, int | float) and not isinstance(x, bool)
+                and 0 < x <= MAX_SPACING_MM for x in spacing))):
+        errs.append(FieldError(f"{p}spacing", f"{d['spatial_dims']} numbers in mm "
+                               f"(0..{MAX_SPACING_MM:g}], one per axis of input_shape, or "
+                               "nothing", repr(spacing), "e.g. spacing = [1.0, 1.0, 1.0]"))
     # the network must exist and fit the task kind
     from fedpacs.common.models import MODELS, unknown_network
 
