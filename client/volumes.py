@@ -151,3 +151,42 @@ def stored_patient_key(meta: dict[str, Any], salt: bytes | None) -> str:
     if salt is None or meta.get(PATIENT_KEY_SALT) != salt_id(salt):
         return ""
     return str(meta.get(PATIENT_KEY) or "")
+
+
+# --------------------------------------------------------------------------- label maps
+# ``fedpacs site ingest`` turns a DICOM SEG or RTSTRUCT of a cohort series into a label map
+# on that series' grid: ``labels/<image SeriesInstanceUID>.npz`` (``mask``: int16 (slice,
+# row, column), 0 = background, class i where segment/ROI i of ``meta["classes"]`` is; and a
+# JSON ``meta`` with the source SOP class, the label series' UID and its fingerprint). The
+# site's data loader takes it as the series' mask when its label manifest gives none.
+LABELS_DIR = "labels"
+
+
+def label_path(cache_root: Path, image_series_uid: str) -> Path:
+    return cache_root / LABELS_DIR / f"{image_series_uid}{SUFFIX}"
+
+
+def save_label(dest: Path, *, mask: np.ndarray, meta: dict[str, Any]) -> Path:
+    """Write one label map crash-safe (as :func:`save_volume`)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name[:-len(SUFFIX)]}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        with tmp.open("wb") as f:
+            np.savez(f, mask=mask.astype(np.int16), meta=np.array(json.dumps(meta)))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def load_label(cache_root: Path, image_series_uid: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The label map of an image series (int64, (slice, row, column)) and its meta; None
+    when the cache has none."""
+    path = label_path(cache_root, image_series_uid)
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return z["mask"].astype(np.int64), dict(json.loads(str(z["meta"])))
