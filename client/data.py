@@ -39,6 +39,7 @@ from fedpacs.client.dicom import prepare_image, prepare_mask
 from fedpacs.client.volumes import (
     cache_salt,
     list_volumes,
+    load_label,
     load_volume,
     patient_key,
     stored_patient_key,
@@ -228,29 +229,55 @@ def read_mask(path: Path, volume_shape: tuple[int, ...], num_classes: int) -> np
     return mask
 
 
-def _pacs_arrays(paths: list[Path], labels: dict[str, int | Path], task: TaskConfig,
-                 preprocess: PacsPreprocess) -> tuple[TensorDataset, list[tuple[str, str]]]:
+def series_mask(root: Path, label: int | Path | None, series_uid: str,
+                volume_shape: tuple[int, ...], num_classes: int) -> np.ndarray | None:
+    """A segmentation series' mask: the label manifest's NIfTI, else the label map the
+    ingest made from a DICOM SEG/RTSTRUCT of the series (fedpacs.client.volumes); None
+    when neither exists. A mask off the series' grid or with values outside the task's
+    classes is a DataError naming its file."""
+    if isinstance(label, Path):
+        return read_mask(label, volume_shape, num_classes)
+    found = load_label(root, series_uid)
+    if found is None:
+        return None
+    mask, _ = found
+    if mask.shape != volume_shape or mask.min() < 0 or mask.max() >= num_classes:
+        raise DataError(f"labels/{series_uid}.npz", f"label map {mask.shape} with values "
+                        f"{mask.min()}..{mask.max()} for a series of shape {volume_shape} "
+                        f"and classes 0..{num_classes - 1}", "run `fedpacs site ingest` "
+                        "again, or map the SEG's segments onto the task's classes")
+    return mask
+
+
+def _pacs_arrays(root: Path, paths: list[Path], labels: dict[str, int | Path],
+                 task: TaskConfig, preprocess: PacsPreprocess
+                 ) -> tuple[TensorDataset, list[tuple[str, str]]]:
     xs: list[np.ndarray] = []
     ys: list[Any] = []
     skipped: list[tuple[str, str]] = []
     for p in paths:
         arr, meta = load_volume(p)
         label = labels.get(meta["series_uid"], labels.get(meta["study_uid"]))
-        if label is None:
+        if label is None and task.kind != "segmentation":
             skipped.append((str(p), "series not in the label manifest"))
             continue
         vol = zscore(prepare_image(arr, meta["spacing"], modality=str(meta["modality"]),
                                    preprocess=preprocess))
         if task.kind == "segmentation":
-            if not isinstance(label, Path):
+            if isinstance(label, int):
                 skipped.append((str(p), "manifest gives a class, the task needs a mask"))
                 continue
             try:
-                mask = prepare_mask(read_mask(label, arr.shape, task.num_classes),
-                                    meta["spacing"], preprocess=preprocess)
+                found = series_mask(root, label, str(meta["series_uid"]), arr.shape,
+                                    task.num_classes)
             except DataError as err:
                 skipped.append((err.path, err.problem))
                 continue
+            if found is None:
+                skipped.append((str(p), "no mask: the series is not in the label manifest "
+                                "and no SEG/RTSTRUCT of it was ingested"))
+                continue
+            mask = prepare_mask(found, meta["spacing"], preprocess=preprocess)
             if task.spatial_dims == 3:  # as fedpacs.common.datasets reads a NIfTI case
                 xs.append(fit_to_shape(np.transpose(vol), task.input_shape)[None])
                 ys.append(fit_to_shape(np.transpose(mask), task.input_shape)[None])
@@ -274,13 +301,15 @@ def _pacs_arrays(paths: list[Path], labels: dict[str, int | Path], task: TaskCon
 
 
 def _pacs_site(spec: DataSpec, task: TaskConfig, preprocess: PacsPreprocess) -> PacsSiteData:
-    if spec.labels is None:
+    if spec.labels is None and task.kind != "segmentation":
         raise DataError(str(spec.root), "no label manifest", "set data.labels to a CSV")
-    labels = read_label_manifest(spec.labels)
+    labels = read_label_manifest(spec.labels) if spec.labels is not None else {}
     split = pacs_split(spec)
     by_id = {p.stem: p for p in list_volumes(spec.root)}
-    train, s1 = _pacs_arrays([by_id[i] for i in split.train], labels, task, preprocess)
-    val, s2 = _pacs_arrays([by_id[i] for i in split.val], labels, task, preprocess)
+    train, s1 = _pacs_arrays(spec.root, [by_id[i] for i in split.train], labels, task,
+                             preprocess)
+    val, s2 = _pacs_arrays(spec.root, [by_id[i] for i in split.val], labels, task,
+                           preprocess)
     note = no_key_note(split)
     if note:
         log.warning("%s: %s", spec.root, note)
