@@ -50,6 +50,7 @@ bench: setup system-deps
 	$(PY) bench/zoo.py --json runs/bench/zoo.json
 	$(PY) bench/zoo.py --hippocampus-recipe --json runs/bench/zoo-recipe.json
 	$(PY) bench/transfer.py --json runs/bench/transfer.json
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf runs .pytest_cache

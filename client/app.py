@@ -1,7 +1,10 @@
 """The Flower ClientApp every site runs (``fedpacs.client.app:app``).
 
 The site's config file is named by the SuperNode's ``--node-config site-config=...``; it
-is read here, on the site, and never travels from the server.
+is read here, on the site, and never travels from the server. A virtual site of `fedpacs
+simulate` (no ``site-config``) reads its generated config by the ``partition-id`` Flower's
+Simulation Engine gave its node, in the folder its own environment names
+(:func:`simulated_site_config`).
 
 Train messages come in two forms:
 
@@ -18,8 +21,10 @@ stages, which never train, then start in about a second.
 from __future__ import annotations
 
 import logging
+import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -94,7 +99,40 @@ def refuse(msg: Message, err: FedpacsError) -> Message:
 def load_site(context: Context) -> SiteConfig:
     from fedpacs.client.config import SITE_CONFIG_NODE_KEY, load_site_config
 
-    return load_site_config(str(context.node_config.get(SITE_CONFIG_NODE_KEY, "")) or None)
+    given = str(context.node_config.get(SITE_CONFIG_NODE_KEY, ""))
+    return load_site_config(given or simulated_site_config(context.node_config))
+
+
+# `fedpacs simulate` (fedpacs.deploy.simulate) sets this in its own Ray workers' environment
+# alone: the folder of the virtual sites' generated configs. Never read from a message.
+SIM_SITES_ENV = "FEDPACS_SIM_SITES"
+SIM_PARTITION_KEY = "partition-id"  # set by Flower's Simulation Engine per virtual node
+
+
+def sim_site_file(folder: Path, partition: int) -> Path:
+    """The generated site config of virtual site ``partition`` in ``folder``."""
+    return folder / f"site-{partition:03d}.toml"
+
+
+def simulated_site_config(node_config: Mapping[str, object]) -> str | None:
+    """A virtual site's config under Flower's Simulation Engine, or None (a deployed site).
+
+    Only where this process's own environment has ``$FEDPACS_SIM_SITES`` (set by `fedpacs
+    simulate` for its Ray workers) and the node has no ``site-config``: the site is the
+    file for the node's ``partition-id``, which the Simulation Engine sets when it creates
+    the node, in the same process, never from a message. The path is built from an
+    integer inside that folder, so nothing the server sends (run config, message content)
+    can name a file; a deployed SuperNode always has its ``site-config``, which wins."""
+    folder = os.environ.get(SIM_SITES_ENV, "")
+    if not folder:
+        return None
+    pid = node_config.get(SIM_PARTITION_KEY)
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
+        raise ConfigError("simulation node config", [FieldError(
+            SIM_PARTITION_KEY, "the virtual node's partition id (an integer >= 0, set by "
+            "Flower's Simulation Engine)", repr(pid), "run virtual sites with `fedpacs "
+            "simulate`; a deployed SuperNode sets --node-config site-config=...")])
+    return str(sim_site_file(Path(folder), pid))
 
 
 def handle(msg: Message, context: Context, work: Work) -> Message:

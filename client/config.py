@@ -7,7 +7,7 @@ ClientApp processes it starts read it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from fedpacs.common.config import (
     type_name,
 )
 from fedpacs.common.errors import ConfigError, FieldError
-from fedpacs.common.tasks import TASK_PRESETS, TaskConfig, validate_task_dict
+from fedpacs.common.tasks import MAX_CHANNELS, TASK_PRESETS, TaskConfig, validate_task_dict
 
 if TYPE_CHECKING:  # (pydicom/pynetdicom are imported only by a site with a [pacs] table:
     # every ClientApp process, SecAgg+ key exchange included, reads this file)
@@ -37,15 +37,34 @@ DEFAULT_DEVICE = "auto"  # cuda when present, else cpu
 
 
 @dataclass(frozen=True)
+class ChannelRule:
+    """One input channel of a multi-channel PACS site ([data] channels): the series of a
+    study whose SeriesDescription (and Modality, when set) match these patterns, by the
+    [cohort] rule (fedpacs.client.pacs.pattern_matches: case-insensitive, ``*``/``?``;
+    "" matches anything)."""
+
+    description: str
+    modality: str = ""
+
+    def label(self) -> str:
+        """The rule as a site log names it."""
+        return repr(self.description) + (f" (modality {self.modality!r})" if self.modality
+                                          else "")
+
+
+@dataclass(frozen=True)
 class PacsPreprocess:
     """How a site prepares its converted PACS volumes for training ([data] in the site
     config). ``window``: a CT window preset name (:data:`WINDOW_PRESETS`) applied to CT
     volumes before normalisation ("" = none). ``spacing``: (slice, row, column) in mm that
     each volume (and its mask, with nearest) is resampled to before it is fitted to the
-    task's input shape (None = keep the series' own spacing)."""
+    task's input shape (None = keep the series' own spacing). ``channels``: one rule per
+    input channel (fedpacs.client.channels combines the series of a study into one
+    case); () = each series is a one-channel case."""
 
     window: str = ""
     spacing: tuple[float, float, float] | None = None
+    channels: tuple[ChannelRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,7 +148,8 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
     comp = section(raw, "compute", errs)
     check_unknown(site, {"name", "task"}, "site.", errs)
     check_unknown(data, {"format", "root", "partition", "num_partitions", "holdout_fraction",
-                          "val_fraction", "seed", "labels", "window", "spacing"}, "data.", errs)
+                          "val_fraction", "seed", "labels", "window", "spacing",
+                          "channels", "split"}, "data.", errs)
     check_unknown(comp, {"device", "threads", "warm", "amp", "loader_workers"}, "compute.",
                   errs)
 
@@ -188,17 +208,24 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
             errs.append(FieldError("data.root", "a folder with images/ and masks/", str(root),
                                    f"lay the images out as {IMAGE_LAYOUTS['image-masks']}"))
     labels: Path | None = None
-    if "labels" in data or fmt == "pacs":
+    # a PACS site's segmentation masks may all come from the SEG/RTSTRUCT the ingest turned
+    # into label maps ([cohort] labels): then it needs no manifest
+    masks_from_pacs = fmt == "pacs" and site_task is not None and \
+        site_task.kind == "segmentation"
+    if "labels" in data or (fmt == "pacs" and not masks_from_pacs):
         lab_raw = data.get("labels")
         if not isinstance(lab_raw, str) or not lab_raw:
             errs.append(FieldError("data.labels", "a CSV of labels (SeriesInstanceUID,label)",
-                                   type_name(lab_raw), 'set labels = "labels.csv"'))
+                                   type_name(lab_raw), 'set labels = "labels.csv" (a '
+                                   "segmentation task may leave it out and take its masks "
+                                   'from DICOM SEG/RTSTRUCT: [cohort] labels = "seg")'))
         else:
             labels = Path(os.path.expandvars(lab_raw)).expanduser()
             labels = labels if labels.is_absolute() else (base_dir / labels).resolve()
             if not labels.is_file():
                 errs.append(FieldError("data.labels", "an existing CSV file", str(labels),
                                        "write the label manifest or fix the path"))
+    split = parse_split(data, fmt, base_dir, errs)
 
     def _int(sec: dict[str, Any], key: str, default: int, lo: int, prefix: str) -> int:
         v = sec.get(key, default)
@@ -242,7 +269,9 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
         amp = ComputeConfig.amp
     workers = _int(comp, "loader_workers", ComputeConfig.loader_workers, 0, "compute.")
     preprocess = parse_preprocess(data, fmt, errs)
-    ingest = parse_ingest(raw, base_dir, errs) if "pacs" in raw else None
+    preprocess = replace(preprocess, channels=parse_channels(data, fmt, site_task, errs))
+    ingest = parse_ingest(raw, base_dir, errs, class_names=site_task.class_names
+                          if site_task is not None else ()) if "pacs" in raw else None
     security = parse_security(section(raw, "security", errs), base_dir, errs)
     if errs:
         raise ConfigError(source, errs)
@@ -250,12 +279,37 @@ def parse_site_config(raw: dict[str, Any], *, source: str, base_dir: Path) -> Si
     return SiteConfig(
         name=name.strip(), task=task,
         data=DataSpec(format=fmt, root=root, partition=partition, num_partitions=num_parts,
-                      holdout_fraction=holdout, val_fraction=val, seed=seed, labels=labels),
+                      holdout_fraction=holdout, val_fraction=val, seed=seed, labels=labels,
+                      split=split),
         compute=ComputeConfig(device=str(device), threads=threads, warm=warm, amp=amp,
                               loader_workers=workers), source=source,
         ingest=ingest, custom_task=custom,
         security=security, preprocess=preprocess,
     )
+
+
+def parse_split(data: dict[str, Any], fmt: object, base_dir: Path,
+                errs: list[FieldError]) -> Path | None:
+    """[data] split: a saved split (a run's split.json, fedpacs.common.partition) whose
+    sites[partition] are this site's cases; relative to the config's folder. A shared
+    format only (a PACS site splits its own cache by patient). None when absent."""
+    if "split" not in data:
+        return None
+    raw = data["split"]
+    if not isinstance(raw, str) or not raw:
+        errs.append(FieldError("data.split", "a path to a split.json", type_name(raw),
+                               'e.g. split = "runs/sim/split.json", or remove the key'))
+        return None
+    path = Path(os.path.expandvars(raw)).expanduser()
+    path = path if path.is_absolute() else (base_dir / path).resolve()
+    if fmt == "pacs":
+        errs.append(FieldError("data.split", 'a shared format (nifti, medmnist, images, '
+                               'image-masks)', 'format "pacs"', "remove data.split: a PACS "
+                               "site splits its own cache by patient"))
+    elif not path.is_file():
+        errs.append(FieldError("data.split", "an existing split.json", str(path),
+                               "fix the path (a run directory's split.json)"))
+    return path
 
 
 def parse_security(sec: dict[str, Any], base_dir: Path, errs: list[FieldError]
@@ -339,12 +393,79 @@ def parse_preprocess(data: dict[str, Any], fmt: object, errs: list[FieldError]) 
     return PacsPreprocess(window=str(window), spacing=spacing)
 
 
-def parse_ingest(raw: dict[str, Any], base_dir: Path, errs: list[FieldError]) -> IngestConfig:
-    """The [pacs] and [cohort] tables; appends problems to ``errs``."""
+_CHANNEL_EXAMPLE = 'e.g. channels = ["*T1*", "*T2*", "*FLAIR*"]'
+
+
+def parse_channels(data: dict[str, Any], fmt: object, task: TaskConfig | None,
+                   errs: list[FieldError]) -> tuple[ChannelRule, ...]:
+    """[data] channels: one SeriesDescription pattern per input channel, or a table
+    ``{description = "*T1*", modality = "MR"}``; as many as the task's ``in_channels``
+    (when the site knows its task), at most MAX_CHANNELS, ``format = "pacs"`` only. A pacs
+    site without it trains on one channel. Appends problems to ``errs``."""
+    if "channels" not in data:
+        if fmt == "pacs" and task is not None and task.in_channels != 1:
+            errs.append(FieldError("data.channels", f"{task.in_channels} channel rules for "
+                                   f"task {task.name!r} (in_channels {task.in_channels})",
+                                   "none (each series is a one-channel case)",
+                                   f"add {task.in_channels} patterns, {_CHANNEL_EXAMPLE}, or "
+                                   "set the task's in_channels = 1"))
+        return ()
+    raw = data["channels"]
+    if fmt != "pacs":
+        errs.append(FieldError("data.channels", 'used only with format = "pacs" (volumes '
+                               "ingested from the PACS)", f"format {fmt!r}",
+                               'remove data.channels, or set format = "pacs"'))
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_CHANNELS:
+        got = f"{len(raw)} entries" if isinstance(raw, list) else type_name(raw)
+        errs.append(FieldError("data.channels", f"a list of 1..{MAX_CHANNELS} SeriesDescription "
+                               "patterns, one per input channel", got, _CHANNEL_EXAMPLE))
+        return ()
+    rules: list[ChannelRule] = []
+    for i, item in enumerate(raw):
+        field = f"data.channels[{i}]"
+        if isinstance(item, dict):
+            extra = sorted(set(item) - {"description", "modality"})
+            values = {k: item.get(k, "") for k in ("description", "modality")}
+            if extra or not all(isinstance(v, str) for v in values.values()) \
+                    or not any(v.strip() for v in values.values()):
+                errs.append(FieldError(field, "a table with description and/or modality "
+                                       "patterns (strings, not both empty)",
+                                       f"keys {sorted(item)}" if extra else repr(item),
+                                       'e.g. {description = "*T1*", modality = "MR"}'))
+                continue
+            rule = ChannelRule(values["description"].strip(), values["modality"].strip())
+        elif isinstance(item, str) and item.strip():
+            rule = ChannelRule(item.strip())
+        else:
+            errs.append(FieldError(field, "a non-empty SeriesDescription pattern",
+                                   type_name(item), _CHANNEL_EXAMPLE))
+            continue
+        same = [j for j, r in enumerate(rules) if (r.description.casefold(),
+                r.modality.casefold()) == (rule.description.casefold(), rule.modality.casefold())]
+        if same:
+            errs.append(FieldError(field, "a rule unlike the other channels' (patterns ignore "
+                                   "case)", f"{rule.label()}, as channels[{same[0]}]",
+                                   "remove the duplicate: every series would match both "
+                                   "channels"))
+        rules.append(rule)
+    if task is not None and len(raw) != task.in_channels:
+        errs.append(FieldError("data.channels", f"{task.in_channels} channel rule(s), the "
+                               f"in_channels of task {task.name!r}", f"{len(raw)}",
+                               "give one pattern per input channel of the task, or change "
+                               "the task's in_channels"))
+    return tuple(rules)
+
+
+def parse_ingest(raw: dict[str, Any], base_dir: Path, errs: list[FieldError], *,
+                 class_names: tuple[str, ...] = ()) -> IngestConfig:
+    """The [pacs] and [cohort] tables; appends problems to ``errs``. ``class_names``: the
+    site task's, which the segments of ingested SEG/RTSTRUCT label series are matched
+    against (``[cohort] labels``)."""
     from fedpacs.client.pacs import (
         CohortQuery,
         PacsConfig,
         dicomweb_url_error,
+        label_kinds,
         max_instance_mb_error,
         method_error,
         study_uids_error,
@@ -355,7 +476,8 @@ def parse_ingest(raw: dict[str, Any], base_dir: Path, errs: list[FieldError]) ->
     defaults = PacsConfig()
     allowed = {f.name for f in fields(PacsConfig)} | {"cache_dir"}
     check_unknown(pacs, allowed, "pacs.", errs)
-    check_unknown(cohort, {f.name for f in fields(CohortQuery)}, "cohort.", errs)
+    check_unknown(cohort, {f.name for f in fields(CohortQuery)} - {"label_classes"}, "cohort.",
+                  errs)
     values: dict[str, Any] = {}
     for f in fields(PacsConfig):
         v = pacs.get(f.name, getattr(defaults, f.name))
@@ -399,9 +521,12 @@ def parse_ingest(raw: dict[str, Any], base_dir: Path, errs: list[FieldError]) ->
         if v and (not isinstance(v, str) or len(v) != 8 or not v.isdigit()):
             errs.append(FieldError(f"cohort.{key}", "a date YYYYMMDD", type_name(v),
                                    f'e.g. {key} = "20200101"'))
+    labels, labels_err = label_kinds(cohort.get("labels", ""))
+    if labels_err is not None:
+        errs.append(labels_err)
     query = CohortQuery(**{k: str(cohort.get(k, "")) for k in (
         "modality", "study_description", "series_description", "date_from", "date_to")},
-        study_uids=tuple(uids))
+        study_uids=tuple(uids), labels=labels, label_classes=class_names if labels else ())
     cache_raw = str(pacs.get("cache_dir", "pacs-cache"))
     cache = Path(os.path.expandvars(cache_raw)).expanduser()
     cache = cache if cache.is_absolute() else (base_dir / cache).resolve()

@@ -94,8 +94,10 @@ def check_site(config_path: Path | None) -> SiteSummary:
     )
 
     site = load_site_config(config_path)
-    data = load_site_data(site.data, site.custom_task or get_task(site.task),
-                          preprocess=site.preprocess)
+    from fedpacs.common.preprocess import preprocessed
+
+    task = site.custom_task or get_task(site.task)
+    data = preprocessed(load_site_data(site.data, task, preprocess=site.preprocess), task)
     if len(data.train) == 0:
         raise DataError(str(site.data.root), "no usable training samples in this site's "
                         "partition", "check data.root, data.partition and the skipped files")

@@ -10,6 +10,20 @@ the server's held-out cases. The site config's ``[data] spacing`` and ``window``
 :class:`~fedpacs.client.dicom.PacsPreprocess`) resample each volume (its mask with nearest)
 and window CT volumes before they are normalised and fitted to the input shape.
 
+A task's own ``spacing`` (mm per axis of its input shape: (column, row, slice) for a 3D
+task, the NIfTI reader's (i, j, k)) applies to a PACS site as to a NIfTI one, so every
+site and the server's held-out cases share one grid: it wins over the site's ``[data]
+spacing``, which stays the site's choice only for tasks without one. A site whose own
+spacing contradicts the task's (another value on some axis) is refused with a ConfigError
+naming both, rather than silently trained on another grid; the same value is accepted.
+
+Native resolution (``sampling = "patches"``, 3D segmentation): the cache's cases are not
+read here but streamed (fedpacs.common.patches): one :class:`PacsReader` per case, checked
+first (its label, and the volume's shape from the file's header), read when the trainer
+asks, resampled, windowed and z-scored as above but never fitted to the input shape. A
+:class:`PacsCase` holds one volume path per channel, so a case can later stack several
+series of a study (today: one series, one channel).
+
 Train/validation split by patient, never by series: each volume belongs to a group, the
 patient key stored at conversion (fedpacs.client.volumes; a keyed hash, never the
 PatientID), overridden by the manifest's ``group`` (or ``PatientID``) column for its rows;
@@ -18,15 +32,24 @@ StudyInstanceUID, and the data summary counts those. The groups are partitioned 
 (fedpacs.common.datasets), then expanded to their series, so every series of one patient
 is in one partition and one of train/validation; deterministic for a seed, independent of
 file order. ``val_fraction`` is a fraction of groups, not of series.
+
+Multi-channel cases (``[data] channels``, fedpacs.client.channels): the series of one
+study matching the channel rules are one case, named (for its label, patient group and
+split) by its channel-0 series, every other channel resampled onto channel 0's grid in
+patient space; each channel is then prepared (spacing, CT window for a CT channel) and
+z-scored on its own. A case whose channel count is not the task's ``in_channels`` is
+skipped with the reason, as are studies the rules cannot form (``missing-channel``,
+``ambiguous-channel``, ``channel-off-grid``).
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import zipfile
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +57,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from fedpacs.client.channels import ChannelCase, group_channels, load_channels, read_series
 from fedpacs.client.config import PacsPreprocess
 from fedpacs.client.dicom import prepare_image, prepare_mask
 from fedpacs.client.volumes import (
@@ -48,6 +72,8 @@ from fedpacs.client.volumes import (
 from fedpacs.common.datasets import (
     DataSpec,
     SiteData,
+    check_sampling,
+    compact_labels,
     empty_dataset,
     fit_to_shape,
     load_partition,
@@ -57,7 +83,8 @@ from fedpacs.common.datasets import (
     split_ids,
     zscore,
 )
-from fedpacs.common.errors import DataError
+from fedpacs.common.errors import ConfigError, DataError, FieldError
+from fedpacs.common.patches import CaseDataset, PatchDataset
 from fedpacs.common.tasks import TaskConfig
 
 log = logging.getLogger(__name__)
@@ -67,7 +94,8 @@ GROUP_COLUMNS = ("group", "PatientID")  # manifest columns that group series, fi
 
 @dataclass
 class PacsSiteData(SiteData):
-    """A PACS site's data plus notes for the data summary (counts only, no UIDs)."""
+    """A PACS site's data plus notes for the data summary (printed by `site check`; local
+    only, like the skipped files: never sent)."""
 
     notes: list[str] = field(default_factory=list)
 
@@ -191,9 +219,10 @@ def split_groups(groups: Mapping[str, str], *, partition: int, num_partitions: i
             sorted(v for first in val for v in by_first[first]))
 
 
-def pacs_split(spec: DataSpec) -> PacsSplit:
-    """The patient-level split of a PACS cache for ``spec`` (see the module docstring)."""
-    paths = list_volumes(spec.root)
+def pacs_split(spec: DataSpec, paths: list[Path] | None = None) -> PacsSplit:
+    """The patient-level split of a PACS cache for ``spec`` (see the module docstring):
+    of ``paths`` (the cases' channel-0 volumes), by default every converted volume."""
+    paths = list_volumes(spec.root) if paths is None else paths
     if not paths:
         raise DataError(str(spec.root), "no converted volumes in volumes/",
                         "run `fedpacs site ingest` first")
@@ -249,26 +278,67 @@ def series_mask(root: Path, label: int | Path | None, series_uid: str,
     return mask
 
 
-def _pacs_arrays(root: Path, paths: list[Path], labels: dict[str, int | Path],
+def case_volumes(volumes: tuple[Path, ...]) -> tuple[np.ndarray, dict[str, Any],
+                                                     tuple[str, ...]]:
+    """A case's image (channel, slice, row, column) on its channel-0 grid, channel 0's
+    meta (as :func:`load_volume` gives it) and each channel's modality. One volume is read
+    as it is; several are stacked by fedpacs.client.channels (DataError
+    ``channel-off-grid`` when one does not overlap channel 0)."""
+    if len(volumes) == 1:
+        arr, meta = load_volume(volumes[0])
+        return arr[None], meta, (str(meta["modality"]),)
+    series = tuple(read_series(p) for p in volumes)
+    arr, meta = load_channels(ChannelCase(series[0].study_uid, series, ()))
+    return arr, meta, tuple(x.modality for x in series)
+
+
+def prepared_channels(image: np.ndarray, meta: dict[str, Any], modalities: tuple[str, ...],
+                      preprocess: PacsPreprocess) -> list[np.ndarray]:
+    """Each channel (slice, row, column) resampled/windowed by :func:`prepare_image` (the
+    CT window on CT channels only) and z-scored on its own."""
+    return [zscore(prepare_image(c, meta["spacing"], modality=m, preprocess=preprocess))
+            for c, m in zip(image, modalities, strict=True)]
+
+
+def channel_problem(case: PacsCase, task: TaskConfig) -> str:
+    """Why a case cannot feed the task's input channels ("" when it can)."""
+    if len(case.volumes) == task.in_channels:
+        return ""
+    return (f"{len(case.volumes)} channel(s) ({len(case.volumes)} series), task "
+            f"{task.name!r} expects in_channels = {task.in_channels}: set [data] channels "
+            "to one SeriesDescription pattern per input channel")
+
+
+def _pacs_arrays(root: Path, cases: list[PacsCase], labels: dict[str, int | Path],
                  task: TaskConfig, preprocess: PacsPreprocess
                  ) -> tuple[TensorDataset, list[tuple[str, str]]]:
     xs: list[np.ndarray] = []
     ys: list[Any] = []
     skipped: list[tuple[str, str]] = []
-    for p in paths:
-        arr, meta = load_volume(p)
+    for case in cases:
+        p = case.volumes[0]
+        problem = channel_problem(case, task)
+        if problem:
+            skipped.append((str(p), problem))
+            continue
+        try:
+            image, meta, modalities = case_volumes(case.volumes)
+        except DataError as err:
+            skipped.append((err.path, f"{err.kind}: {err.problem}"))
+            continue
+        shape = tuple(int(n) for n in image.shape[1:])  # channel 0's grid: the mask's
         label = labels.get(meta["series_uid"], labels.get(meta["study_uid"]))
         if label is None and task.kind != "segmentation":
             skipped.append((str(p), "series not in the label manifest"))
             continue
-        vol = zscore(prepare_image(arr, meta["spacing"], modality=str(meta["modality"]),
-                                   preprocess=preprocess))
+        vols = prepared_channels(image, meta, modalities, preprocess)
+        del image
         if task.kind == "segmentation":
             if isinstance(label, int):
                 skipped.append((str(p), "manifest gives a class, the task needs a mask"))
                 continue
             try:
-                found = series_mask(root, label, str(meta["series_uid"]), arr.shape,
+                found = series_mask(root, label, str(meta["series_uid"]), shape,
                                     task.num_classes)
             except DataError as err:
                 skipped.append((err.path, err.problem))
@@ -279,19 +349,21 @@ def _pacs_arrays(root: Path, paths: list[Path], labels: dict[str, int | Path],
                 continue
             mask = prepare_mask(found, meta["spacing"], preprocess=preprocess)
             if task.spatial_dims == 3:  # as fedpacs.common.datasets reads a NIfTI case
-                xs.append(fit_to_shape(np.transpose(vol), task.input_shape)[None])
+                xs.append(np.stack([fit_to_shape(np.transpose(v), task.input_shape)
+                                    for v in vols]))
                 ys.append(fit_to_shape(np.transpose(mask), task.input_shape)[None])
                 continue
-            for v, m in zip(vol, mask, strict=True):
-                xs.append(resize(v, task.input_shape)[None])
+            for k, m in enumerate(mask):
+                xs.append(np.stack([resize(v[k], task.input_shape) for v in vols]))
                 ys.append(resize(m, task.input_shape, nearest=True)[None])
             continue
         if not isinstance(label, int) or not 0 <= label < task.num_classes:
             skipped.append((str(p), f"label {label} outside 0..{task.num_classes - 1}"))
             continue
-        samples = [vol] if task.spatial_dims == 3 else list(vol)
-        for s in samples:
-            xs.append(resize(s, task.input_shape)[None])
+        depth = 1 if task.spatial_dims == 3 else len(vols[0])
+        for k in range(depth):
+            xs.append(np.stack([resize(v if task.spatial_dims == 3 else v[k],
+                                       task.input_shape) for v in vols]))
             ys.append(label)
     if not xs:
         return empty_dataset(task), skipped
@@ -300,17 +372,148 @@ def _pacs_arrays(root: Path, paths: list[Path], labels: dict[str, int | Path],
     return TensorDataset(torch.from_numpy(np.stack(xs)), y), skipped
 
 
+def task_preprocess(task: TaskConfig, preprocess: PacsPreprocess) -> PacsPreprocess:
+    """The site's ``[data]`` preprocessing with the task's ``spacing`` (when it sets one)
+    as the volumes' target spacing, in the volumes' (slice, row, column) order; a site
+    spacing that contradicts it is a ConfigError (see the module docstring)."""
+    if not task.spacing or task.spatial_dims != 3:
+        return preprocess
+    target = tuple(float(x) for x in reversed(task.spacing))
+    if preprocess.spacing is not None and not np.allclose(preprocess.spacing, target):
+        raise ConfigError("site config [data]", [FieldError(
+            "data.spacing", f"nothing, or the run task {task.name!r}'s spacing "
+            f"{list(target)} (slice, row, column; the task's {list(task.spacing)} is "
+            "(column, row, slice))", repr(list(preprocess.spacing)),
+            "remove spacing from the site's [data] table (the task's spacing applies to "
+            "every site), or join runs of a task without spacing")])
+    return replace(preprocess, spacing=target)
+
+
+def npz_array_shape(path: Path) -> tuple[int, ...]:
+    """The shape of a converted volume's array from its .npy header, no voxels read."""
+    try:
+        with zipfile.ZipFile(path) as z, z.open("array.npy") as f:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                else np.lib.format.read_array_header_2_0
+            shape, _, _ = reader(f)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise DataError(str(path), f"not a readable converted volume ({type(exc).__name__})",
+                        "run `fedpacs site ingest` again") from exc
+    return tuple(int(n) for n in shape)
+
+
+@dataclass(frozen=True)
+class PacsCase:
+    """One case of a PACS cache: its volumes, one per channel (today one series), and the
+    manifest's label for it (a mask NIfTI; None: the cache's label map of the first)."""
+
+    case_id: str
+    volumes: tuple[Path, ...]
+    label: Path | None
+    root: Path
+
+
+@dataclass(frozen=True)
+class PacsReader:
+    """One PACS case streamed from the cache (:class:`fedpacs.common.patches.CaseReader`):
+    volumes resampled/windowed (:func:`prepare_image`) and z-scored, mask resampled
+    (nearest), laid out (column, row, slice) as the NIfTI reader's cases are."""
+
+    case: PacsCase
+    task: TaskConfig
+    preprocess: PacsPreprocess
+
+    @property
+    def case_id(self) -> str:
+        return self.case.case_id
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        image, meta, modalities = case_volumes(self.case.volumes)
+        found = series_mask(self.case.root, self.case.label, str(meta["series_uid"]),
+                            tuple(int(n) for n in image.shape[1:]), self.task.num_classes)
+        if found is None:  # (checked by pacs_readers; the cache changed since)
+            raise DataError(str(self.case.volumes[0]), "no mask for the series any more",
+                            "run the site again after `fedpacs site ingest`")
+        mask = prepare_mask(found, meta["spacing"], preprocess=self.preprocess)
+        channels = prepared_channels(image, meta, modalities, self.preprocess)
+        del image
+        return (np.stack([np.transpose(c) for c in channels]),
+                compact_labels(np.transpose(mask), self.task.num_classes)[None])
+
+
+def pacs_readers(root: Path, cases: list[PacsCase], labels: dict[str, int | Path],
+                 task: TaskConfig, preprocess: PacsPreprocess
+                 ) -> tuple[list[PacsReader], list[tuple[str, str]]]:
+    """A reader per usable segmentation case (its mask read once to check it, then
+    dropped; channel 0's shape from its file's header), the others skipped with the
+    reason."""
+    readers: list[PacsReader] = []
+    skipped: list[tuple[str, str]] = []
+    for case in cases:
+        p = case.volumes[0]
+        meta = volume_meta(p)
+        uid = str(meta.get("series_uid") or p.stem)
+        label = labels.get(uid, labels.get(str(meta.get("study_uid"))))
+        if isinstance(label, int):
+            skipped.append((str(p), "manifest gives a class, the task needs a mask"))
+            continue
+        problem = channel_problem(case, task)
+        if problem:
+            skipped.append((str(p), problem))
+            continue
+        try:
+            found = series_mask(root, label, uid, npz_array_shape(p), task.num_classes)
+        except DataError as err:
+            skipped.append((err.path, err.problem))
+            continue
+        if found is None:
+            skipped.append((str(p), "no mask: the series is not in the label manifest "
+                            "and no SEG/RTSTRUCT of it was ingested"))
+            continue
+        readers.append(PacsReader(replace(case, label=label), task, preprocess))
+    return readers, skipped
+
+
+def pacs_cases(root: Path, preprocess: PacsPreprocess
+               ) -> tuple[dict[str, PacsCase], list[tuple[str, str]], list[str]]:
+    """The cache's cases by id (channel 0's SeriesInstanceUID): one per volume, or with
+    ``[data] channels`` one per study that has every channel; the studies skipped (as
+    ``"code: why"``) and the notes for the data summary (a rule that matched several
+    series, a channel covering part of the grid)."""
+    paths = list_volumes(root)
+    if not preprocess.channels:
+        return {p.stem: PacsCase(p.stem, (p,), None, root) for p in paths}, [], []
+    grouped, skips = group_channels(paths, preprocess.channels)
+    cases = {c.volume_id: PacsCase(c.volume_id, tuple(x.path for x in c.series), None, root)
+             for c in grouped}
+    notes = [n for c in grouped for n in c.notes]
+    return cases, [(k.item, f"{k.kind}: {k.reason}") for k in skips], notes
+
+
 def _pacs_site(spec: DataSpec, task: TaskConfig, preprocess: PacsPreprocess) -> PacsSiteData:
     if spec.labels is None and task.kind != "segmentation":
         raise DataError(str(spec.root), "no label manifest", "set data.labels to a CSV")
+    check_sampling(task, spec.format, spec.root)
+    preprocess = task_preprocess(task, preprocess)
     labels = read_label_manifest(spec.labels) if spec.labels is not None else {}
-    split = pacs_split(spec)
-    by_id = {p.stem: p for p in list_volumes(spec.root)}
-    train, s1 = _pacs_arrays(spec.root, [by_id[i] for i in split.train], labels, task,
-                             preprocess)
-    val, s2 = _pacs_arrays(spec.root, [by_id[i] for i in split.val], labels, task,
-                           preprocess)
+    cases, skipped, notes = pacs_cases(spec.root, preprocess)
+    split = pacs_split(spec, [c.volumes[0] for c in cases.values()])
+    train_cases = [cases[i] for i in split.train]
+    val_cases = [cases[i] for i in split.val]
+    train: PatchDataset | TensorDataset
+    val: CaseDataset | TensorDataset
+    if task.sampling == "patches":
+        train_readers, s1 = pacs_readers(spec.root, train_cases, labels, task, preprocess)
+        val_readers, s2 = pacs_readers(spec.root, val_cases, labels, task, preprocess)
+        train, val = PatchDataset(train_readers, task), CaseDataset(val_readers)
+    else:
+        train, s1 = _pacs_arrays(spec.root, train_cases, labels, task, preprocess)
+        val, s2 = _pacs_arrays(spec.root, val_cases, labels, task, preprocess)
     note = no_key_note(split)
     if note:
         log.warning("%s: %s", spec.root, note)
-    return PacsSiteData(train, val, s1 + s2, notes=[note] if note else [])
+    for n in notes:
+        log.info("%s: %s", spec.root, n)
+    return PacsSiteData(train, val, skipped + s1 + s2,
+                        notes=([note] if note else []) + notes)

@@ -6,6 +6,11 @@ copy-on-write, instead of reading and decoding every file again. The entry is ke
 the site config file's bytes, the task's data fields, and the path, size and mtime of
 every file under the data folders: the parent checks the key before each fork, so a
 changed config or data file is loaded afresh for the next message, never served stale.
+
+A task sampling "patches" keeps no voxels here: its entry is one small reader per case
+(fedpacs.common.patches), checked once when loaded (labels read, skipped cases known), so
+the parent forks cheaply and each message's process reads its cases from disk one at a
+time: a site's memory does not grow with its cohort.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from fedpacs.client.config import SiteConfig
 from fedpacs.client.data import load_site_data
 from fedpacs.common.datasets import SiteData
+from fedpacs.common.preprocess import preprocessed
 from fedpacs.common.tasks import TaskConfig
 
 _entry: tuple[str, SiteData] | None = None  # (key, data): the latest only
@@ -63,7 +69,7 @@ def site_data(site: SiteConfig, task: TaskConfig) -> SiteData:
     if _entry is not None and _entry[0] == key:
         return _entry[1]
     _entry = None  # the stale entry goes before the new one is loaded
-    data = load_site_data(site.data, task, preprocess=site.preprocess)
+    data = preprocessed(load_site_data(site.data, task, preprocess=site.preprocess), task)
     loads += 1
     _entry = (key, data)
     return data

@@ -11,7 +11,9 @@ training by :func:`prepare_image` and :func:`prepare_mask`.
 What is converted (:data:`IMAGE_SOP_CLASSES`): CT, MR, PET (and their enhanced/legacy
 converted multi-frame classes), CR, DX, MG (and breast tomosynthesis), US (single and
 multi-frame), NM, Secondary Capture and VL Whole Slide Microscopy. Any other SOP class with
-pixels (SEG, RT Dose, ...) is refused as ``unsupported-sop``. Pixel data in any transfer
+pixels (SEG, RT Dose, ...) is refused as ``unsupported-sop``; SEG and RTSTRUCT
+(:data:`LABEL_SOP_CLASSES`) are label series, which fedpacs.client.seglabels turns into label
+maps when the ingest asks for them. Pixel data in any transfer
 syntax a pydicom pixel-data plugin installed with fedpacs decodes (native, deflated, RLE,
 JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K) is decoded by
 :func:`decode_frames`; a syntax with no installed decoder is ``no-decoder``, compressed data
@@ -61,7 +63,7 @@ from pydicom.uid import (
 )
 
 from fedpacs.client.config import PacsPreprocess
-from fedpacs.common.datasets import resize
+from fedpacs.common.datasets import resample
 from fedpacs.common.errors import ConfigError, DataError, FieldError, did_you_mean
 
 # (center, width) in HU for CT; the clinical presets radiologists use.
@@ -131,6 +133,13 @@ IMAGE_SOP_CLASSES: dict[str, str] = {
     "1.2.840.10008.5.1.4.1.1.7.4": "SC",         # multi-frame true colour
     VL_WHOLE_SLIDE: "SM",
 }
+# The label SOP classes (fedpacs.client.seglabels turns them into label maps of the image
+# series they reference, when the [cohort] asks for their kind; build_volume refuses them).
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+RTSTRUCT_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+LABEL_SOP_CLASSES: dict[str, str] = {SEG_STORAGE: "seg", RTSTRUCT_STORAGE: "rtstruct"}
+LABEL_MODALITIES: dict[str, str] = {"SEG": "seg", "RTSTRUCT": "rtstruct"}  # Modality -> kind
+LABEL_KINDS: tuple[str, ...] = ("seg", "rtstruct")
 # Why a SOP class with pixel data is not an image series, where it is worth saying.
 _NOT_IMAGES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "a Segmentation is a label map of other images, not an "
@@ -357,7 +366,7 @@ def check_pixel_length(ds: Dataset, path: Path | str) -> None:
     ``undecodable``."""
     if not any(t in ds for t in _PIXEL_TAGS):
         if "Rows" in ds and "Columns" in ds and str(ds.get("SOPClassUID", "")) \
-                in IMAGE_SOP_CLASSES:
+                in (*IMAGE_SOP_CLASSES, SEG_STORAGE):
             raise DataError(str(path), "truncated: an image header, but the file ends before "
                             "its pixel data", "retrieve the instance again", kind=TRUNCATED)
         return
@@ -446,16 +455,6 @@ def window_preset(arr: np.ndarray, preset: str, *, field: str = "data.window") -
     return apply_window(arr, *WINDOW_PRESETS[preset])
 
 
-def resample(arr: np.ndarray, spacing: tuple[float, ...], target: tuple[float, ...],
-             *, order: int = 1) -> np.ndarray:
-    """Resample to ``target`` spacing (mm) with trilinear (order 1) or nearest (order 0)."""
-    shape = tuple(max(1, int(round(n * s / t))) for n, s, t in
-                  zip(arr.shape, spacing, target, strict=True))
-    if shape == arr.shape:
-        return arr.copy()
-    return resize(arr, shape, nearest=order == 0)
-
-
 def prepare_image(arr: np.ndarray, spacing: tuple[float, ...], *, modality: str,
                   preprocess: PacsPreprocess) -> np.ndarray:
     """One converted volume as training reads it, before normalisation: resampled to
@@ -478,6 +477,24 @@ def prepare_mask(mask: np.ndarray, spacing: tuple[float, ...], *,
 
 
 # --------------------------------------------------------------------------- decoding
+def stored_frames(ds: Dataset, label: str) -> Iterator[np.ndarray]:
+    """Each frame's stored values (row, column), one at a time, without the modality LUT
+    (a SEG's bits, unpacked; its fractions): a DataError ``undecodable`` when the decoder
+    rejects them."""
+    decoder = _decoder(ds, label)
+    frames = _header_int(ds, "NumberOfFrames", 1, label) or 1
+    it: Iterator[tuple[np.ndarray, dict[str, Any]]] = decoder.iter_array(ds)
+    for i in range(frames):
+        try:
+            arr, _ = next(it)
+        except StopIteration as exc:
+            raise DataError(label, f"{i} of {frames} frames decoded", "retrieve the instance "
+                            "again", kind=TRUNCATED) from exc
+        except _DECODE_ERRORS as exc:
+            raise _undecodable(label, exc, f" of frame {i + 1}") from exc
+        yield arr
+
+
 def _decoder(ds: Dataset, label: str) -> Any:
     """The pydicom decoder for the instance's transfer syntax, or a coded DataError."""
     ts = _transfer_syntax(ds)
@@ -635,6 +652,13 @@ def _plane(ds: Dataset, index: int, frames: int, label: str
         return None
     return (_vector(pos, 3, "ImagePositionPatient", label),
             _vector(ori, 6, "ImageOrientationPatient", label))
+
+
+def frame_planes(ds: Dataset, label: str) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """(ImagePositionPatient, ImageOrientationPatient) of each frame of one instance (None
+    for a frame without them), read from the header alone (no pixel decoding)."""
+    n = _header_int(ds, "NumberOfFrames", 1, label) or 1
+    return [_plane(ds, i, n, label) for i in range(n)]
 
 
 def _frames(ds: Dataset, path: Path) -> list[_Frame]:

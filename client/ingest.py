@@ -5,6 +5,17 @@ file written atomically after it was read back and checked, so a second ingest d
 nothing new and a failed transfer never leaves a corrupt file. Converted series go to
 ``volumes/<series>.npz`` with their geometry and patient key (fedpacs.client.volumes).
 
+Label series (``[cohort] labels``: DICOM SEG, RTSTRUCT; any such instance a folder import
+finds) are retrieved like image series, then, once the image series are converted, each
+instance becomes the label maps of the image series it references that this ingest
+converted (``labels/<image series>.npz``, fedpacs.client.seglabels). One that references
+none (``label-unmatched``), lies off their grid (``label-off-grid``), cannot be read
+(``label-unreadable``), has a segment no class of the task is named like
+(``label-classes``) or shares an image series with another label instance
+(``label-ambiguous``) is skipped with that reason, and writes nothing; its label maps from
+an earlier ingest are removed. Label maps are remade only when the label instance, the image
+volume or the task's classes changed (a fingerprint, as for volumes).
+
 Only a valid DICOM UID becomes a path component (``..`` or ``1..2`` never does: such an
 instance or series is skipped as ``bad-uid`` before any path is built), an instance must
 belong to the series (and be one of the instances) that was asked for, and nothing larger
@@ -23,10 +34,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedpacs.client import volumes
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from fedpacs.client import seglabels, volumes
 from fedpacs.client.dicom import (
     BAD_UID,
     DEFAULT_MAX_INSTANCE_MB,
+    LABEL_KINDS,
     MIB,
     TOO_LARGE,
     UNDECODABLE,
@@ -99,6 +114,7 @@ class IngestSummary:
     retrieved: int = 0
     already_cached: int = 0
     converted: int = 0
+    labels_converted: int = 0  # label maps made (or current) from SEG/RTSTRUCT instances
     header_reads: int = 0  # series whose [cohort] values were read from an instance header
     skipped: list[Skipped] = field(default_factory=list)
     seconds: float = 0.0
@@ -131,8 +147,8 @@ class IngestSummary:
         out = [f"studies found {self.studies_found}, series {self.series_found}; in the cohort "
                f"studies {self.cohort_studies}, series {self.cohort_series}, instances "
                f"{self.instances_found}; retrieved {self.retrieved}, already cached "
-               f"{self.already_cached}; series converted {self.converted}; skipped "
-               f"{len(self.skipped)} ({self.seconds:.1f}s)"]
+               f"{self.already_cached}; series converted {self.converted}; label maps "
+               f"{self.labels_converted}; skipped {len(self.skipped)} ({self.seconds:.1f}s)"]
         if self.asked:
             out.append(f"  asked the PACS for: {self.asked}")
         out += [f"  {r.line()}" for r in self.removed]
@@ -224,6 +240,9 @@ class InstanceCache:
                                    spacing=vol.spacing, origin=vol.origin,
                                    direction=vol.direction, meta=meta)
 
+    def label_path(self, image_series_uid: str) -> Path:
+        return volumes.label_path(self.root, _component(image_series_uid, "SeriesInstanceUID"))
+
     def volume_fingerprint(self, series_uid: str) -> str:
         return str(volumes.volume_meta(self.volume_path(series_uid)).get("fingerprint", ""))
 
@@ -254,14 +273,16 @@ def _fingerprint(files: list[Path]) -> str:
     return hashlib.sha256("\n".join(p.name for p in files).encode()).hexdigest()[:16]
 
 
-def convert_series(cache: InstanceCache, s: SeriesRef, summary: IngestSummary) -> None:
+def convert_series(cache: InstanceCache, s: SeriesRef, summary: IngestSummary) -> Path | None:
+    """Convert one cached image series (unless its volume is current); its volume file, or
+    None when it was skipped (the summary says why)."""
     files = cache.files(s)
     if not files:
-        return
+        return None
     fp = _fingerprint(files)
     if cache.volume_current(s.series_uid, fp):
         summary.converted += 1
-        return
+        return cache.volume_path(s.series_uid)
     try:
         vol = build_volume(files, series_uid=s.series_uid,
                            max_pixel_bytes=cache.max_instance_bytes)
@@ -269,9 +290,119 @@ def convert_series(cache: InstanceCache, s: SeriesRef, summary: IngestSummary) -
         summary.skipped.append(Skipped(err.path, err.kind, err.problem))
         if err.kind == UNDECODABLE and Path(err.path) in files:
             Path(err.path).unlink(missing_ok=True)  # damaged in transit: retrieved again
-        return
-    cache.save_volume(vol, fp)
+        return None
+    path = cache.save_volume(vol, fp)
     summary.converted += 1
+    return path
+
+
+def label_kind(cache: InstanceCache, s: SeriesRef) -> str:
+    """"seg"/"rtstruct" when the series' first cached instance is a SEG/RTSTRUCT, else ""
+    (its header only; what the PACS said the Modality is does not decide)."""
+    files = cache.files(s)
+    if not files:
+        return ""
+    try:
+        return seglabels.label_kind(pydicom.dcmread(files[0], stop_before_pixels=True))
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, AttributeError):
+        return ""  # converted as an image: its skip says what is wrong
+
+
+class _Converter:
+    """Converts the series of one ingest: image series at once, label series (the kinds
+    asked for) once every image series is (:meth:`finish`)."""
+
+    def __init__(self, cache: InstanceCache, summary: IngestSummary, *,
+                 labels: tuple[str, ...], class_names: tuple[str, ...]) -> None:
+        self.cache = cache
+        self.summary = summary
+        self.labels = labels
+        self.class_names = class_names
+        self.images: dict[str, tuple[Path, list[Path]]] = {}
+        self.label_series: list[SeriesRef] = []
+
+    def add(self, s: SeriesRef) -> None:
+        if self.labels and label_kind(self.cache, s) in self.labels:
+            self.label_series.append(s)
+            return
+        path = convert_series(self.cache, s, self.summary)
+        if path is not None:
+            self.images[s.series_uid] = (path, self.cache.files(s))
+
+    def finish(self, progress: Progress | None = None) -> None:
+        if self.label_series:
+            convert_labels(self.cache, self.label_series, self.images, self.summary,
+                           class_names=self.class_names, progress=progress)
+
+
+def convert_labels(cache: InstanceCache, series: list[SeriesRef],
+                   images: dict[str, tuple[Path, list[Path]]], summary: IngestSummary, *,
+                   class_names: tuple[str, ...] = (), progress: Progress | None = None) -> None:
+    """Each SEG/RTSTRUCT instance of ``series`` -> the label maps of the image series it
+    references among ``images`` (series UID -> (volume, instance files), converted by this
+    ingest); see the module docstring for the skips. A label map is written only when all
+    of its instance's maps were made."""
+    index = seglabels.ImageIndex(images)
+    sources: list[tuple[SeriesRef, Path, list[str]]] = []
+    for s in series:
+        for f in cache.files(s):
+            try:
+                ds = read_dicom(f, str(f))
+                found = seglabels.targets(ds, index)
+            except DataError as err:
+                summary.skipped.append(Skipped(err.path, seglabels.LABEL_UNREADABLE,
+                                               err.problem))
+                continue
+            if not found:
+                summary.skipped.append(Skipped(str(f), seglabels.LABEL_UNMATCHED, (
+                    "references no image series converted by this ingest (another series, "
+                    "not in the [cohort], or one skipped above). Fix: "
+                    + seglabels.FIX_REFERENCE)))
+                continue
+            sources.append((s, f, found))
+    claims = Counter(t for _, _, found in sources for t in found)
+    for i, (s, f, found) in enumerate(sources):
+        if progress:
+            progress("labels", i, len(sources))
+        shared = [t for t in found if claims[t] > 1]
+        if shared:
+            summary.skipped.append(Skipped(str(f), seglabels.LABEL_AMBIGUOUS, (
+                f"another SEG/RTSTRUCT also labels image series {shared[0]}: neither is "
+                "used. Fix: keep one label instance per image series in the [cohort]")))
+            _drop_labels(cache, s, found)
+            continue
+        wanted = {t: seglabels.fingerprint(f, str(volumes.volume_meta(images[t][0]).get(
+            "fingerprint", "")), class_names) for t in found}
+        if all(_label_fingerprint(cache, t) == fp for t, fp in wanted.items()):
+            summary.labels_converted += len(wanted)
+            continue
+        try:
+            maps = seglabels.label_maps(f, index, class_names)
+        except DataError as err:
+            summary.skipped.append(Skipped(err.path, err.kind, err.problem))
+            _drop_labels(cache, s, found)
+            continue
+        for m in maps:  # every map of the instance was made: now written, each crash-safe
+            volumes.save_label(cache.label_path(m.image_series_uid), mask=m.mask, meta={
+                "source_series": s.series_uid, "source_sop": f.stem,
+                "fingerprint": wanted.get(m.image_series_uid, ""), "classes": m.classes})
+            summary.labels_converted += 1
+
+
+def _label_fingerprint(cache: InstanceCache, image_series_uid: str) -> str:
+    path = cache.label_path(image_series_uid)
+    if not path.is_file():
+        return ""
+    found = volumes.load_label(cache.root, image_series_uid)
+    return str(found[1].get("fingerprint", "")) if found is not None else ""
+
+
+def _drop_labels(cache: InstanceCache, s: SeriesRef, image_series: list[str]) -> None:
+    """Remove the label maps an earlier ingest made from label series ``s``."""
+    for t in image_series:
+        found = volumes.load_label(cache.root, t)
+        if found is not None and found[1].get("source_series") == s.series_uid:
+            cache.label_path(t).unlink(missing_ok=True)
 
 
 def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
@@ -290,6 +421,8 @@ def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
     summary = IngestSummary()
     cache = InstanceCache(cache_dir, max_instance_bytes=pacs.max_instance_bytes)
     tr = transport or make_transport(pacs)
+    converter = _Converter(cache, summary, labels=query.labels,
+                           class_names=query.label_classes)
 
     def refuse(r: Refusal) -> None:
         summary.skipped.append(Skipped(r.item, r.kind, r.reason))
@@ -338,7 +471,9 @@ def ingest(pacs: PacsConfig, query: CohortQuery, cache_dir: Path, *,
         if convert:
             if progress:
                 progress("convert", i, len(series))
-            convert_series(cache, s, summary)
+            converter.add(s)
+    if convert:
+        converter.finish(progress)
     if progress:
         progress("done", len(series), len(series))
     summary.seconds = time.monotonic() - t0
@@ -390,9 +525,14 @@ def _retrieve(tr: Transport, cache: InstanceCache, s: SeriesRef, missing: list[s
 
 def import_folder(folder: Path, cache_dir: Path, *, convert: bool = True,
                   progress: Progress | None = None,
-                  max_instance_mb: int = DEFAULT_MAX_INSTANCE_MB) -> IngestSummary:
-    """Import DICOM files from a folder (CD, export) into the cache, then convert. Files
-    over ``max_instance_mb`` are not read; the checks of :meth:`InstanceCache.store` apply."""
+                  max_instance_mb: int = DEFAULT_MAX_INSTANCE_MB,
+                  labels: tuple[str, ...] = LABEL_KINDS,
+                  label_classes: tuple[str, ...] = ()) -> IngestSummary:
+    """Import DICOM files from a folder (CD, export) into the cache, then convert: image
+    series to volumes, SEG/RTSTRUCT instances (the kinds in ``labels``: both unless told
+    otherwise) to label maps of the imported image series they reference (segment labels
+    matched against ``label_classes`` when given). Files over ``max_instance_mb`` are not
+    read; the checks of :meth:`InstanceCache.store` apply."""
     t0 = time.monotonic()
     summary = IngestSummary()
     cache = InstanceCache(cache_dir, max_instance_bytes=max_instance_mb * MIB)
@@ -418,7 +558,9 @@ def import_folder(folder: Path, cache_dir: Path, *, convert: bool = True,
     summary.studies_found = summary.cohort_studies = len({s.study_uid
                                                           for s in series.values()})
     if convert:
+        converter = _Converter(cache, summary, labels=labels, class_names=label_classes)
         for s in series.values():
-            convert_series(cache, s, summary)
+            converter.add(s)
+        converter.finish(progress)
     summary.seconds = time.monotonic() - t0
     return summary

@@ -56,6 +56,8 @@ from pynetdicom.transport import ThreadedAssociationServer
 from fedpacs.client.dicom import (
     BAD_UID,
     DEFAULT_MAX_INSTANCE_MB,
+    LABEL_KINDS,
+    LABEL_MODALITIES,
     MAX_UID_LENGTH,
     MIB,
     TOO_LARGE,
@@ -81,6 +83,7 @@ GET_STORAGE_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.4.1",    # Enhanced MR
     "1.2.840.10008.5.1.4.1.1.7",      # Secondary Capture
     "1.2.840.10008.5.1.4.1.1.66.4",   # Segmentation
+    "1.2.840.10008.5.1.4.1.1.481.3",  # RT Structure Set
     "1.2.840.10008.5.1.4.1.1.128",    # PET
     "1.2.840.10008.5.1.4.1.1.1",      # CR
     "1.2.840.10008.5.1.4.1.1.1.1",    # DX
@@ -194,6 +197,27 @@ def study_uids_error(uids: list[str], *,
                       "copy each StudyInstanceUID exactly as the PACS shows it")
 
 
+def label_kinds(value: object, *, field: str = "cohort.labels"
+                ) -> tuple[tuple[str, ...], FieldError | None]:
+    """The label series kinds of ``[cohort] labels`` ("seg", "rtstruct", "seg,rtstruct" or
+    a list of them; "" or "none": none), or () and the FieldError naming the fix."""
+    if isinstance(value, str):
+        parts = [p.strip().lower() for p in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        parts = [str(v).strip().lower() for v in value]
+    else:
+        parts = [repr(value)]
+    parts = [p for p in parts if p and p != "none"]
+    bad = [p for p in parts if p not in LABEL_KINDS]
+    if bad:
+        hint = did_you_mean(bad[0], LABEL_KINDS)
+        return (), FieldError(field, f"label series kinds: {', '.join(LABEL_KINDS)} (comma "
+                              'separated, or "none")', f"{bad[0]!r}{hint}",
+                              'e.g. labels = "seg" (DICOM SEG of the image series), or remove '
+                              "the key to ingest image series only")
+    return tuple(dict.fromkeys(parts)), None
+
+
 @dataclass(frozen=True)
 class CohortQuery:
     """Which studies/series to ingest. Empty fields do not filter.
@@ -202,7 +226,14 @@ class CohortQuery:
     characters, ``?`` one, everything else literal) matched by this site, case-insensitively,
     against the whole value (:func:`pattern_matches`), whatever the PACS. The PACS is asked
     only for what narrows safely: the date range, the study UIDs and, for a modality without
-    wildcards, ModalitiesInStudy (exact codes)."""
+    wildcards, ModalitiesInStudy (exact codes).
+
+    ``labels``: the kinds of label series (``seg``, ``rtstruct``) also ingested from the
+    cohort's studies and turned into label maps of the image series they reference
+    (fedpacs.client.seglabels); the series-level patterns (modality, series description)
+    select image series and never remove such a label series. ``label_classes``: the site
+    task's class names, which segment labels / ROI names are matched against (set from the
+    site's task, not a [cohort] key; empty: segment numbers are the classes)."""
 
     modality: str = ""
     study_description: str = ""
@@ -210,6 +241,12 @@ class CohortQuery:
     date_from: str = ""  # YYYYMMDD
     date_to: str = ""
     study_uids: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    label_classes: tuple[str, ...] = ()
+
+    def label_series(self, modality: str) -> bool:
+        """A series of this Modality is a label series the [cohort] asks for."""
+        return LABEL_MODALITIES.get(modality.strip().upper(), "") in self.labels
 
     def date_range(self) -> str:
         return f"{self.date_from}-{self.date_to}" if self.date_from or self.date_to else ""
@@ -283,9 +320,11 @@ def cohort_filters(query: CohortQuery) -> tuple[CohortFilter, ...]:
 
 
 def series_matches(query: CohortQuery, s: SeriesRef) -> bool:
-    """Whether a series' modality and description match the series-level patterns."""
-    return pattern_matches(query.modality, s.modality) and pattern_matches(
-        query.series_description, s.series_description)
+    """Whether a series' modality and description match the series-level patterns (a
+    label series the [cohort] asks for always does)."""
+    return query.label_series(s.modality) or (pattern_matches(query.modality, s.modality)
+                                               and pattern_matches(query.series_description,
+                                                                   s.series_description))
 
 
 
@@ -470,6 +509,9 @@ def find_cohort(pacs: QueryAnswers, query: CohortQuery, *,
                   if k == "StudyDescription"} | se
         fails, open_ = failing_filter(filters, answer)
         ref = _series_ref(answer)
+        if query.label_series(answer.get("Modality", "")):  # the patterns select images
+            refs.append(ref)
+            continue
         if fails is None and open_ and valid_uid(ref.study_uid) and valid_uid(ref.series_uid):
             resolved = _resolve(pacs, ref, answer, open_, refuse)
             if isinstance(resolved, str):
@@ -482,7 +524,7 @@ def find_cohort(pacs: QueryAnswers, query: CohortQuery, *,
             header_reads += from_header
             fails, _ = failing_filter(filters, answer, final=True)
             ref = _series_ref(answer)
-        if fails is not None:
+        if fails is not None and not query.label_series(answer.get("Modality", "")):
             removed[fails.key].add(answer.get(fails.keyword, ""), study=False)
             continue
         refs.append(ref)

@@ -23,6 +23,7 @@ from fedpacs.common.contract import (
     NUM_EXAMPLES,
     SHARE_LOCAL_MODEL_KEY,
     TIMING_KEYS,
+    TUNED_PREFIX,
     VAL_PREFIX,
     XVAL_GLOBAL,
     RoundInstructions,
@@ -32,7 +33,7 @@ from fedpacs.common.datasets import SiteData
 from fedpacs.common.engine import TrainParams, evaluate, train
 from fedpacs.common.errors import ConfigError, FieldError, PolicyError
 from fedpacs.common.models import build_model, norm_state_keys, pick_device
-from fedpacs.common.recipe import Recipe
+from fedpacs.common.recipe import Recipe, round_seed
 from fedpacs.common.tasks import TaskConfig, task_with_network
 
 log = logging.getLogger("fedpacs.site")
@@ -95,7 +96,7 @@ class OpenRound:
     def seed(self) -> int:
         """This site's seed for the round: its sampling, augmentation and uncertainty
         draws differ from every other site's and round's, and repeat when run again."""
-        return self.ins.seed * 1_000_003 + self.ins.server_round * 101 + self.data_partition
+        return round_seed(self.ins.seed, self.ins.server_round, self.data_partition)
 
 
 FEDBN_STATE_KEY = "fedbn-local"
@@ -193,9 +194,41 @@ def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> Rec
 
 
 def evaluate_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
-    """Evaluate the global model in ``content`` on the site's validation split."""
-    r = open_round(site, content, state, training=False)
-    metrics = MetricRecord({**evaluation(site, r), **site_timing()})
+    """Evaluate the global model in ``content`` on the site's validation split; with
+    ``personalize-epochs`` also the model fine-tuned from it (:func:`personalize`)."""
+    ins = RoundInstructions.from_record(content.config_records[CONFIG_KEY])
+    tuning = ins.personalize_epochs > 0  # trains on the site's data: its training policy
+    r = open_round(site, content, state, training=tuning)
+    values = evaluation(site, r)
+    if tuning:
+        values |= personalize(site, r, state)
+    metrics = MetricRecord({**values, **site_timing()})
     return RecordDict({wire.METRICS_KEY: metrics,
                        wire.SITE_KEY: ConfigRecord({"name": site.name,
                                                     wire.XVAL_MODEL_KEY: r.ins.xval_model})})
+
+
+PERSONAL_STATE_KEY = "personal-model"
+
+
+def personalize(site: SiteConfig, r: OpenRound, state: RecordDict) -> dict[str, float]:
+    """Local fine-tuning after the federation: train the round's model (the final global
+    one, with this site's own normalisation layers under FedBN) for
+    ``personalize-epochs`` on the site's training split, with the run's recipe and its
+    last round's learning rate, and evaluate it on the validation split. The personal
+    model stays in this site's state (never sent); the reply gets its metrics as
+    ``tuned-*`` (``tuned-val-*``, ``tuned-train-loss``, ``tuned-epochs``)."""
+    ins = r.ins
+    res = train(r.model, r.data.train, task=r.task, device=r.device, seed=r.seed,
+                recipe=r.recipe, amp=site.compute.amp, workers=site.compute.loader_workers,
+                params=TrainParams(epochs=ins.personalize_epochs, batch_size=ins.batch_size,
+                                   lr=ins.lr))
+    timing.mark(timing.TRAINED)
+    state[PERSONAL_STATE_KEY] = ArrayRecord(torch_state_dict={
+        k: v.detach().cpu() for k, v in r.model.state_dict().items()})
+    after = evaluation(site, r)
+    log.info("site %s: fine-tuned the final model for %d epoch(s) on %d samples, "
+             "loss %.4f", site.name, ins.personalize_epochs, res.num_examples, res.loss)
+    return {**{TUNED_PREFIX + k: v for k, v in after.items() if k.startswith(VAL_PREFIX)},
+            f"{TUNED_PREFIX}train-loss": res.loss,
+            f"{TUNED_PREFIX}epochs": float(ins.personalize_epochs)}

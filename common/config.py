@@ -118,7 +118,13 @@ class DataSpec:
     val_fraction: float = 0.15
     seed: int = 0
     labels: Path | None = None
+    # a saved split (fedpacs.common.partition.Split, a run's split.json): this site's cases
+    # are its sites[partition] instead of the random near-equal shard; None: the shard
+    split: Path | None = None
 
+
+# Personalisation after the federation (RunConfig.personalize): "finetune" only, today
+PERSONALIZE_METHODS: tuple[str, ...] = ("none", "finetune")
 
 # RunConfig fields that name coordinator paths, keys or ports: they stay on the coordinator.
 SERVER_SIDE_FIELDS = frozenset({"run_dir", "eval_format", "eval_root", "eval_holdout_fraction",
@@ -174,6 +180,11 @@ class RunConfig:
     trimmed_beta: float = 0.2  # FedTrimmedAvg: fraction cut at each end
     krum_malicious: int = 0  # Krum: tolerated malicious sites
     fedbn: bool = False  # keep normalisation layers local to each site (FedBN)
+    # after the last round each site fine-tunes the final global model on its own training
+    # split for personalize-epochs and reports its validation metrics before and after
+    # (only metrics leave the site); one of PERSONALIZE_METHODS
+    personalize: str = "none"
+    personalize_epochs: int = 1
     metrics_port: int = 0  # Prometheus endpoint of the ServerApp; 0: off
     cross_site: bool = True  # NxN validation of the global and each local model at the end
     task_json: str = ""  # a custom task (TaskConfig as JSON) when `task` is not a preset
@@ -325,9 +336,38 @@ class RunConfig:
             d = TASK_PRESETS[self.task].to_dict() | {"network": self.network}
             errs.extend(validate_task_dict(d, source_prefix=""))
         errs.extend(self.recipe_problems())
+        errs.extend(self.personalize_problems())
         if self.eval_format and not Path(self.eval_root).exists():
             errs.append(FieldError("eval-root", "an existing path on the server",
                                    repr(self.eval_root), "fix the held-out data path"))
+        return errs
+
+    def personalize_problems(self) -> list[FieldError]:
+        """The personalisation options, and FedBN on a network without learned
+        normalisation state (nothing would stay local: FedBN would be plain FedAvg)."""
+        errs: list[FieldError] = []
+        if self.personalize not in PERSONALIZE_METHODS:
+            errs.append(FieldError("personalize", f"one of {', '.join(PERSONALIZE_METHODS)}",
+                                   repr(self.personalize), "e.g. personalize = \"finetune\""
+                                   + did_you_mean(self.personalize, PERSONALIZE_METHODS)))
+        if self.personalize != "none" and not 1 <= self.personalize_epochs <= 1000:
+            errs.append(FieldError("personalize-epochs", "an integer in 1..1000",
+                                   str(self.personalize_epochs), "e.g. personalize-epochs = 2"))
+        if self.fedbn:
+            from fedpacs.common.models import learned_norm_networks, norm_state_count
+
+            try:
+                task = self.task_config()
+                kept = norm_state_count(task)
+            except (ConfigError, ValueError, KeyError):
+                return errs  # the task's (and network's) own errors are reported apart
+            if kept == 0:
+                errs.append(FieldError(
+                    "fedbn", "a network with learned normalisation state (affine weights "
+                    "or running statistics) for FedBN to keep local",
+                    f"network {task.network!r}, which has none (task {task.name!r})",
+                    "set fedbn = false, or choose a network that has it: "
+                    + ", ".join(learned_norm_networks(task))))
         return errs
 
     def recipe_problems(self) -> list[FieldError]:
@@ -377,6 +417,7 @@ RUN_TOML_SECTIONS: dict[str, dict[str, str]] = {
     "strategy": {"name": "strategy", "proximal_mu": "proximal_mu", "server_lr": "server_lr",
                  "trimmed_beta": "trimmed_beta", "krum_malicious": "krum_malicious",
                  "fedbn": "fedbn"},
+    "personalize": {"method": "personalize", "epochs": "personalize_epochs"},
     "evaluation": {"format": "eval_format", "root": "eval_root",
                    "holdout_fraction": "eval_holdout_fraction", "seed": "eval_seed",
                    "uncertainty": "uncertainty", "uncertainty_samples": "uncertainty_samples"},

@@ -49,6 +49,11 @@ LEGACY_FIT_CONFIG = "fitins.config"  # SecAgg+ train messages (Flower's legacy f
 LEGACY_FIT_ARRAYS = "fitins.parameters"
 
 
+# fields a record may leave out (an older server's evaluate messages), with their value
+OPTIONAL_FIELDS: dict[str, str | int] = {"xval_model": "", "personalize_epochs": 0}
+TUNED_PREFIX = "tuned-"  # a personalised (fine-tuned) model's metrics in an evaluate reply
+
+
 def _key(name: str) -> str:
     return XVAL_MODEL_KEY if name == "xval_model" else name.replace("_", "-")
 
@@ -79,11 +84,15 @@ class RoundInstructions:
     # train messages: first evaluate the incoming global model on the validation split and
     # fold its metrics into the reply (one exchange per round instead of train + evaluate)
     evaluate_first: bool = False
+    # evaluate messages: fine-tune the incoming model this many epochs on the site's
+    # training split first and report its validation metrics before and after
+    # (``tuned-*``, :func:`personal_metrics`); 0: evaluate only
+    personalize_epochs: int = 0
 
     @classmethod
     def for_round(cls, cfg: RunConfig, server_round: int, *, xval_model: str = "",
-                  fedbn: bool | None = None, evaluate_first: bool = False
-                  ) -> RoundInstructions:
+                  fedbn: bool | None = None, evaluate_first: bool = False,
+                  personalize_epochs: int = 0) -> RoundInstructions:
         """The instructions of round ``server_round`` of run ``cfg`` (no server paths); the
         round's learning rate follows the run's schedule."""
         recipe = cfg.recipe()
@@ -95,7 +104,8 @@ class RoundInstructions:
                    fedbn=cfg.fedbn if fedbn is None else fedbn, secagg=cfg.secagg,
                    secagg_clip=cfg.secagg_clip, secagg_max_weight=cfg.secagg_max_weight,
                    dp_clip=cfg.dp_clip, dp_epsilon=cfg.dp_epsilon, dp_delta=cfg.dp_delta,
-                   xval_model=xval_model, evaluate_first=evaluate_first)
+                   xval_model=xval_model, evaluate_first=evaluate_first,
+                   personalize_epochs=personalize_epochs)
 
     def training_recipe(self, kind: str) -> Recipe:
         """The recipe this round carries, checked here as any input from the server is
@@ -120,8 +130,8 @@ class RoundInstructions:
         for f in fields(cls):
             key = _key(f.name)
             if key not in record:
-                if f.name == "xval_model":
-                    values[f.name] = ""
+                if f.name in OPTIONAL_FIELDS:
+                    values[f.name] = OPTIONAL_FIELDS[f.name]
                     continue
                 errs.append(FieldError(f"config.{key}", "a value from the server", "nothing",
                                        "run the same fedpacs version on server and site"))
@@ -180,3 +190,17 @@ def split_metrics(metrics: Mapping[str, float], *, folded: bool) -> ReplyMetrics
     if VAL_NUM_EXAMPLES not in evaluation:  # no evaluation without its weight
         evaluation = {}
     return ReplyMetrics(own, unfold_evaluation(evaluation), timing)
+
+
+def personal_metrics(metrics: Mapping[str, float]) -> tuple[dict[str, float],
+                                                             dict[str, float]]:
+    """An evaluate reply's metrics after personalisation split into (before, after): the
+    global model's ``val-*`` and the fine-tuned model's ``tuned-val-*`` (prefix dropped),
+    each with ``num-examples``; ``tuned-*`` training figures go with ``after``."""
+    before = {k: v for k, v in metrics.items()
+              if k.startswith(VAL_PREFIX) or k == NUM_EXAMPLES}
+    after = {k[len(TUNED_PREFIX):]: v for k, v in metrics.items()
+             if k.startswith(TUNED_PREFIX)}
+    if NUM_EXAMPLES in metrics:
+        after[NUM_EXAMPLES] = metrics[NUM_EXAMPLES]
+    return before, after

@@ -22,6 +22,19 @@ folder mixing sizes or grey and colour images is used whole. A file that cannot 
 skipped with a reason code (:data:`IMAGE_SKIP_REASONS`, ``"code: why"`` in
 :attr:`SiteData.skipped`) and the rest kept; a class sub-folder that names no class of the
 task stops the reader (a DataError naming it and the classes expected).
+
+NIfTI channels: a 3D file is one channel; a 4D file (x, y, z, c), as BraTS stores its
+modalities, is c channels (a 5D (x, y, z, 1, c) vector image alike), each z-scored on its
+own. A case whose channel count is not the task's ``in_channels`` is skipped with a
+reason naming the file, the channels found and expected, and the fix; the rest are kept.
+
+Native resolution (a task's ``sampling = "patches"``, 3D segmentation): the NIfTI cases
+are not read here but streamed (:mod:`fedpacs.common.patches`): one :class:`NiftiReader`
+per case, each checked first from its header and its label (so skipped cases are known
+before training starts), read from disk when the trainer asks for it. A task's
+``spacing`` (mm, per axis of ``input_shape``: the NIfTI's (i, j, k)) resamples each case
+from its header's voxel sizes, image trilinear and label nearest (fedpacs.client.dicom's
+``resample``), in both samplings; ``()`` keeps each case's own grid.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +53,7 @@ from torch.utils.data import TensorDataset
 
 from fedpacs.common.config import DATA_FORMATS, IMAGE_FORMATS, IMAGE_LAYOUTS, DataFormat, DataSpec
 from fedpacs.common.errors import DataError
+from fedpacs.common.patches import CaseDataset, PatchDataset
 from fedpacs.common.tasks import TaskConfig
 
 log = logging.getLogger(__name__)
@@ -51,12 +65,17 @@ __all__ = ["DATA_FORMATS", "DataFormat", "DataSpec", "SiteData"]  # (the first t
 # in fedpacs.common.config, light enough for processes that never touch torch)
 
 
+# a split as a site trains/evaluates on it: arrays in memory ("fit"), or streamed cases
+# ("patches": random patches for training, whole cases for evaluation)
+SiteDataset: TypeAlias = TensorDataset | PatchDataset | CaseDataset
+
+
 @dataclass
 class SiteData:
     """A site's training and validation sets plus the files it skipped, with reasons."""
 
-    train: TensorDataset
-    val: TensorDataset
+    train: SiteDataset
+    val: SiteDataset
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -85,6 +104,11 @@ def zscore(arr: np.ndarray) -> np.ndarray:
     a = arr.astype(np.float32)
     std = float(a.std())
     return (a - float(a.mean())) / std if std > 0 else np.zeros_like(a)
+
+
+def zscore_channels(image: np.ndarray) -> np.ndarray:
+    """:func:`zscore` of each channel (axis 0) on its own."""
+    return np.stack([zscore(c) for c in image])
 
 
 def kept_slices(label: np.ndarray, *, axis: int = SLICE_AXIS,
@@ -152,18 +176,153 @@ def list_nifti_cases(root: Path) -> tuple[list[NiftiCase], list[tuple[str, str]]
     return cases, skipped
 
 
-def read_nifti(path: Path) -> np.ndarray:
-    """Voxel array of a NIfTI file, or a DataError naming the file."""
+def _nifti_errors() -> tuple[type[BaseException], ...]:
     import zlib
 
-    import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
+
+    return OSError, ValueError, EOFError, ImageFileError, zlib.error
+
+
+def read_nifti(path: Path) -> np.ndarray:
+    """Voxel array of a NIfTI file, or a DataError naming the file."""
+    import nibabel as nib
 
     try:
         return np.asarray(nib.load(str(path)).dataobj)  # type: ignore[attr-defined]
-    except (OSError, ValueError, EOFError, ImageFileError, zlib.error) as exc:
+    except _nifti_errors() as exc:
         raise DataError(str(path), f"not a readable NIfTI file ({type(exc).__name__}: {exc})",
                         "re-export the volume or remove it from the folder") from exc
+
+
+def nifti_header(path: Path) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """(shape, voxel sizes in mm) of a NIfTI file from its header alone (no voxels read),
+    or a DataError naming the file."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(n) for n in img.shape)  # type: ignore[attr-defined]
+        zooms = tuple(float(z) for z in img.header.get_zooms())  # type: ignore[attr-defined]
+    except _nifti_errors() as exc:
+        raise DataError(str(path), f"not a readable NIfTI file ({type(exc).__name__}: {exc})",
+                        "re-export the volume or remove it from the folder") from exc
+    return shape, zooms
+
+
+def nifti_layout(shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    """(channels, spatial shape) of a NIfTI image's array shape: a 4D (x, y, z, c) or 5D
+    (x, y, z, 1, c) image has c channels, a 2D or 3D image one."""
+    if len(shape) == 5 and shape[3] == 1:
+        return shape[4], shape[:3]
+    if len(shape) == 4:
+        return shape[3], shape[:3]
+    return 1, shape
+
+
+def channels_first(arr: np.ndarray) -> np.ndarray:
+    """A NIfTI image's voxels as (channels, *spatial) (see :func:`nifti_layout`)."""
+    if arr.ndim == 5 and arr.shape[3] == 1:
+        arr = arr[:, :, :, 0]
+    return np.moveaxis(arr, -1, 0) if arr.ndim == 4 else arr[None]
+
+
+def check_nifti_case(case: NiftiCase, task: TaskConfig, image_shape: tuple[int, ...],
+                     label: np.ndarray | None) -> bool:
+    """Whether ``task`` reads the case as 2D slices of a volume; a DataError naming the file,
+    what it holds, what the task expects and the fix when the case does not fit it."""
+    channels, spatial = nifti_layout(image_shape)
+    slicing = task.spatial_dims == 2 and len(spatial) == 3  # a 2D task on volumes
+    if len(spatial) != task.spatial_dims and not slicing:
+        raise DataError(str(case.image), f"{len(image_shape)}D image, task needs "
+                        f"{task.spatial_dims}D", "use data matching the task")
+    if channels != task.in_channels:
+        raise DataError(str(case.image), f"{channels} channel(s) (shape {image_shape}; a 4D "
+                        f"NIfTI's last axis is its channels), task {task.name!r} expects "
+                        f"in_channels = {task.in_channels}", f"set the task's in_channels "
+                        f"to {channels} if every case has them, else convert this image to "
+                        f"{task.in_channels} channel(s) (one 4D file (x, y, z, channel)) or "
+                        "remove it", kind="channels")
+    if label is None or label.shape != spatial:
+        got = None if label is None else label.shape
+        raise DataError(str(case.label), f"label shape {got} != image shape {spatial}",
+                        "re-export the mask on the image grid")
+    if label.min() < 0 or label.max() >= task.num_classes:
+        raise DataError(str(case.label), f"label values {int(label.min())}..{int(label.max())}"
+                        f" outside 0..{task.num_classes - 1}",
+                        "remap the labels or fix task.num_classes")
+    return slicing
+
+
+def spacing_problem(task: TaskConfig, where: Path) -> DataError | None:
+    """A task's ``spacing`` resamples 3D cases; on a 2D task this reader refuses it."""
+    if task.spacing and task.spatial_dims != 3:
+        return DataError(str(where), f"task {task.name!r} sets spacing {list(task.spacing)} "
+                         f"on a {task.spatial_dims}D task; cases are resampled as 3D "
+                         "volumes only", "leave spacing out of a 2D task", kind="spacing")
+    return None
+
+
+def resample_case(image: np.ndarray, label: np.ndarray, spacing: tuple[float, ...],
+                  target: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """A case (image (C, *s), label (*s)) resampled from voxel sizes ``spacing`` to
+    ``target`` (mm): each channel trilinear, the label nearest."""
+    spacing = tuple(spacing[: len(target)])
+    return (np.stack([resample(c, spacing, target, order=1) for c in image]),
+            resample(label, spacing, target, order=0))
+
+
+def read_nifti_case(case: NiftiCase, task: TaskConfig) -> tuple[np.ndarray, np.ndarray, bool]:
+    """A checked case as (image (C, *spatial) z-scored per channel, label as stored,
+    slicing), resampled to the task's ``spacing`` when it sets one."""
+    img = read_nifti(case.image)
+    lab = read_nifti(case.label) if case.label else None
+    slicing = check_nifti_case(case, task, img.shape, lab)
+    assert lab is not None  # (checked)
+    image, label = channels_first(img), lab
+    if task.spacing:
+        _, zooms = nifti_header(case.image)
+        image, label = resample_case(image, label, zooms, task.spacing)
+    return zscore_channels(image), label, slicing
+
+
+@dataclass(frozen=True)
+class NiftiReader:
+    """One NIfTI case streamed from disk (:class:`fedpacs.common.patches.CaseReader`)."""
+
+    case: NiftiCase
+    task: TaskConfig
+
+    @property
+    def case_id(self) -> str:
+        return self.case.case_id
+
+    def read(self) -> tuple[np.ndarray, np.ndarray]:
+        image, label, _ = read_nifti_case(self.case, self.task)
+        return image, compact_labels(label, self.task.num_classes)[None]
+
+
+def compact_labels(label: np.ndarray, num_classes: int) -> np.ndarray:
+    """A checked label map in the smallest integer type of its classes (a streamed case's
+    label: uint8 for up to 256 classes, an eighth of int64's memory on a large CT)."""
+    return label.astype(np.uint8 if num_classes <= 256 else np.int16, copy=False)
+
+
+def nifti_readers(cases: list[NiftiCase], task: TaskConfig
+                  ) -> tuple[list[NiftiReader], list[tuple[str, str]]]:
+    """A reader per usable case, checked from its image header and its label (read, one
+    at a time, then dropped); the others skipped with the reason."""
+    readers, skipped = [], []
+    for case in cases:
+        try:
+            shape, _ = nifti_header(case.image)
+            check_nifti_case(case, task, shape, read_nifti(case.label) if case.label else None)
+        except DataError as err:
+            log.warning("skipping case %s: %s", case.case_id, err)
+            skipped.append((err.path, err.problem))
+            continue
+        readers.append(NiftiReader(case, task))
+    return readers, skipped
 
 
 def _nifti_arrays(cases: list[NiftiCase], task: TaskConfig
@@ -171,37 +330,25 @@ def _nifti_arrays(cases: list[NiftiCase], task: TaskConfig
     images, labels, skipped = [], [], []
     for case in cases:
         try:
-            img = read_nifti(case.image)
-            lab = read_nifti(case.label) if case.label else None
-            slicing = task.spatial_dims == 2 and img.ndim == 3  # a 2D task on volumes
-            if img.ndim != task.spatial_dims and not slicing:
-                raise DataError(str(case.image), f"{img.ndim}D image, task needs "
-                                f"{task.spatial_dims}D", "use data matching the task")
-            if lab is None or lab.shape != img.shape:
-                got = None if lab is None else lab.shape
-                raise DataError(str(case.label), f"label shape {got} != image shape {img.shape}",
-                                "re-export the mask on the image grid")
-            if lab.min() < 0 or lab.max() >= task.num_classes:
-                raise DataError(str(case.label), f"label values {int(lab.min())}..{int(lab.max())}"
-                                f" outside 0..{task.num_classes - 1}",
-                                "remap the labels or fix task.num_classes")
+            vol, stored, slicing = read_nifti_case(case, task)
         except DataError as err:
             log.warning("skipping case %s: %s", case.case_id, err)
             skipped.append((err.path, err.problem))
             continue
-        vol, mask = zscore(img), lab.astype(np.int64)
+        mask = stored.astype(np.int64)
         if slicing:
             for k in kept_slices(mask):
-                images.append(fit_to_shape(np.take(vol, k, axis=SLICE_AXIS), task.input_shape))
+                images.append(np.stack([fit_to_shape(np.take(c, k, axis=SLICE_AXIS),
+                                                     task.input_shape) for c in vol]))
                 labels.append(fit_to_shape(np.take(mask, k, axis=SLICE_AXIS),
-                                           task.input_shape))
+                                           task.input_shape)[None])
             continue
-        images.append(fit_to_shape(vol, task.input_shape))
-        labels.append(fit_to_shape(mask, task.input_shape))
+        images.append(np.stack([fit_to_shape(c, task.input_shape) for c in vol]))
+        labels.append(fit_to_shape(mask, task.input_shape)[None])
     if not images:
         return empty_dataset(task), skipped
-    x = torch.from_numpy(np.stack(images)[:, None])
-    y = torch.from_numpy(np.stack(labels)[:, None])
+    x = torch.from_numpy(np.stack(images))
+    y = torch.from_numpy(np.stack(labels))
     return TensorDataset(x, y), skipped
 
 
@@ -261,7 +408,45 @@ def _medmnist_partition(n: int, spec: DataSpec) -> np.ndarray:
     return np.array([int(i) for i in part], dtype=np.int64)
 
 
+def medmnist_pool_ids(data: dict[str, np.ndarray]) -> list[str]:
+    """The case IDs of a MedMNIST pool (what a split partitions): ``train/NNNNNN`` and
+    ``val/NNNNNN``, the row in that array (``test`` is the held-out split)."""
+    return [f"{split}/{i:06d}" for split in ("train", "val")
+            for i in range(len(data[f"{split}_labels"]))]
+
+
+def _medmnist_split_sets(data: dict[str, np.ndarray], spec: DataSpec, task: TaskConfig
+                         ) -> tuple[TensorDataset, TensorDataset]:
+    """(train, val) of this site's cases in the split ``spec.split``: its train and val
+    rows together, split again by ``val_fraction`` as NIfTI cases are (a split's site
+    has cases of both official splits, so that every site can validate)."""
+    from fedpacs.common.partition import split_site_cases
+
+    assert spec.split is not None
+    mine = split_site_cases(spec.split, spec.partition, medmnist_pool_ids(data))
+    out = []
+    for ids in site_train_val(mine, spec):
+        rows = {s: np.array(sorted(int(c.split("/")[1]) for c in ids if c.startswith(f"{s}/")),
+                            dtype=np.int64) for s in ("train", "val")}
+        parts = [empty_dataset(task)] + [_medmnist_split(data, s, r, task, spec.root)
+                                         for s, r in rows.items() if len(r)]
+        out.append(TensorDataset(*(torch.cat([p.tensors[k] for p in parts])
+                                   for k in range(2))))
+    return out[0], out[1]
+
+
 # --------------------------------------------------------------------------- resampling
+def resample(arr: np.ndarray, spacing: tuple[float, ...], target: tuple[float, ...],
+             *, order: int = 1) -> np.ndarray:
+    """Resample to ``target`` spacing (mm) with trilinear (order 1) or nearest (order 0):
+    the one resampler of NIfTI cases and PACS volumes (fedpacs.client.dicom)."""
+    shape = tuple(max(1, int(round(n * s / t))) for n, s, t in
+                  zip(arr.shape, spacing, target, strict=True))
+    if shape == arr.shape:
+        return arr.copy()
+    return resize(arr, shape, nearest=order == 0)
+
+
 def resize(arr: np.ndarray, shape: tuple[int, ...], *, nearest: bool = False,
            antialias: bool = False) -> np.ndarray:
     """Interpolate a 2D/3D array to ``shape``: (bi/tri)linear, or nearest for label maps
@@ -551,10 +736,27 @@ def _site_cases(cases: list[C], spec: DataSpec) -> tuple[list[C], list[C]]:
     held-out split), split again by ``val_fraction``."""
     by_id = {c.case_id: c for c in cases}
     pool, _ = split_ids(list(by_id), holdout_fraction=spec.holdout_fraction, seed=spec.seed)
-    mine = partition_ids(pool, partition=spec.partition, num_partitions=spec.num_partitions,
-                         seed=spec.seed)
-    train_ids, val_ids = split_ids(mine, holdout_fraction=spec.val_fraction, seed=spec.seed + 7)
+    train_ids, val_ids = site_case_ids(pool, spec)
     return [by_id[i] for i in train_ids], [by_id[i] for i in val_ids]
+
+
+def site_case_ids(pool: list[str], spec: DataSpec) -> tuple[list[str], list[str]]:
+    """(train, validation) case IDs of one site from the pool (NIfTI, image folders): its
+    cases in the saved split ``spec.split`` when there is one (fedpacs.common.partition),
+    else its near-equal random shard; then split again by ``val_fraction``."""
+    if spec.split is not None:
+        from fedpacs.common.partition import split_site_cases
+
+        mine = split_site_cases(spec.split, spec.partition, pool)
+    else:
+        mine = partition_ids(pool, partition=spec.partition,
+                             num_partitions=spec.num_partitions, seed=spec.seed)
+    return site_train_val(mine, spec)
+
+
+def site_train_val(mine: list[str], spec: DataSpec) -> tuple[list[str], list[str]]:
+    """A site's case IDs (NIfTI, image folders) split into (train, validation)."""
+    return split_ids(mine, holdout_fraction=spec.val_fraction, seed=spec.seed + 7)
 
 
 def _holdout_cases(cases: list[C], spec: DataSpec) -> list[C]:
@@ -563,14 +765,45 @@ def _holdout_cases(cases: list[C], spec: DataSpec) -> list[C]:
     return [by_id[i] for i in hold]
 
 
+STREAMING_FORMATS = ("nifti", "pacs")  # the formats a task's sampling = "patches" reads
+
+
+def check_sampling(task: TaskConfig, fmt: str, root: Path) -> None:
+    """A DataError when the data of ``fmt`` cannot be read the way ``task`` samples them:
+    "patches" reads 3D volumes (NIfTI, a PACS cache) of a 3D segmentation task; a task's
+    ``spacing`` resamples 3D cases of those formats only (the others store no voxel
+    sizes)."""
+    err = spacing_problem(task, root)
+    if err is not None:
+        raise err
+    if task.spacing and fmt not in STREAMING_FORMATS:
+        raise DataError(str(root), f"task {task.name!r} sets spacing {list(task.spacing)}; "
+                        f"format {fmt!r} stores no voxel sizes to resample from",
+                        "leave spacing out of the task, or use NIfTI volumes",
+                        kind="spacing")
+    if task.sampling != "patches":
+        return
+    if fmt not in STREAMING_FORMATS or task.spatial_dims != 3:
+        raise DataError(str(root), f'task {task.name!r} samples "patches", which reads the '
+                        f"3D volumes of a {' or '.join(STREAMING_FORMATS)} data set; this "
+                        f"is format {fmt!r} for a {task.spatial_dims}D task",
+                        'use sampling = "fit" for 2D images and MedMNIST arrays',
+                        kind="sampling")
+
+
 def load_partition(spec: DataSpec, task: TaskConfig) -> SiteData:
     """The training and validation sets of one site (its partition of the pool) from a
-    shared-format data set (a site's own PACS cache is read by fedpacs.client.data)."""
+    shared-format data set (a site's own PACS cache is read by fedpacs.client.data); with
+    ``task.sampling == "patches"`` streamed: random patches to train on, whole cases to
+    validate on (see :mod:`fedpacs.common.patches`)."""
     if spec.format not in DATA_FORMATS:
         raise DataError(str(spec.root), f"format {spec.format!r} has no shared reader",
                         f"use one of {', '.join(DATA_FORMATS)}")
+    check_sampling(task, spec.format, spec.root)
     if spec.format == "medmnist":
         data = read_medmnist(spec.root)
+        if spec.split is not None:
+            return SiteData(*_medmnist_split_sets(data, spec, task))
         tr = _medmnist_partition(len(data["train_labels"]), spec)
         va = _medmnist_partition(len(data["val_labels"]), spec)
         return SiteData(_medmnist_split(data, "train", tr, task, spec.root),
@@ -583,16 +816,24 @@ def load_partition(spec: DataSpec, task: TaskConfig) -> SiteData:
         return SiteData(train, val, skipped + s1 + s2)
     cases, skipped = list_nifti_cases(spec.root)
     train_cases, val_cases = _site_cases(cases, spec)
+    if task.sampling == "patches":
+        train_readers, s1 = nifti_readers(train_cases, task)
+        val_readers, s2 = nifti_readers(val_cases, task)
+        return SiteData(PatchDataset(train_readers, task), CaseDataset(val_readers),
+                        skipped + s1 + s2)
     train, s1 = _nifti_arrays(train_cases, task)
     val, s2 = _nifti_arrays(val_cases, task)
     return SiteData(train, val, skipped + s1 + s2)
 
 
-def load_holdout(spec: DataSpec, task: TaskConfig) -> TensorDataset:
-    """The held-out split (never in any site's partition), for the server's evaluation."""
+def load_holdout(spec: DataSpec, task: TaskConfig) -> TensorDataset | CaseDataset:
+    """The held-out split (never in any site's partition), for the server's evaluation;
+    with ``task.sampling == "patches"`` its whole cases, streamed, which the server
+    evaluates by sliding window as the sites do."""
     if spec.format not in DATA_FORMATS:
         raise DataError(str(spec.root), f"format {spec.format!r} cannot be a held-out set",
                         f"use one of {', '.join(DATA_FORMATS)}")
+    check_sampling(task, spec.format, spec.root)
     if spec.format == "medmnist":
         data = read_medmnist(spec.root)
         return _medmnist_split(data, "test", np.arange(len(data["test_labels"])), task, spec.root)
@@ -601,5 +842,8 @@ def load_holdout(spec: DataSpec, task: TaskConfig) -> TensorDataset:
         ds, _ = _image_arrays(_holdout_cases(images, spec), task)
         return ds
     cases, _ = list_nifti_cases(spec.root)
+    if task.sampling == "patches":
+        readers, _ = nifti_readers(_holdout_cases(cases, spec), task)
+        return CaseDataset(readers)
     ds, _ = _nifti_arrays(_holdout_cases(cases, spec), task)
     return ds

@@ -26,6 +26,7 @@ class ExitCode(IntEnum):
     AUTH = 8
     PACS = 9
     POLICY = 10
+    SIMULATION = 11
     INTERRUPTED = 130
 
 
@@ -50,6 +51,10 @@ EXIT_CODES: dict[ExitCode, str] = {
     "policy forbids it (e.g. SecAgg+ with fewer sites or a lower reconstruction threshold "
     "than the site's floor, or a SecAgg+ request inconsistent with the round); the site's "
     "log names each rule and the fix.",
+    ExitCode.SIMULATION: "The simulation engine could not run the virtual sites: its Ray "
+    "cluster could not be reached (the message names the address and the fix), or the "
+    "virtual sites ran out of memory (the message names the site count, the memory per "
+    "virtual site measured and the fix).",
     ExitCode.INTERRUPTED: "Interrupted by the user (Ctrl-C); child processes were stopped.",
 }
 
@@ -146,6 +151,13 @@ class PacsError(FedpacsError):
     """The PACS was unreachable or refused a request; names the PACS and the fix."""
 
     code = ExitCode.PACS
+
+
+class SimulationError(FedpacsError):
+    """The Simulation Engine's Ray cluster is unreachable, or its virtual sites ran out of
+    memory; names the address (or site count and memory per site) and the fix."""
+
+    code = ExitCode.SIMULATION
 
 
 class PolicyError(FedpacsError):

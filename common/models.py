@@ -165,6 +165,32 @@ def norm_state_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def norm_state_count(task: TaskConfig) -> int:
+    """How many state-dict entries FedBN would keep local for ``task``'s network (built
+    on the meta device: no memory, no weights). 0 for a network whose normalisation has
+    no learned state: MONAI's instance norm without affine parameters (``unet``,
+    ``resunet``) or no normalisation layers at all (``alexnet``, ``vgg16``, ``fcn8s``)."""
+    with torch.device("meta"):
+        return len(norm_state_keys(build_model(task)))
+
+
+def learned_norm_networks(task: TaskConfig) -> list[str]:
+    """The registered networks for ``task``'s kind and dimensionality whose
+    normalisation layers have learned state (what FedBN can keep local), sorted."""
+    from fedpacs.common.tasks import TaskConfig as Task
+
+    out = []
+    for name, spec in sorted(MODELS.items()):
+        if spec.kind != task.kind or task.spatial_dims not in spec.spatial_dims:
+            continue
+        try:
+            if norm_state_count(Task.from_dict(task.to_dict() | {"network": name})) > 0:
+                out.append(name)
+        except (ConfigError, ValueError):  # the task's shape or width does not fit it
+            continue
+    return out
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else CPU; ``cpu``/``cuda``/``cuda:N`` are taken as is."""
     if requested == "auto":

@@ -172,3 +172,11 @@ def round_lr(base: float, server_round: int, rounds: int, recipe: Recipe) -> flo
     if recipe.lr_schedule == "cosine":
         return base * 0.5 * (1 + math.cos(math.pi * t))
     return base * (0.1 ** sum(t >= m for m in (0.5, 0.75)))  # step
+
+
+def round_seed(seed: int, server_round: int, partition: int) -> int:
+    """A site's seed for round ``server_round`` of a run seeded ``seed``: its sampling,
+    augmentation and uncertainty draws differ from every other site's (``partition``) and
+    round's, and repeat when run again. The baselines (fedpacs.server.baseline) train and
+    evaluate their epoch blocks with the same seeds."""
+    return seed * 1_000_003 + server_round * 101 + partition

@@ -291,11 +291,17 @@ def _install(stage: Path, out_dir: Path) -> None:
 
 def export_bundle(model_path: Path, out_dir: Path) -> Path:
     """Write a MONAI bundle (configs/metadata.json, configs/inference.json, models/model.pt)
-    whose ``network_def`` rebuilds the same network."""
+    whose ``network_def`` rebuilds the same network, and whose ``preprocessing`` (a MONAI
+    ``Compose`` on ``{"image": x}``) applies the task's preprocessing steps exactly as the
+    sites and the server did (fedpacs.common.preprocess.TaskPreprocessd, its ``steps`` the
+    task's ``preprocess``; none: an empty Compose) to an image in the task's input
+    convention, before the network; metadata.json records the steps under
+    ``fedpacs.preprocess``."""
     import torch
 
     from fedpacs.common.artifacts import load_model
     from fedpacs.common.models import MODELS
+    from fedpacs.common.preprocess import IMAGE_KEY, TaskPreprocessd
     from fedpacs.common.tasks import TaskConfig
 
     model, card = load_model(model_path, device="cpu")
@@ -320,9 +326,14 @@ def export_bundle(model_path: Path, out_dir: Path) -> Path:
             "outputs": {"pred": {"type": "image" if task.kind == "segmentation" else "probs",
                                  "num_channels": task.num_classes,
                                  "channel_def": dict(enumerate(task.class_names))}}},
-        "fedpacs": {"heldout": heldout, "sites": card.get("sites")},
+        "fedpacs": {"heldout": heldout, "sites": card.get("sites"),
+                    "preprocess": list(task.preprocess)},
     })
+    steps = [{"_target_": f"{TaskPreprocessd.__module__}.{TaskPreprocessd.__qualname__}",
+              "keys": IMAGE_KEY, "steps": list(task.preprocess)}] if task.preprocess else []
     write_json(out_dir / "configs" / "inference.json", {
+        "image_key": IMAGE_KEY,
+        "preprocessing": {"_target_": "Compose", "transforms": steps},
         "network_def": spec.network_def(task), "network": "$@network_def.to('cpu')"})
     (out_dir / "docs").mkdir(exist_ok=True)
     write_json(out_dir / "docs" / "model_card.json", card)

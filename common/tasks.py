@@ -123,6 +123,10 @@ def validate_task_dict(d: dict[str, Any], *, source_prefix: str) -> list[FieldEr
         errs.append(FieldError(f"{p}preprocess", "a list of distinct steps out of "
                                f"{', '.join(PREPROCESS_STEPS)}", repr(steps),
                                'e.g. preprocess = ["clahe"], or leave it out'))
+    elif "macenko" in steps and d.get("in_channels") != 3:  # stain normalisation needs RGB
+        errs.append(FieldError(f"{p}preprocess", '"macenko" only for RGB images (in_channels '
+                               '= 3)', f'"macenko" with in_channels = {d.get("in_channels")!r}',
+                               'set in_channels = 3 for colour H&E images, or drop "macenko"'))
     if d.get("sampling", "fit") not in SAMPLINGS:
         errs.append(FieldError(f"{p}sampling", f"one of {', '.join(SAMPLINGS)}",
                                repr(d.get("sampling")), 'set sampling = "fit" or "patches"'))

@@ -15,6 +15,7 @@ numbers and the records so far come back from that round's checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -39,12 +40,19 @@ from flwr.serverapp.strategy import Strategy
 from fedpacs.common import wire
 from fedpacs.common.artifacts import write_json
 from fedpacs.common.config import RunConfig
-from fedpacs.common.contract import TIMING_PREFIX, VAL_PREFIX, XVAL_GLOBAL, RoundInstructions
+from fedpacs.common.contract import (
+    TIMING_PREFIX,
+    VAL_PREFIX,
+    XVAL_GLOBAL,
+    RoundInstructions,
+    personal_metrics,
+)
 from fedpacs.common.datasets import load_holdout
 from fedpacs.common.engine import evaluate, evaluate_cases
 from fedpacs.common.errors import ConfigError, DataError, FieldError
 from fedpacs.common.flowertune import quick_object_pulls
 from fedpacs.common.models import build_model, pick_device
+from fedpacs.common.preprocess import preprocessed
 from fedpacs.common.recipe import round_lr
 from fedpacs.common.signing import HELDOUT_CASES_FILE, sign_run
 from fedpacs.common.telemetry import multiprocess_dir
@@ -66,6 +74,7 @@ from fedpacs.server.recorder import (
 from fedpacs.server.report import write_report
 from fedpacs.server.resume import RESUME_KEY, Checkpoint, open_checkpoint
 from fedpacs.server.rundir import (
+    METRICS_FILE,
     RUNS_DIR_ENV,
     STRATEGY_FILE,
     RunDirectory,
@@ -149,7 +158,7 @@ class FederatedRun:
         self.prior_exchanges: list[dict[str, Any]] = []  # of the rounds before the resume
         self.strategy: Strategy | None = None  # plain mode's strategy, once built
         spec = cfg.eval_spec()
-        self.holdout = load_holdout(spec, self.task) if spec else None
+        self.holdout = preprocessed(load_holdout(spec, self.task), self.task) if spec else None
         self.device = pick_device("auto")
         self.recorder = RoundRecorder()
         self.metrics = ServerMetrics()
@@ -290,7 +299,11 @@ class FederatedRun:
             self.metrics.bytes_out.inc(final_arrays.count_bytes() * len(final_eval.sites))
         wire.load_arrays(self.model, final_arrays)
         cross = self.cross_site(final_arrays, final_eval) if cfg.cross_site else {}
+        personal = personalization(self.grid, final_arrays, cfg)
+        if personal:  # metrics.json's and the model card's "personalization"
+            write_personalization(self.run_dir.root, personal)
         final = self.run_dir.save_final(self.model, {
+            "personalization": personal,
             "cross_site": cross,
             "sites": dict(sorted(self.recorder.site_samples.items())),
             "num_rounds": cfg.rounds,
@@ -360,6 +373,50 @@ def federated_evaluation(grid: Grid, arrays: ArrayRecord, cfg: RunConfig, server
             log.warning("evaluation: node %s replied %s", r.metadata.src_node_id, r.error.reason)
     records = [r.content for r in replies if not r.has_error()]
     return evaluation_phase(records, wire.NUM_EXAMPLES)[1] if records else None
+
+
+def personalization(grid: Grid, arrays: ArrayRecord, cfg: RunConfig) -> dict[str, Any]:
+    """``cfg.personalize == "finetune"``: every site fine-tunes the final global model
+    ``arrays`` on its own training split for ``personalize-epochs`` (one evaluate
+    exchange; the personal models stay at the sites) and reports its validation metrics
+    before and after. Returns each phase's per-site metrics and their mean weighted by
+    the sites' validation counts, and the mean's gain per metric ({}: not asked, or no
+    site replied)."""
+    if cfg.personalize == "none":
+        return {}
+    config = RoundInstructions.for_round(cfg, cfg.rounds, personalize_epochs=cfg.
+                                         personalize_epochs).to_record()
+    messages = [Message(content=RecordDict({wire.ARRAYS_KEY: arrays, wire.CONFIG_KEY: config}),
+                        dst_node_id=node, message_type=MessageType.EVALUATE)
+                for node in sorted(grid.get_node_ids())]
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout_s))
+    before: list[RecordDict] = []
+    after: list[RecordDict] = []
+    for r in replies:
+        if r.has_error():
+            log.warning("personalisation: node %s replied %s", r.metadata.src_node_id,
+                        r.error.reason)
+            continue
+        b, a = personal_metrics(metric_dict(r.content))
+        for out, values in ((before, b), (after, a)):
+            out.append(RecordDict({wire.METRICS_KEY: MetricRecord(values),
+                                   wire.SITE_KEY: r.content.config_records[wire.SITE_KEY]}))
+    if not before:
+        return {}
+    phases = {name: evaluation_phase(recs, wire.NUM_EXAMPLES)[1]
+              for name, recs in (("before", before), ("after", after))}
+    gain = {k: phases["after"].aggregate[k] - v for k, v in phases["before"].aggregate.items()
+            if k.startswith(VAL_PREFIX) and k in phases["after"].aggregate}
+    return {"method": cfg.personalize, "epochs": cfg.personalize_epochs,
+            **{name: {"mean": p.aggregate, "sites": p.sites} for name, p in phases.items()},
+            "gain": gain}
+
+
+def write_personalization(run_dir: Path, personal: dict[str, Any]) -> None:
+    """Add the personalisation phase to the run's metrics.json (after its last round's
+    record, which nothing rewrites afterwards)."""
+    path = run_dir / METRICS_FILE
+    write_json(path, json.loads(path.read_text()) | {"personalization": personal})
 
 
 def xval_row(metrics: dict[str, float]) -> dict[str, float]:

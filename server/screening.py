@@ -158,6 +158,11 @@ class ScreenedStrategy(Strategy):
             if arrays is not None:
                 self.recorder.keep_local_model(
                     site_name(reply.content, int(reply.metadata.src_node_id) or i), arrays)
+        # aggregated in one order whatever order the replies arrived in (a float sum
+        # depends on it): by site name, then node id; so a run repeated with the same seed,
+        # deployed, simulated or over the loopback grid, gives the same weights to the bit
+        kept = sorted(kept, key=lambda r: ("" if r.has_error() else site_name(
+            r.content, int(r.metadata.src_node_id)), int(r.metadata.src_node_id)))
         return self.inner.aggregate_train(server_round, kept)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

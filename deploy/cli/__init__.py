@@ -1,8 +1,8 @@
 """The ``fedpacs`` command line (Typer), split by role: ``site`` (hospital, site.py),
 ``provision|federation|run|registry|metrics`` (coordinator, coordinator.py) and ``models``
-(researcher, researcher.py); ``demo`` plays all three on one host. Each command parses,
-validates and calls one library function; errors print what is wrong and exit with a code
-from the registry."""
+(researcher, researcher.py), ``baseline`` (researcher, baseline.py); ``demo`` plays
+all three on one host. Each command parses, validates and calls one library function;
+errors print what is wrong and exit with a code from the registry."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import click
 import typer
 
 from fedpacs.common.errors import EXIT_CODES, ExitCode, FedpacsError
+from fedpacs.deploy.cli.baseline import baseline_cli
 from fedpacs.deploy.cli.coordinator import (
     federation_cli,
     metrics_cli,
@@ -23,6 +24,7 @@ from fedpacs.deploy.cli.coordinator import (
     run_cli,
 )
 from fedpacs.deploy.cli.researcher import models_cli
+from fedpacs.deploy.cli.simulate import simulate_cmd
 from fedpacs.deploy.cli.site import site_cli
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -34,6 +36,8 @@ cli.add_typer(run_cli, name="run")
 cli.add_typer(registry_cli, name="registry")
 cli.add_typer(metrics_cli, name="metrics")
 cli.add_typer(models_cli, name="models")
+cli.command("simulate")(simulate_cmd)
+cli.add_typer(baseline_cli, name="baseline")
 
 
 @cli.command()

@@ -72,7 +72,8 @@ def site_ingest(
 
         if from_folder:
             summary = import_folder(from_folder, cfg.cache_dir, progress=progress,
-                                    max_instance_mb=cfg.pacs.max_instance_mb)
+                                    max_instance_mb=cfg.pacs.max_instance_mb,
+                                    label_classes=cfg.cohort.label_classes)
         else:
             summary = ingest(pacs, cfg.cohort, cfg.cache_dir, progress=progress)
     for line in summary.lines():
