@@ -49,6 +49,7 @@ from round_overhead import (  # noqa: E402
 
 from fedpacs.common.config import RunConfig  # noqa: E402
 from fedpacs.common.errors import FedpacsError  # noqa: E402
+from fedpacs.common.procs import process_parents
 from fedpacs.deploy.demo import DEMO_DATA, demo_sites, site_names  # noqa: E402
 from fedpacs.server.coordinator.federation import (  # noqa: E402
     FINISHED,
@@ -90,21 +91,6 @@ def pss_kib(pid: int) -> int:
     except (OSError, ValueError):
         pass
     return 0
-
-
-def parents() -> dict[int, int]:
-    """pid -> parent pid of every process now."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        # the command name (field 2) may hold spaces; the parent pid follows it
-        out[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
-    return out
 
 
 def tree(root: int, ppid: dict[int, int]) -> list[int]:
@@ -210,7 +196,7 @@ class Sample:
 
 
 def sample(superlink: int, sites: list[int]) -> Sample:
-    ppid = parents()
+    ppid = process_parents()
     table = tcp_table()
     link_tree = tree(superlink, ppid)
     site_pids = [p for s in sites for p in tree(s, ppid)]

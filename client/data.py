@@ -309,6 +309,20 @@ def channel_problem(case: PacsCase, task: TaskConfig) -> str:
             "to one SeriesDescription pattern per input channel")
 
 
+def checked_mask(root: Path, label: Path | None, series_uid: str,
+                 shape: tuple[int, ...], num_classes: int, item: Path
+                 ) -> tuple[np.ndarray | None, tuple[str, str]]:
+    """:func:`series_mask`, or None and the skip (file, reason) saying why there is none."""
+    try:
+        found = series_mask(root, label, series_uid, shape, num_classes)
+    except DataError as err:
+        return None, (err.path, err.problem)
+    if found is None:
+        return None, (str(item), "no mask: the series is not in the label manifest and no "
+                      "SEG/RTSTRUCT of it was ingested")
+    return found, ("", "")
+
+
 def _pacs_arrays(root: Path, cases: list[PacsCase], labels: dict[str, int | Path],
                  task: TaskConfig, preprocess: PacsPreprocess
                  ) -> tuple[TensorDataset, list[tuple[str, str]]]:
@@ -337,15 +351,10 @@ def _pacs_arrays(root: Path, cases: list[PacsCase], labels: dict[str, int | Path
             if isinstance(label, int):
                 skipped.append((str(p), "manifest gives a class, the task needs a mask"))
                 continue
-            try:
-                found = series_mask(root, label, str(meta["series_uid"]), shape,
-                                    task.num_classes)
-            except DataError as err:
-                skipped.append((err.path, err.problem))
-                continue
+            found, why = checked_mask(root, label, str(meta["series_uid"]), shape,
+                                      task.num_classes, p)
             if found is None:
-                skipped.append((str(p), "no mask: the series is not in the label manifest "
-                                "and no SEG/RTSTRUCT of it was ingested"))
+                skipped.append(why)
                 continue
             mask = prepare_mask(found, meta["spacing"], preprocess=preprocess)
             if task.spatial_dims == 3:  # as fedpacs.common.datasets reads a NIfTI case
@@ -463,14 +472,15 @@ def pacs_readers(root: Path, cases: list[PacsCase], labels: dict[str, int | Path
             skipped.append((str(p), problem))
             continue
         try:
-            found = series_mask(root, label, uid, npz_array_shape(p), task.num_classes)
+            shape = npz_array_shape(p)
         except DataError as err:
             skipped.append((err.path, err.problem))
             continue
+        found, why = checked_mask(root, label, uid, shape, task.num_classes, p)
         if found is None:
-            skipped.append((str(p), "no mask: the series is not in the label manifest "
-                            "and no SEG/RTSTRUCT of it was ingested"))
+            skipped.append(why)
             continue
+        del found  # (read to check it; the reader reads it again when asked)
         readers.append(PacsReader(replace(case, label=label), task, preprocess))
     return readers, skipped
 

@@ -54,12 +54,18 @@ def save_volume(dest: Path, *, array: np.ndarray, spacing: tuple[float, ...],
     then the folder fsynced. A reader never sees a half-written file; a write that fails
     (disk full, an error while saving) removes its temporary and leaves ``dest`` as it was;
     a killed writer leaves at most a temporary that :func:`list_volumes` skips."""
+    return _write_npz(dest, array=array, spacing=np.array(spacing), origin=np.array(origin),
+                      direction=direction, meta=np.array(json.dumps(meta)))
+
+
+def _write_npz(dest: Path, **arrays: np.ndarray) -> Path:
+    """``arrays`` as ``dest`` (.npz), crash-safe: a temporary, flushed and fsynced, renamed
+    into place, then the folder fsynced; a failed write removes its temporary."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name[:-len(SUFFIX)]}.{os.getpid()}{TMP_SUFFIX}")
     try:
         with tmp.open("wb") as f:
-            np.savez(f, array=array, spacing=np.array(spacing), origin=np.array(origin),
-                     direction=direction, meta=np.array(json.dumps(meta)))
+            np.savez(f, **arrays)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(dest)
@@ -168,18 +174,7 @@ def label_path(cache_root: Path, image_series_uid: str) -> Path:
 
 def save_label(dest: Path, *, mask: np.ndarray, meta: dict[str, Any]) -> Path:
     """Write one label map crash-safe (as :func:`save_volume`)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name[:-len(SUFFIX)]}.{os.getpid()}{TMP_SUFFIX}")
-    try:
-        with tmp.open("wb") as f:
-            np.savez(f, mask=mask.astype(np.int16), meta=np.array(json.dumps(meta)))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return dest
+    return _write_npz(dest, mask=mask.astype(np.int16), meta=np.array(json.dumps(meta)))
 
 
 def load_label(cache_root: Path, image_series_uid: str) -> tuple[np.ndarray, dict[str, Any]] | None:

@@ -94,6 +94,22 @@ def wait_until(what: str, check: Callable[[], bool], *, timeout_s: float,
         time.sleep(interval_s)
 
 
+def process_parents() -> dict[int, int]:
+    """pid -> parent pid of every process now (Linux /proc; one that ends meanwhile is
+    left out)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        # the command name (field 2) may hold spaces and ")"; the parent pid follows it
+        out[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return out
+
+
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):

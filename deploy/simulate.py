@@ -57,6 +57,7 @@ from fedpacs.common.partition import (
     read_sources,
     summarize,
 )
+from fedpacs.common.procs import process_parents
 
 log = logging.getLogger("fedpacs.simulate")
 
@@ -210,23 +211,11 @@ def init_ray(address: str, sites_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- memory
-def _proc_tree() -> dict[int, int]:
-    """pid -> parent pid of every process (Linux /proc)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        out[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return out
 
 
 def actor_rss_mib(root_pid: int) -> dict[int, float]:
     """Resident memory (MiB) of the ClientApp workers among ``root_pid``'s descendants."""
-    parents = _proc_tree()
+    parents = process_parents()
     children: dict[int, list[int]] = {}
     for pid, ppid in parents.items():
         children.setdefault(ppid, []).append(pid)

@@ -115,9 +115,9 @@ def _ray_descendants() -> list[str]:
     """Live (not zombie) processes under this one that belong to Ray."""
     import os
 
-    from fedpacs.deploy.simulate import _proc_tree
+    from fedpacs.common.procs import process_parents
 
-    tree = _proc_tree()
+    tree = process_parents()
     kids: dict[int, list[int]] = {}
     for pid, ppid in tree.items():
         kids.setdefault(ppid, []).append(pid)
