@@ -103,6 +103,7 @@ def write_report(run_dir: Path) -> Path:
                       f"model \\\\ site</th>{head}</tr>{body}</table>"
                       '<img src="cross_site.png" alt="cross-site matrix">')
 
+    personal_html = _personalization_html(metrics.get("personalization") or {}, key)
     task = metrics.get("task", {})
     rows = "".join(
         f"<tr><td>{r['round']}</td><td>{_fmt((r.get('heldout') or {}).get(key))}</td>"
@@ -124,10 +125,32 @@ network {html.escape(str(task.get('network')))}), strategy
 <th>exchanges</th><th>slowest site training s</th><th>overhead</th></tr>{rows}</table>
 <img src="rounds.png" alt="metrics per round"><h2>Per site</h2>
 <table><tr><th>site</th><th>training samples</th></tr>{site_rows}</table>
-<img src="sites.png" alt="metrics per site">{cross_html}
+<img src="sites.png" alt="metrics per site">{cross_html}{personal_html}
 </body></html>"""
     (out / "index.html").write_text(page, encoding="utf-8")
     return out / "index.html"
+
+
+def _personalization_html(personal: dict[str, Any], key: str) -> str:
+    """The fine-tuning after the federation: each site's validation ``key`` before and
+    after, and their means ("" when the run did none)."""
+    if not personal:
+        return ""
+    metric = f"val-{key}"
+    before, after = personal.get("before") or {}, personal.get("after") or {}
+    sites = sorted(set(before.get("sites") or {}) | set(after.get("sites") or {}))
+
+    def cell(phase: dict[str, Any], site: str | None) -> str:
+        values = (phase.get("mean") if site is None else (phase.get("sites") or {}).get(site))
+        return f"<td>{_fmt((values or {}).get(metric))}</td>"
+
+    rows = "".join(f"<tr><td>{html.escape(s)}</td>{cell(before, s)}{cell(after, s)}</tr>"
+                   for s in sites)
+    rows += f"<tr><th>mean</th>{cell(before, None)}{cell(after, None)}</tr>"
+    return (f"<h2>Personalisation ({html.escape(str(personal.get('method')))}, "
+            f"{html.escape(str(personal.get('epochs')))} epoch(s))</h2><table><tr><th>site</th>"
+            f"<th>validation {html.escape(key)}: global model</th><th>fine-tuned</th></tr>"
+            f"{rows}</table>")
 
 
 def _fmt(v: object) -> str:

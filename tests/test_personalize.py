@@ -97,6 +97,13 @@ def test_finetuning_after_the_federation_is_recorded_per_site(tmp_path: Path,
     from fedpacs.client.trainer import PERSONAL_STATE_KEY
 
     assert all(PERSONAL_STATE_KEY in c.state.array_records for c in grid.contexts.values())
+    # the run's report shows each site's metric before and after, and the means
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "Personalisation (finetune, 3 epoch(s))" in page
+    for site in ("site-0", "site-1"):
+        row = (f"<tr><td>{site}</td><td>{before['sites'][site]['val-accuracy']:.4f}</td>"
+               f"<td>{after['sites'][site]['val-accuracy']:.4f}</td></tr>")
+        assert row in page, row
 
 
 def test_personalize_options_are_validated(tmp_path: Path) -> None:

@@ -343,6 +343,11 @@ def run_start(
     proximal_mu: Annotated[float | None, typer.Option(help="FedProx mu")] = None,
     fedbn: Annotated[bool | None, typer.Option(
         "--fedbn/--no-fedbn", help="keep normalisation layers local")] = None,
+    personalize: Annotated[str | None, typer.Option(
+        help="none | finetune: after the last round each site fine-tunes the global model "
+             "on its own training split and reports validation before/after")] = None,
+    personalize_epochs: Annotated[int | None, typer.Option(
+        help="epochs of that fine-tuning (default 1)")] = None,
     cross_site_local: Annotated[bool | None, typer.Option(
         "--cross-site-local/--no-cross-site-local",
         help="plain mode: also send each consenting site's last local model to the other "
@@ -391,7 +396,8 @@ def run_start(
         "warmup_rounds": warmup_rounds, "grad_clip": grad_clip, "freeze": freeze,
         "init_model": init_model, "uncertainty": uncertainty,
         "uncertainty_samples": uncertainty_samples,
-        "proximal_mu": proximal_mu, "fedbn": fedbn, "cross_site_local": cross_site_local,
+        "proximal_mu": proximal_mu, "fedbn": fedbn, "personalize": personalize,
+        "personalize_epochs": personalize_epochs, "cross_site_local": cross_site_local,
         "eval_root": eval_root,
         "eval_format": eval_format, "secagg": secagg, "secagg_clip": secagg_clip,
         "secagg_max_weight": secagg_max_weight, "max_update_norm": max_update_norm,
