@@ -447,6 +447,15 @@ def test_site_daemon_killed_and_restarted_rejoins_without_registration(
     wait_until("the stopped run reads interrupted",
                lambda: fed.status(run_id).get("state") == "interrupted",
                timeout_s=120, interval_s=2.0)
+    # the sites may still be training the stopped run's round: Flower's SuperLink refuses
+    # their late replies ("Run is finished"), and a SuperNode busy with that reply when the
+    # resumed run's first message comes can hold the new reply back until the round times
+    # out (seen under load). Resume once no site runs a ClientApp any more, as the README's
+    # run-stop advice says.
+    wait_until("the sites done with the stopped run's messages",
+               lambda: not any(pids_in(h.host, r"flwr-clientapp")
+                               for h in fed.hospitals.values()),
+               timeout_s=300, interval_s=2.0)
     assert fed.resume(run_dir, 3) >= 1
     for n in range(1, 4):
         assert train_sites(run_dir, n) == set(SITES), read_rounds(run_dir)[n]
