@@ -499,13 +499,15 @@ def readme_body(rows: list[Row], meta: dict[str, Any]) -> str:
     ])
 
 
-def rewrite_section(text: str, body: str, *, source: str = "README.md") -> str:
-    """``text`` with what lies between the zoo markers replaced by ``body``."""
-    start, end = text.find(BEGIN), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"{source}: expected the markers {BEGIN} ... {END} (in this order), "
-                         "found none; add them where the zoo table belongs")
-    return text[: start + len(BEGIN)] + "\n" + body.strip() + "\n" + text[end:]
+def rewrite_section(text: str, body: str, *, source: str = "README.md", begin: str = BEGIN,
+                    end: str = END) -> str:
+    """``text`` with what lies between the markers (the zoo's by default; another
+    bench's section with its own) replaced by ``body``."""
+    first, last = text.find(begin), text.find(end)
+    if first < 0 or last < first:
+        raise ValueError(f"{source}: expected the markers {begin} ... {end} (in this order), "
+                         "found none; add them where the bench's table belongs")
+    return text[: first + len(begin)] + "\n" + body.strip() + "\n" + text[last:]
 
 
 # --------------------------------------------------------------------------- the recipe

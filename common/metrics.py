@@ -45,9 +45,10 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def auc(probs: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC: binary uses the positive-class probability; multi-class is the macro
-    one-vs-rest average. NaN when only one class is present."""
+    one-vs-rest average. NaN when only one class is present, and when any probability is
+    not finite (a diverged model: ranking NaN scores would give a meaningless AUC, 1.0)."""
     num_classes = probs.shape[1]
-    if len(np.unique(labels)) < 2:
+    if len(np.unique(labels)) < 2 or not np.all(np.isfinite(probs)):
         return math.nan
     y_pred = torch.as_tensor(probs, dtype=torch.float64)
     y = torch.as_tensor(labels, dtype=torch.long)

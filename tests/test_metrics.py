@@ -49,6 +49,15 @@ def test_auc_is_nan_with_one_class() -> None:
     assert math.isnan(metrics.auc(probs, np.array([1, 1])))
 
 
+def test_auc_of_a_diverged_model_is_nan_not_perfect() -> None:
+    """NaN scores (a model whose weights diverged) must not rank as a perfect classifier."""
+    labels = np.array([0, 1, 0, 1])
+    probs = np.full((4, 2), np.nan)
+    assert math.isnan(metrics.auc(probs, labels))
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [np.nan, np.nan], [0.3, 0.7]])
+    assert math.isnan(metrics.auc(probs, labels))
+
+
 def test_multiclass_auc_macro() -> None:
     # perfectly separable 3-class scores -> AUC 1.0
     probs = np.eye(3)[[0, 1, 2, 0]] * 0.8 + 0.2 / 3
