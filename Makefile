@@ -51,6 +51,7 @@ bench: setup system-deps
 	$(PY) bench/zoo.py --hippocampus-recipe --json runs/bench/zoo-recipe.json
 	$(PY) bench/transfer.py --json runs/bench/transfer.json
 	$(PY) bench/memory.py
+	$(PY) bench/accuracy.py --quick --json runs/bench/accuracy.json
 
 clean:
 	rm -rf runs .pytest_cache
