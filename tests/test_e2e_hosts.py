@@ -447,11 +447,12 @@ def test_site_daemon_killed_and_restarted_rejoins_without_registration(
     wait_until("the stopped run reads interrupted",
                lambda: fed.status(run_id).get("state") == "interrupted",
                timeout_s=120, interval_s=2.0)
-    # the sites may still be training the stopped run's round: Flower's SuperLink refuses
-    # their late replies ("Run is finished"), and a SuperNode busy with that reply when the
-    # resumed run's first message comes can hold the new reply back until the round times
-    # out (seen under load). Resume once no site runs a ClientApp any more, as the README's
-    # run-stop advice says.
+    # a site may still be finishing the stopped run's message; its late reply is refused
+    # ("Run is finished"). Flower's SuperNode pushed that reply in the cycle of the resumed
+    # run's first message and then held the new reply back until the round timed out: the
+    # site's SuperNode now pushes a reply left waiting at its next idle pull
+    # (fedpacs.client.supernode.push_pending_replies). Here the resume still waits for the
+    # sites to be idle, as an operator would.
     wait_until("the sites done with the stopped run's messages",
                lambda: not any(pids_in(h.host, r"flwr-clientapp")
                                for h in fed.hospitals.values()),

@@ -597,3 +597,36 @@ def test_gate_env_in_both_modes(site: SiteConfig, tmp_path: Path) -> None:
     untrusting = replace(site, security=replace(site.security, trusted_app_keys=()))
     with pytest.raises(ConfigError, match="security.trusted_app_keys"):
         gate_env(untrusting, tmp_path / "state", "/usr/bin")
+
+
+def test_a_reply_left_after_a_push_cycle_is_pushed_without_waiting_for_a_message() -> None:
+    """Flower's SuperNode loop pushes only right after a pull found a message. A reply
+    stored after that cycle (the next run's, when a stopped run's late reply took the
+    cycle) must be pushed on the next idle pull; fedpacs.client.supernode patches the pull
+    to report it. Run on Flower's real loop functions and in-memory NodeState."""
+    import flwr.supernode.start_client_internal as internal
+
+    from fedpacs.client import supernode as quick
+
+    assert "state" in inspect.signature(internal._pull_and_store_message).parameters
+    loop = ast.unparse(_source_tree(internal.start_client_internal))
+    assert "run_id = _pull_and_store_message(" in loop and "if run_id is None:" in loop
+    state = NodeStateFactory(objectstore_factory=ObjectStoreFactory()).state()
+    assert quick.pending_reply_run(state) is None
+    calls: list[dict[str, object]] = []
+
+    class Fake:
+        _pull_and_store_message = staticmethod(lambda **kw: calls.append(kw))
+
+    quick.push_pending_replies(Fake)
+    assert Fake._pull_and_store_message(state=state) is None  # nothing pulled, none waiting
+    reply = make_message(Metadata(  # the ClientApp's reply to message m-1 of run 42
+        run_id=42, message_id="r-1", src_node_id=7, dst_node_id=0, reply_to_message_id="m-1",
+        group_id="", created_at=time.time(), ttl=3600, message_type="train"), RecordDict())
+    state.store_message(reply)
+    assert Fake._pull_and_store_message(state=state) == 42  # the loop pushes it now
+    # found by peeking, not taken: Flower's push still gets it
+    assert [m.metadata.message_id for m in state.get_messages_legacy(is_reply=True)] == \
+        [reply.metadata.message_id]
+    assert quick.pending_reply_run(state) is None
+    assert len(calls) == 2  # each patched pull asked Flower's pull first
