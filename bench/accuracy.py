@@ -99,6 +99,16 @@ SPLIT_LABELS = {"iid": "IID", "dir0.5": "Dirichlet α=0.5", "dir0.1": "Dirichlet
 BASELINES = ("centralized", "local")
 
 
+
+def same_curve(sha: list[str], ref_sha: list[str], curve: list[float],
+               ref_curve: list[float]) -> dict[str, Any]:
+    """How far a run's rounds (weight hashes, held-out curve) are from the reference
+    run's: rounds with identical weights, all identical, the largest metric difference."""
+    return {"identical_rounds": sum(a == b for a, b in zip(sha, ref_sha, strict=False)),
+            "all_identical": sha == ref_sha and bool(sha),
+            "max_abs_diff": max((abs(a - b) for a, b in zip(curve, ref_curve, strict=False)),
+                                default=0.0)}
+
 def dp_method(eps: float) -> str:
     return f"dp-eps{eps:g}"
 
@@ -347,11 +357,7 @@ def check_simulation(arm: Arm, data_dir: Path, work: Path, loop: Result) -> dict
         key = DATASETS[arm.dataset].metric
         sim_curve = [heldout_value(r, key) for r in rows]
         out |= {"sim_curve": sim_curve, "loop_curve": loop.curve,
-                "identical_rounds": sum(a == b for a, b in zip(sim_sha, loop.weights_sha256,
-                                                               strict=False)),
-                "all_identical": sim_sha == loop.weights_sha256 and bool(sim_sha),
-                "max_abs_diff": max((abs(a - b) for a, b in zip(sim_curve, loop.curve,
-                                                                strict=False)), default=0.0),
+                **same_curve(sim_sha, loop.weights_sha256, sim_curve, loop.curve),
                 "sim_wall_s": res.wall_s}
     except (FedpacsError, RuntimeError, ValueError, OSError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"[:600]
@@ -405,10 +411,7 @@ def check_deployed(arm: Arm, data_dir: Path, work: Path, loop: Result) -> dict[s
         curve = [heldout_value(r, DATASETS[arm.dataset].metric) for r in rows]
         ref = loop.weights_sha256[: len(sha)]
         out |= {"sim_curve": curve, "loop_curve": loop.curve[: len(curve)],
-                "identical_rounds": sum(a == b for a, b in zip(sha, ref, strict=False)),
-                "all_identical": sha == ref and bool(sha),
-                "max_abs_diff": max((abs(a - b) for a, b in zip(curve, loop.curve,
-                                                                strict=False)), default=0.0),
+                **same_curve(sha, ref, curve, loop.curve),
                 "sim_wall_s": res.seconds}
     except (FedpacsError, RuntimeError, ValueError, OSError) as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"[:600]
