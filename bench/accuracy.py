@@ -99,7 +99,6 @@ SPLIT_LABELS = {"iid": "IID", "dir0.5": "Dirichlet α=0.5", "dir0.1": "Dirichlet
 BASELINES = ("centralized", "local")
 
 
-
 def same_curve(sha: list[str], ref_sha: list[str], curve: list[float],
                ref_curve: list[float]) -> dict[str, Any]:
     """How far a run's rounds (weight hashes, held-out curve) are from the reference
