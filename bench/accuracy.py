@@ -20,7 +20,7 @@ hippocampus: the 20 % of cases no site has):
 
 The federated arms are the real ServerApp body (``run_federation``) and ClientApp over
 ``tests/loopback.py``'s in-memory grid (one process per arm, the sites in turn; ``--jobs``
-arms at a time). ``--check-sim`` runs, per data set, the FedAvg arm of seed 0 on the first
+arms at a time). ``--check-sim`` runs, per data set, the FedAvg arm of the lowest seed on the first
 split once more on Flower's Simulation Engine (``fedpacs.deploy.simulate.simulate``, Ray)
 on the same split and compares the two runs' global weights round by round (the server
 aggregates in site-name order, so the same seed gives bit-identical weights).
@@ -140,6 +140,12 @@ class Arm:
     method: str
     rounds: int
     sites: int
+    local_epochs: int = 0  # 0: the task's default (training_defaults)
+
+
+def epochs_of(dataset: str, local_epochs: int) -> int:
+    """Local epochs per round of a run (``local_epochs``, 0: the task's default)."""
+    return local_epochs or training_defaults(dataset).local_epochs
 
 
 def not_applicable(dataset: str, split: str, method: str) -> str:
@@ -162,7 +168,7 @@ def has_learned_norm(dataset: str) -> bool:
 
 
 def grid(*, datasets: Sequence[str], splits: Sequence[str], methods: Sequence[str],
-         seeds: Sequence[int], rounds: dict[str, int], sites: int
+         seeds: Sequence[int], rounds: dict[str, int], sites: int, local_epochs: int = 0
          ) -> tuple[list[Arm], dict[tuple[str, str, str], str]]:
     """The arms to run, and the (data set, split, method) cells that cannot run, why."""
     arms: list[Arm] = []
@@ -174,7 +180,7 @@ def grid(*, datasets: Sequence[str], splits: Sequence[str], methods: Sequence[st
                 if why:
                     skipped[(d, s, m)] = why
                     continue
-                arms += [Arm(d, s, seed, m, rounds[d], sites) for seed in seeds]
+                arms += [Arm(d, s, seed, m, rounds[d], sites, local_epochs) for seed in seeds]
     return arms, skipped
 
 
@@ -209,6 +215,7 @@ class Result:
     method: str
     rounds: int
     sites: int
+    local_epochs: int = 0  # 0: the task's default
     value: float = math.nan  # the held-out metric after the last round
     accuracy: float = math.nan
     curve: list[float] = field(default_factory=list)  # held-out metric, rounds 0..N
@@ -234,7 +241,8 @@ def base_config(arm: Arm) -> Any:
     from fedpacs.common.config import RunConfig
 
     d = training_defaults(arm.dataset)
-    cfg = RunConfig(task=arm.dataset, rounds=arm.rounds, local_epochs=d.local_epochs,
+    epochs = epochs_of(arm.dataset, arm.local_epochs)
+    cfg = RunConfig(task=arm.dataset, rounds=arm.rounds, local_epochs=epochs,
                     batch_size=d.batch_size, lr=d.lr, min_sites=arm.sites, seed=arm.seed,
                     secagg=False, cross_site=False)
     m = arm.method
@@ -243,7 +251,7 @@ def base_config(arm: Arm) -> Any:
     elif m == "fedbn":
         cfg = replace(cfg, fedbn=True)
     elif m == "finetune":
-        cfg = replace(cfg, personalize="finetune", personalize_epochs=d.local_epochs)
+        cfg = replace(cfg, personalize="finetune", personalize_epochs=epochs)
     elif m == "secagg":
         cfg = replace(cfg, secagg=True)
     elif m.startswith("dp-eps"):
@@ -283,7 +291,8 @@ def run_arm(arm: Arm, data_dir: str, work: str) -> Result:
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
     torch.set_num_threads(1)
-    res = Result(arm.dataset, arm.split, arm.seed, arm.method, arm.rounds, arm.sites)
+    res = Result(arm.dataset, arm.split, arm.seed, arm.method, arm.rounds, arm.sites,
+                 arm.local_epochs)
     key = DATASETS[arm.dataset].metric
     t0 = time.monotonic()
     try:
@@ -403,7 +412,7 @@ def check_deployed(arm: Arm, data_dir: Path, work: Path, loop: Result) -> dict[s
                       eval_root=prepared.eval_root,
                       eval_holdout_fraction=prepared.eval_holdout_fraction,
                       eval_seed=prepared.eval_seed)
-        res = run_once(dep, pki, site_specs(files), cfg, timeout_s=900.0,
+        res = run_once(dep, pki, site_specs(files), cfg, timeout_s=1800.0,
                        echo=lambda s: None)
         rows = json.loads((res.run_dir / "metrics.json").read_text())["rounds"]
         sha = [str(r.get("weights_sha256", "")) for r in rows]
@@ -595,13 +604,90 @@ def dataset_table(d: str, cells: dict[tuple[str, str, str], Cell],
     return lines
 
 
+FULL_SEEDS = 3  # the issue's grid: every cell over 3 seeds
+
+
+def spoken_list(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def grid_gaps(results: Sequence[Result], skipped: dict[tuple[str, ...], str],
+              methods: Sequence[str] | None = None) -> list[str]:
+    """What the full grid (every data set, split and method over FULL_SEEDS seeds) has
+    that ``results`` lack, per data set and split: 'not run', or the methods with fewer
+    seeds. Failed runs do not count; diverged ones do (they ran)."""
+    methods = list(methods or all_methods())
+    seeds: dict[tuple[str, str, str], set[int]] = {}
+    for r in results:
+        if not r.error:
+            seeds.setdefault((r.dataset, r.split, r.method), set()).add(r.seed)
+    gaps = []
+    for d, ds in DATASETS.items():
+        for s in SPLITS:
+            cells = [m for m in methods if (d, s, m) not in skipped
+                     and not not_applicable(d, s, m)]
+            if not cells or (s == "source" and not ds.has_source):
+                continue
+            scope = f"{ds.label.split(' (')[0]} {SPLIT_LABELS[s]}"
+            have = {m: len(seeds.get((d, s, m), ())) for m in cells}
+            if not any(have.values()):
+                gaps.append(f"{scope}: not run")
+                continue
+            by_n: dict[int, list[str]] = {}
+            for m, n in have.items():
+                if n < FULL_SEEDS:
+                    by_n.setdefault(n, []).append(method_label(m))
+            if by_n:
+                gaps.append(f"{scope}: " + "; ".join(
+                    (f"{n} of {FULL_SEEDS} seeds for " if n else "not run: ") + ", ".join(ms)
+                    for n, ms in sorted(by_n.items())))
+    return gaps
+
+
+def merge_docs(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' documents as one: their results (a run repeated in a later document
+    replaces the earlier: the same seed gives the same weights), checks, commands and
+    times. The earlier documents' ``left`` and notes are dropped (the gaps are computed
+    from the merged results; reasons are given again with --note)."""
+    if len(docs) == 1:
+        return docs[0]
+    results: dict[tuple[Any, ...], dict[str, Any]] = {}
+    sims: dict[tuple[str, str], dict[str, Any]] = {}
+    out: dict[str, Any] = dict(docs[-1])
+    commands: list[str] = []
+    for doc in docs:
+        for r in doc["results"]:
+            key = (r["dataset"], r["split"], r["seed"], r["method"], r["rounds"],
+                   r.get("local_epochs", 0))
+            results[key] = r
+        for sim in doc.get("simulation", []):
+            sims[(sim.get("kind", "simulation"), sim["dataset"])] = sim
+        c = doc["command"]
+        commands += c if isinstance(c, list) else [c]
+    out["results"] = [asdict(r) for r in sorted((Result(**r) for r in results.values()),
+                                                key=order_key)]
+    out["simulation"] = list(sims.values())
+    out["command"] = commands
+    out["total_s"] = sum(float(d["total_s"]) for d in docs)
+    out["jobs"] = max(int(d["jobs"]) for d in docs)
+    out["methods"] = [m for m in all_methods([float(m.removeprefix("dp-eps")) for d in docs
+                                               for m in d["methods"]
+                                               if m.startswith("dp-eps")])]
+    out["methods"] = sorted(set(out["methods"]), key=out["methods"].index)
+    out["skipped"] = {k: v for d in docs for k, v in d["skipped"].items()}
+    out["dp_notes"] = list(dict.fromkeys(n for d in docs for n in d.get("dp_notes", [])))
+    out["left"], out["notes"] = [], []
+    return out
+
+
 def readme_body(doc: dict[str, Any]) -> str:
     results = [Result(**r) for r in doc["results"]]
     skipped = {tuple(k.split("|")): v for k, v in doc["skipped"].items()}
     cells = summarize(results)
     methods = doc["methods"]
     eps = float(doc["dp_recommended"])
-    out = [f"`{doc['command']}`: {len(results)} runs "
+    commands = doc["command"] if isinstance(doc["command"], list) else [doc["command"]]
+    out = [f"{spoken_list([f'`{c}`' for c in commands])}: {len(results)} runs "
            f"({sum(1 for r in results if r.error)} failed), {doc['total_s'] / 60:.1f} min in "
            f"all on {doc['machine_line']}, {doc['jobs']} runs at a time (each one process, "
            "one torch thread). Federated arms: the real ServerApp and ClientApp over the "
@@ -615,17 +701,19 @@ def readme_body(doc: dict[str, Any]) -> str:
         td = training_defaults(d)
         rounds = sorted({r.rounds for r in rs})
         sites = sorted({r.sites for r in rs})
+        epochs = sorted({epochs_of(d, r.local_epochs) for r in rs})
         out += [f"**{DATASETS[d].label}**: held-out {DATASETS[d].metric_label} "
                 f"(mean ± std over seeds, number of seeds in brackets); "
                 f"{'/'.join(map(str, sites))} sites, "
-                f"{'/'.join(map(str, rounds))} rounds × {td.local_epochs} local epochs "
+                f"{'/'.join(map(str, rounds))} rounds × {'/'.join(map(str, epochs))} "
+                "local epochs "
                 f"(baselines: the same epoch budget), batch {td.batch_size}, lr {td.lr:g}, "
                 f"seeds {', '.join(map(str, seeds))} (the seed draws the split and the "
                 "initial weights).", ""]
         out += dataset_table(d, cells, skipped, results, methods)
         notes = sorted({v for k, v in skipped.items() if k[0] == d})
         out += [""] + [f"n/a: {n}." for n in notes] + [""]
-    missing = doc.get("left", [])
+    missing = [*doc.get("left", []), *grid_gaps(results, skipped, methods)]
     if missing:
         out += ["Not in this run: " + "; ".join(missing) + ".", ""]
     out += ["Targets of issue #15, on the means over seeds:", "",
@@ -677,7 +765,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--splits", default="iid,dir0.5,dir0.1,source")
     ap.add_argument("--methods", default="", help="default: all")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=FULL_SEEDS)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds FIRST .. FIRST+SEEDS-1 (add seeds to an earlier run)")
+    ap.add_argument("--local-epochs", type=int, default=0,
+                    help="local epochs per round (default 0: the task's)")
     ap.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     ap.add_argument("--sites", type=int, default=DEFAULT_SITES)
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (processes)")
@@ -685,17 +777,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dp-recommended", type=float, default=max(DP_EPSILONS))
     ap.add_argument("--quick", action="store_true", help="the reduced grid (QUICK)")
     ap.add_argument("--check-sim", action="store_true",
-                    help="per data set, FedAvg seed 0 once more on the Simulation Engine "
+                    help="per data set, FedAvg (lowest seed) once more on the Simulation Engine "
                     "(--quick: on)")
     ap.add_argument("--check-deployed", type=int, default=None, metavar="ROUNDS",
-                    help="per data set, FedAvg seed 0 for ROUNDS rounds on a real "
+                    help="per data set, FedAvg (lowest seed) for ROUNDS rounds on a real "
                     "federation of this machine's processes (default 0: off; --quick: 2)")
     ap.add_argument("--data-dir", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="keep the runs here")
     ap.add_argument("--readme", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--from-json", type=Path, default=None,
-                    help="train nothing: show (and with --readme/--json write) an earlier run")
+    ap.add_argument("--from-json", type=Path, nargs="+", default=None,
+                    help="train nothing: show (and with --readme/--json write) earlier runs, "
+                    "merged")
     ap.add_argument("--note", action="append", default=[],
                     help="with --from-json: a paragraph to add below the table (reasons)")
     ap.add_argument("--deadline-min", type=float, default=None,
@@ -716,6 +809,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              for m in args.method_list if m not in known]
     if args.seeds < 1 or args.rounds < 1 or args.sites < 1 or args.jobs < 1:
         errs.append("--seeds, --rounds, --sites, --jobs: expected >= 1")
+    if args.first_seed < 0 or args.local_epochs < 0:
+        errs.append("--first-seed, --local-epochs: expected >= 0")
     if args.note and not args.from_json:
         errs.append("--note: only with --from-json (a note reads the figures of a run)")
     if args.dp_recommended not in args.epsilons:
@@ -730,21 +825,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        doc = json.loads(args.from_json.read_text(encoding="utf-8"))
+        doc = merge_docs([json.loads(p.read_text(encoding="utf-8"))
+                          for p in args.from_json])
         doc["notes"] = [*doc.get("notes", []), *args.note]
         return report(doc, args)
     if args.quick:
         arms, skipped = quick_grid(args.sites, args.epsilons)
-        left = ["AdrenalMNIST3D (every method), the hippocampus beyond IID seed 0 "
-                "(centralized, local, FedAvg) and its simulation and deployed runs, "
-                "PneumoniaMNIST's third seed and α = 0.1: the full grid (`python "
-                "bench/accuracy.py`)"]
     else:
         arms, skipped = grid(datasets=args.dataset_list, splits=args.split_list,
-                             methods=args.method_list, seeds=range(args.seeds),
+                             methods=args.method_list,
+                             seeds=range(args.first_seed, args.first_seed + args.seeds),
                              rounds=dict.fromkeys(args.dataset_list, args.rounds),
-                             sites=args.sites)
-        left = []
+                             sites=args.sites, local_epochs=args.local_epochs)
+    left: list[str] = []  # (the full grid's gaps are computed from the results)
     import logging
 
     logging.getLogger("flwr").setLevel(logging.ERROR)  # (the simulation's round logs)
@@ -775,11 +868,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick and d not in QUICK_CHECKS:
                 continue
             loop = sorted((r for r in results if r.dataset == d and r.method == "fedavg"
-                           and r.seed == 0 and not r.error), key=order_key)  # IID first
+                           and not r.error), key=order_key)  # IID first, lowest seed
             if not loop:
                 continue
             first = loop[0]
-            arm = Arm(d, first.split, 0, "fedavg", first.rounds, first.sites)
+            arm = Arm(d, first.split, first.seed, "fedavg", first.rounds, first.sites,
+                      first.local_epochs)
             if args.check_sim or args.quick:
                 print(f"simulation check: {d} {first.split}", flush=True)
                 sims.append({"kind": "simulation"} | check_simulation(arm, data_dir, work,
@@ -834,7 +928,7 @@ def prepare_all(arms: Sequence[Arm], data_dir: Path, work: Path
             why = f"split refused: {exc}"[:600]
             print(f"  {why}", flush=True)
             failed += [Result(b.dataset, b.split, b.seed, b.method, b.rounds, b.sites,
-                              error=why) for b in arms
+                              b.local_epochs, error=why) for b in arms
                        if (b.dataset, b.split, b.seed) == key]
     return list(failed), failed
 

@@ -142,7 +142,8 @@ def test_table_and_readme_section(tmp_path: Path) -> None:
     assert "| method | IID | by source | s / run |" in body
     assert "| FedAvg | 0.810 ± 0.008 (3) | n/a | 11 |" in body
     assert "sites 0.600–0.750" in body and "site val +0.050" in body
-    assert "n/a: no source per case." in body and "Not in this run: AdrenalMNIST3D." in body
+    assert "n/a: no source per case." in body and "Not in this run: AdrenalMNIST3D; " in body
+    assert "BreastMNIST IID: not run: FedProx (μ=0.01), FedBN, FedAvg under SecAgg+" in body
     assert "identical in 3 of 3 rounds" in body and "bit-identical" in body
     assert "| FedAvg ≥ 99 % of centralized (IID) | BreastMNIST | **PASS** |" in body
     text = (f"# x\n{zoo.BEGIN}\nzoo table\n{zoo.END}\n## Benchmarks\n{acc.BEGIN}\nold\n"
@@ -178,3 +179,69 @@ def test_bad_arguments_are_named(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--note: only with --from-json" in capsys.readouterr().err
     assert acc.parse_args(["--quick"]).deadline_min == 26.0
     assert acc.parse_args([]).deadline_min == 0.0
+
+
+def test_gaps_name_what_the_full_grid_lacks() -> None:
+    results = [_result("pneumoniamnist", "iid", m, s, 0.9) for m in acc.all_methods()
+               for s in range(3)]
+    results += [_result("pneumoniamnist", "dir0.5", "fedavg", s, 0.9) for s in range(2)]
+    results.append(_result("pneumoniamnist", "dir0.5", "local", 0, 0.9, error="boom"))
+    results.append(_result("pneumoniamnist", "dir0.5", "fedprox", 0, math.nan, diverged=True))
+    _, skipped = acc.grid(datasets=list(acc.DATASETS), splits=list(acc.SPLITS),
+                          methods=acc.all_methods(), seeds=[0], rounds=dict.fromkeys(
+                              acc.DATASETS, 1), sites=3)
+    gaps = acc.grid_gaps(results, skipped)
+    pneu = [g for g in gaps if g.startswith("PneumoniaMNIST")]
+    assert pneu[0].startswith("PneumoniaMNIST Dirichlet α=0.5: not run: centralized (pooled), "
+                              "local only")  # (a failed run does not count)
+    assert "; 1 of 3 seeds for FedProx (μ=0.01); 2 of 3 seeds for FedAvg" in pneu[0]
+    assert pneu[1] == "PneumoniaMNIST Dirichlet α=0.1: not run"
+    assert len(pneu) == 2  # IID is complete
+    # segmentation: IID only, no FedBN on the U-Net; no data set carries a source
+    assert "MSD hippocampus IID: not run" in gaps
+    assert not any("hippocampus Dirichlet" in g or "source" in g for g in gaps)
+
+
+def test_runs_of_several_invocations_merge_into_one_table(tmp_path: Path) -> None:
+    first = _doc()
+    second = _doc() | {"command": "python bench/accuracy.py --first-seed 3 --seeds 1",
+                       "total_s": 100.0, "jobs": 1, "left": ["stale"], "notes": ["old"]}
+    second["results"] = [asdict(_result("breastmnist", "iid", "fedavg", 0, 0.5)),
+                         asdict(_result("breastmnist", "iid", "fedavg", 3, 0.83))]
+    second["simulation"] = [dict(first["simulation"][0], kind="deployed")]  # type: ignore
+    merged = acc.merge_docs([first, second])
+    fedavg = sorted((r["seed"], round(r["value"], 6)) for r in merged["results"]
+                    if r["method"] == "fedavg")
+    assert fedavg == [(0, 0.5), (1, 0.81), (2, 0.82), (3, 0.83)]  # the later seed 0 wins
+    assert merged["command"] == ["python bench/accuracy.py --quick",
+                                 "python bench/accuracy.py --first-seed 3 --seeds 1"]
+    assert (merged["total_s"], merged["jobs"]) == (700.0, 2)
+    assert merged["left"] == [] and merged["notes"] == []
+    assert [s.get("kind", "simulation") for s in merged["simulation"]] == ["simulation",
+                                                                           "deployed"]
+    body = acc.readme_body(merged)
+    assert body.startswith("`python bench/accuracy.py --quick` and `python bench/accuracy.py "
+                           "--first-seed 3 --seeds 1`: 13 runs (0 failed), 11.7 min")
+    assert "| FedAvg | 0.740 ± 0.139 (4) |" in body
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(first), encoding="utf-8")
+    b.write_text(json.dumps(second), encoding="utf-8")
+    out = tmp_path / "m.json"
+    assert acc.main(["--from-json", str(a), str(b), "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["results"]) == 13
+
+
+def test_local_epochs_and_first_seed_shape_the_runs() -> None:
+    arms, _ = acc.grid(datasets=["adrenalmnist3d"], splits=["iid"],
+                       methods=["fedavg", "finetune"], seeds=range(1, 3),
+                       rounds={"adrenalmnist3d": 2}, sites=3, local_epochs=1)
+    assert sorted({a.seed for a in arms}) == [1, 2] and {a.local_epochs for a in arms} == {1}
+    cfg = acc.base_config(next(a for a in arms if a.method == "finetune"))
+    assert (cfg.local_epochs, cfg.personalize_epochs, cfg.rounds) == (1, 1, 2)
+    default = acc.base_config(acc.Arm("adrenalmnist3d", "iid", 0, "fedavg", 2, 3))
+    assert default.local_epochs == acc.training_defaults("adrenalmnist3d").local_epochs == 2
+    args = acc.parse_args(["--first-seed", "1", "--seeds", "2", "--local-epochs", "1"])
+    assert (args.first_seed, args.seeds, args.local_epochs) == (1, 2, 1)
+    body = acc.readme_body(_doc() | {"results": [asdict(acc.Result(
+        "adrenalmnist3d", "iid", 1, "fedavg", 2, 3, 1, value=0.8))]})
+    assert "3 sites, 2 rounds × 1 local epochs" in body
