@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ MEMORY_POLL_S = 0.5
 LOW_MEMORY_FRACTION = 0.05  # an actor death below this much free memory counts as OOM
 ACTOR_MARK = "ClientAppActor"  # Ray's process title of a ClientApp worker
 OOM_MARKS = ("OutOfMemoryError", "memory pressure", "OOM")
+# Ray's memory monitor names what each worker it killed held: "actual memory used=0.05GB"
+RAY_KILLED_USED = re.compile(r"actual memory used=([0-9.]+)\s*GB")
 
 
 @dataclass(frozen=True)
@@ -287,11 +290,13 @@ class OutOfMemoryWatch(logging.Handler):
         super().__init__(level=logging.ERROR)
         self.oom: list[str] = []
         self.died: list[str] = []
+        self.killed_mib: list[float] = []  # what Ray measured for each worker it killed
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
         if any(m in text for m in OOM_MARKS):
             self.oom.append(text[:200])
+            self.killed_mib += [float(g) * 1024 for g in RAY_KILLED_USED.findall(text)]
         elif "ActorDiedError" in text or "RayActorError" in text:
             self.died.append(text[:200])
 
@@ -304,16 +309,40 @@ def out_of_memory(watch: OutOfMemoryWatch, memory: MemoryReport) -> bool:
     return bool(watch.oom) or (bool(watch.died) and low)
 
 
-def oom_error(sites: int, memory: MemoryReport, *, cpus_per_site: float) -> SimulationError:
+def oom_error(sites: int, memory: MemoryReport, *, cpus_per_site: float,
+              killed_mib: Sequence[float] = ()) -> SimulationError:
+    """The coded error of a simulation out of memory: the site count and the memory per
+    virtual site (the sampled peak of the ClientApp workers; else what Ray's memory
+    monitor measured for the workers it killed)."""
     per = memory.per_site_mib
-    measured = f"{per:.0f} MiB per running virtual site (peak resident memory of " \
-        f"{memory.actors} Ray worker(s))" if per else "no per-site figure (not measured: " \
-        "remote cluster, or no worker lived long enough)"
+    if per:
+        measured = f"{per:.0f} MiB per running virtual site (peak resident memory of " \
+            f"{memory.actors} Ray worker(s))"
+    elif killed_mib:
+        measured = f"{max(killed_mib):.0f} MiB per running virtual site (what Ray " \
+            f"measured for the {len(killed_mib)} worker(s) it killed)"
+    else:
+        measured = "no per-site figure (not measured: remote cluster, or no worker " \
+            "lived long enough)"
     return SimulationError(
         f"the simulation of {sites} virtual sites ran out of memory: {measured}; lowest "
         f"available memory {memory.min_available_mib:.0f} of {memory.total_mib:.0f} MiB. "
         f"Fix: run fewer sites at once (raise --cpus-per-site above {cpus_per_site:g}), "
         "lower --batch-size or the network's width, or use a larger machine/cluster")
+
+
+def mark_failed(run_dir: Path, error: FedpacsError) -> None:
+    """``run_dir``'s status.json says the run failed, and why. (The ServerApp records a
+    round whose every site failed as a round with the weights unchanged and ends the run
+    "finished"; a run whose workers Ray killed did not train, whatever it wrote.)"""
+    from fedpacs.common.artifacts import write_json
+    from fedpacs.server.rundir import read_status
+
+    status = read_status(run_dir)
+    if status:
+        write_json(run_dir / "status.json", status | {
+            "state": "failed", "error": type(error).__name__, "detail": str(error)[:500],
+            "updated": time.time()})
 
 
 # --------------------------------------------------------------------------- virtual sites
@@ -488,7 +517,10 @@ def simulate(*, cfg: RunConfig, options: SimulationOptions, run_dir: Path,
     wall = time.monotonic() - started
     memory = sampler.report()
     if out_of_memory(watch, memory):
-        raise oom_error(n, memory, cpus_per_site=options.cpus_per_site) from failure
+        error = oom_error(n, memory, cpus_per_site=options.cpus_per_site,
+                          killed_mib=watch.killed_mib)
+        mark_failed(run_dir, error)
+        raise error from failure
     if failure is not None:
         raise failure
     final = run_dir / "final" / "model.pt"

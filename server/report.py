@@ -77,9 +77,12 @@ def write_report(run_dir: Path) -> Path:
 
     cross: dict[str, dict[str, dict[str, float]]] = card.get("cross_site") or {}
     cross_html = ""
-    if cross:
-        models = list(cross)
-        cols = sorted({s for m in cross.values() for s in m})
+    models = list(cross)
+    cols = sorted({s for m in cross.values() for s in m})
+    if cross and not cols:
+        cross_html = (f"<h2>Cross-site validation ({html.escape(key)})</h2>"
+                      "<p>No site answered the cross-site validation.</p>")
+    if cols:
         grid = [[(cross[m].get(s) or {}).get(key) for s in cols] for m in models]
         fig, ax1 = plt.subplots(figsize=(1.6 + 1.3 * len(cols), 1.0 + 0.6 * len(models)))
         ax1.imshow([[v if v is not None else float("nan") for v in row] for row in grid],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import re
 import socket
 import time
 from pathlib import Path
@@ -109,6 +110,35 @@ def test_out_of_memory_names_site_count_and_memory_per_site() -> None:
     died.died.append("ray.exceptions.ActorDiedError")
     assert out_of_memory(died, mem)
     assert not out_of_memory(died, MemoryReport(min_available_mib=9000.0, total_mib=24000.0))
+
+
+def test_a_real_out_of_memory_kill_names_the_site_count_and_memory_per_site(
+        data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray's own memory monitor, told that any use of this machine's memory is over its
+    # limit, kills the ClientApp workers as it would on a machine out of memory
+    monkeypatch.setenv("RAY_memory_usage_threshold", "0.01")
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "50")
+    run_dir = tmp_path / "oom"
+    rc = main(["simulate", "--data", _npz(data_dir), "--run-dir", str(run_dir),
+               "--task", "breastmnist", "--sites", "3", "--rounds", "1",
+               "--local-epochs", "1", "--batch-size", "64", "--no-secagg"])
+    err = capsys.readouterr().err
+    assert rc == ExitCode.SIMULATION, err[-2000:]
+    assert "the simulation of 3 virtual sites ran out of memory" in err
+    assert re.search(r": \d+ MiB per running virtual site \((peak resident memory|what Ray "
+                     r"measured)", err), err[-2000:]
+    assert "Fix: run fewer sites at once" in err
+    # the run directory does not pass for a finished run
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["error"]) == ("failed", "SimulationError")
+    assert "ran out of memory" in status["detail"]
+    # (its report says no site answered the cross-site validation, and draws no matrix)
+    report = (run_dir / "report" / "index.html").read_text()
+    assert "No site answered the cross-site validation." in report
+    assert not (run_dir / "report" / "cross_site.png").exists()
+    assert _ray_descendants() == []
+    gc.collect()
 
 
 def _ray_descendants() -> list[str]:
