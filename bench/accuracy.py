@@ -335,7 +335,7 @@ def run_arm(arm: Arm, data_dir: str, work: str) -> Result:
             g = gain.get(f"val-{key}")  # (None: NaN, a site whose validation split has
             res.personal_gain = float(g) if is_finite_number(g) else math.nan  # one class)
         res.diverged = not is_finite_number((rows[-1].get("heldout") or {}).get("loss"))
-        if not math.isfinite(res.value):
+        if not math.isfinite(res.value) and not res.diverged:  # (diverged: its own count)
             res.error = f"held-out {key} after the last round is {res.value}"
     except (FedpacsError, RuntimeError, ValueError, OSError, KeyError, TypeError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"[:600]
@@ -445,6 +445,15 @@ class Cell:
         spread = f" ± {self.std:.3f}" if self.n > 1 else ""
         more = f" [{self.diverged} diverged]" if self.diverged else ""
         return f"{self.mean:.3f}{spread} ({self.n}){more}"
+
+
+def load_result(record: dict[str, Any]) -> Result:
+    """A Result from its JSON record. A diverged run is its own count, not a failure
+    (records written before that was so carry the metric's NaN as an error)."""
+    r = Result(**record)
+    if r.diverged and r.error.startswith("held-out "):
+        r.error = ""
+    return r
 
 
 def summarize(results: Sequence[Result]) -> dict[tuple[str, str, str], Cell]:
@@ -664,7 +673,7 @@ def merge_docs(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             sims[(sim.get("kind", "simulation"), sim["dataset"])] = sim
         c = doc["command"]
         commands += c if isinstance(c, list) else [c]
-    out["results"] = [asdict(r) for r in sorted((Result(**r) for r in results.values()),
+    out["results"] = [asdict(r) for r in sorted((load_result(r) for r in results.values()),
                                                 key=order_key)]
     out["simulation"] = list(sims.values())
     out["command"] = commands
@@ -681,7 +690,7 @@ def merge_docs(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def readme_body(doc: dict[str, Any]) -> str:
-    results = [Result(**r) for r in doc["results"]]
+    results = [load_result(r) for r in doc["results"]]
     skipped = {tuple(k.split("|")): v for k, v in doc["skipped"].items()}
     cells = summarize(results)
     methods = doc["methods"]

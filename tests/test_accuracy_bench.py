@@ -245,3 +245,15 @@ def test_local_epochs_and_first_seed_shape_the_runs() -> None:
     body = acc.readme_body(_doc() | {"results": [asdict(acc.Result(
         "adrenalmnist3d", "iid", 1, "fedavg", 2, 3, 1, value=0.8))]})
     assert "3 sites, 2 rounds × 1 local epochs" in body
+
+
+def test_a_diverged_run_is_counted_as_diverged_not_failed() -> None:
+    old = asdict(_result("pneumoniamnist", "iid", "dp-eps10", 0, math.nan, diverged=True,
+                         error="held-out auc after the last round is nan"))
+    assert acc.load_result(old).error == ""
+    crashed = asdict(_result("pneumoniamnist", "iid", "fedavg", 0, math.nan,
+                             error="RuntimeError: boom"))
+    assert acc.load_result(crashed).error == "RuntimeError: boom"
+    cells = acc.summarize([acc.load_result(old), acc.load_result(crashed)])
+    assert cells[("pneumoniamnist", "iid", "dp-eps10")].text() == "diverged (1)"
+    assert cells[("pneumoniamnist", "iid", "fedavg")].text() == "failed"
