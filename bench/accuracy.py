@@ -223,6 +223,9 @@ class Result:
     local_spread: dict[str, float] = field(default_factory=dict)  # local: over sites
     personal_gain: float = math.nan  # finetune: site validation metric after - before
     diverged: bool = False  # the held-out loss after the last round is not finite
+    # site-rounds that added nothing to the global model: dropped under SecAgg+ (a site
+    # whose update SecAgg+ cannot carry refuses to send it), no reply, or rejected
+    lost: int = 0
     round_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
     error: str = ""
@@ -277,6 +280,12 @@ def heldout_value(record: dict[str, Any], key: str) -> float:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
 
 
+def site_rounds_lost(rows: Sequence[dict[str, Any]]) -> int:
+    """Site-rounds of a run's metrics.json rounds that added nothing to the global model."""
+    return sum(int((r.get("secagg") or {}).get("sites_dropped", 0)) + int(r.get("dropped", 0))
+               + len(r.get("rejected") or {}) for r in rows)
+
+
 def is_finite_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -328,6 +337,7 @@ def run_arm(arm: Arm, data_dir: str, work: str) -> Result:
         res.accuracy = heldout_value(rows[-1], "accuracy")
         res.weights_sha256 = [str(r.get("weights_sha256", "")) for r in rows]
         res.round_s = round_seconds(rows)
+        res.lost = site_rounds_lost(rows)
         if arm.method == "local":
             res.local_spread = rows[-1].get("heldout_spread", {}).get(key, {})
         if arm.method == "finetune":
@@ -438,13 +448,15 @@ class Cell:
     wall_s: float
     failed: int = 0
     diverged: int = 0  # of the seeds (not in the mean: see Result.diverged)
+    lost: int = 0  # site-rounds that added nothing, over the seeds (Result.lost)
 
     def text(self) -> str:
         if self.n == 0:
             return f"diverged ({self.diverged})" if self.diverged else "failed"
         spread = f" ± {self.std:.3f}" if self.n > 1 else ""
         more = f" [{self.diverged} diverged]" if self.diverged else ""
-        return f"{self.mean:.3f}{spread} ({self.n}){more}"
+        lost = f" [{self.lost} site-rounds lost]" if self.lost else ""
+        return f"{self.mean:.3f}{spread} ({self.n}){more}{lost}"
 
 
 def load_result(record: dict[str, Any]) -> Result:
@@ -467,7 +479,7 @@ def summarize(results: Sequence[Result]) -> dict[tuple[str, str, str], Cell]:
         out[k] = Cell(statistics.mean(ok) if ok else math.nan,
                       statistics.pstdev(ok) if len(ok) > 1 else 0.0, len(ok),
                       statistics.mean(r.wall_s for r in rs), len(rs) - len(ok) - diverged,
-                      diverged)
+                      diverged, sum(r.lost for r in rs if not r.error))
     return out
 
 
