@@ -267,4 +267,4 @@ def test_site_rounds_that_added_nothing_are_counted_and_shown() -> None:
     cells = acc.summarize([_result("breastmnist", "dir0.5", "secagg", s, 0.8, lost=s)
                            for s in range(3)])
     assert cells[("breastmnist", "dir0.5", "secagg")].text() == \
-        "0.800 (3) [3 site-rounds lost]"
+        "0.800 ± 0.000 (3) [3 site-rounds lost]"
