@@ -112,6 +112,21 @@ def dp_method(eps: float) -> str:
     return f"dp-eps{eps:g}"
 
 
+def secagg_method(clip: float) -> str:
+    """FedAvg under SecAgg+ with ``--secagg-clip`` ``clip`` (``secagg``: the run's default)."""
+    return f"secagg-clip{clip:g}"
+
+
+def is_variant(method: str) -> bool:
+    """A method run only when asked by name (--methods): SecAgg+ at another clip."""
+    if not method.startswith("secagg-clip"):
+        return False
+    try:
+        return float(method.removeprefix("secagg-clip")) > 0
+    except ValueError:
+        return False
+
+
 def all_methods(epsilons: Sequence[float] = DP_EPSILONS) -> list[str]:
     return [*BASELINES, "fedavg", "fedprox", "fedbn", "finetune", "secagg",
             *(dp_method(e) for e in epsilons)]
@@ -123,6 +138,8 @@ def method_label(method: str) -> str:
              "finetune": "FedAvg + local fine-tuning", "secagg": "FedAvg under SecAgg+"}
     if method.startswith("dp-eps"):
         return f"FedAvg + local DP ε={method.removeprefix('dp-eps')}"
+    if is_variant(method):
+        return f"FedAvg under SecAgg+, clip {method.removeprefix('secagg-clip')}"
     return fixed.get(method, method)
 
 
@@ -257,6 +274,8 @@ def base_config(arm: Arm) -> Any:
         cfg = replace(cfg, personalize="finetune", personalize_epochs=epochs)
     elif m == "secagg":
         cfg = replace(cfg, secagg=True)
+    elif is_variant(m):
+        cfg = replace(cfg, secagg=True, secagg_clip=float(m.removeprefix("secagg-clip")))
     elif m.startswith("dp-eps"):
         cfg = replace(cfg, dp_clip=DP_CLIP, dp_epsilon=float(m.removeprefix("dp-eps")),
                       dp_delta=DP_DELTA)
@@ -645,7 +664,7 @@ def grid_gaps(results: Sequence[Result], skipped: dict[tuple[str, ...], str],
     gaps = []
     for d, ds in DATASETS.items():
         for s in SPLITS:
-            cells = [m for m in methods if (d, s, m) not in skipped
+            cells = [m for m in methods if (d, s, m) not in skipped and not is_variant(m)
                      and not not_applicable(d, s, m)]
             if not cells or (s == "source" and not ds.has_source):
                 continue
@@ -691,10 +710,9 @@ def merge_docs(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["command"] = commands
     out["total_s"] = sum(float(d["total_s"]) for d in docs)
     out["jobs"] = max(int(d["jobs"]) for d in docs)
-    out["methods"] = [m for m in all_methods([float(m.removeprefix("dp-eps")) for d in docs
-                                               for m in d["methods"]
-                                               if m.startswith("dp-eps")])]
-    out["methods"] = sorted(set(out["methods"]), key=out["methods"].index)
+    out["methods"] = with_variants(
+        all_methods([float(m.removeprefix("dp-eps")) for d in docs for m in d["methods"]
+                     if m.startswith("dp-eps")]), [m for d in docs for m in d["methods"]])
     out["skipped"] = {k: v for d in docs for k, v in d["skipped"].items()}
     out["dp_notes"] = list(dict.fromkeys(n for d in docs for n in d.get("dp_notes", [])))
     out["left"], out["notes"] = [], []
@@ -826,8 +844,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     errs += [f"--splits: {s!r} is not one of {', '.join(SPLITS)}"
              for s in args.split_list if s not in SPLITS]
     known = all_methods(args.epsilons)
-    errs += [f"--methods: {m!r} is not one of {', '.join(known)}"
-             for m in args.method_list if m not in known]
+    errs += [f"--methods: {m!r} is not one of {', '.join(known)} or secagg-clipN"
+             for m in args.method_list if m not in known and not is_variant(m)]
     if args.seeds < 1 or args.rounds < 1 or args.sites < 1 or args.jobs < 1:
         errs.append("--seeds, --rounds, --sites, --jobs: expected >= 1")
     if args.first_seed < 0 or args.local_epochs < 0:
@@ -909,7 +927,8 @@ def main(argv: list[str] | None = None) -> int:
     total = time.monotonic() - t0
     datasets = list(dict.fromkeys(a.dataset for a in arms))
     doc = {"command": command_line(), "machine": m, "machine_line": short_machine(m),
-           "jobs": args.jobs, "total_s": total, "methods": all_methods(args.epsilons),
+           "jobs": args.jobs, "total_s": total,
+           "methods": with_variants(all_methods(args.epsilons), args.method_list),
            "dp_recommended": args.dp_recommended, "dp_clip": DP_CLIP, "dp_delta": DP_DELTA,
            "dp_notes": [dp_noise_note(d, args.epsilons) for d in datasets],
            "proximal_mu": PROXIMAL_MU,
@@ -919,9 +938,18 @@ def main(argv: list[str] | None = None) -> int:
     return report(doc, args)
 
 
+def with_variants(methods: Sequence[str], asked: Sequence[str]) -> list[str]:
+    """``methods`` and, after its SecAgg+ row, the variants among ``asked`` (once each)."""
+    extra = list(dict.fromkeys(m for m in asked if is_variant(m)))
+    out = list(dict.fromkeys(methods))
+    at = out.index("secagg") + 1 if "secagg" in out else len(out)
+    return out[:at] + [m for m in extra if m not in out] + out[at:]
+
+
 def order_key(r: Result) -> tuple[int, int, int, int]:
+    order = with_variants(all_methods(), [r.method])
     return (list(DATASETS).index(r.dataset), list(SPLITS).index(r.split),
-            all_methods().index(r.method) if r.method in all_methods() else 99, r.seed)
+            order.index(r.method) if r.method in order else 99, r.seed)
 
 
 def prepare_all(arms: Sequence[Arm], data_dir: Path, work: Path

@@ -268,3 +268,28 @@ def test_site_rounds_that_added_nothing_are_counted_and_shown() -> None:
                            for s in range(3)])
     assert cells[("breastmnist", "dir0.5", "secagg")].text() == \
         "0.800 ± 0.000 (3) [3 site-rounds lost]"
+
+
+def test_secagg_at_another_clip_is_a_named_variant() -> None:
+    cfg = acc.base_config(acc.Arm("pneumoniamnist", "dir0.1", 0, "secagg-clip32", 3, 3))
+    assert cfg.secagg and cfg.secagg_clip == 32.0 and cfg.validate() == []
+    assert acc.base_config(acc.Arm("pneumoniamnist", "iid", 0, "secagg", 3, 3)).secagg_clip == \
+        acc.base_config(acc.Arm("pneumoniamnist", "iid", 0, "fedavg", 3, 3)).secagg_clip
+    assert acc.method_label("secagg-clip32") == "FedAvg under SecAgg+, clip 32"
+    assert not acc.is_variant("secagg-clipx") and not acc.is_variant("secagg")
+    methods = acc.with_variants(acc.all_methods(), ["fedavg", "secagg-clip32"])
+    assert methods[methods.index("secagg") + 1] == "secagg-clip32"
+    args = acc.parse_args(["--methods", "secagg,secagg-clip32"])
+    assert args.method_list == ["secagg", "secagg-clip32"]
+    with pytest.raises(SystemExit):
+        acc.parse_args(["--methods", "secagg-clipbig"])
+    # shown in the table after SecAgg+; not a gap of the grid when absent
+    doc = _doc()
+    doc["methods"] = methods
+    doc["results"] = [*doc["results"], asdict(_result("breastmnist", "iid", "secagg-clip32",
+                                                      0, 0.81))]  # type: ignore[list-item]
+    body = acc.readme_body(doc)
+    assert "| FedAvg under SecAgg+, clip 32 | 0.810 (1) |" in body
+    gaps = acc.grid_gaps([_result("breastmnist", "iid", "fedavg", 0, 0.8)], {}, methods)
+    assert any("BreastMNIST IID: not run: centralized" in g for g in gaps)
+    assert not any("clip 32" in g for g in gaps)
