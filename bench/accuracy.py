@@ -761,7 +761,8 @@ def readme_body(doc: dict[str, Any]) -> str:
         out.append(f"| {v.target} | {v.scope} | **{v.status}** | {v.detail} |")
     out += ["", "Diverged: a run whose held-out loss after the last round is not finite "
             "(the network's outputs are NaN); it is left out of the mean, whatever metric "
-            "was recorded for it (the AUC recorded for NaN scores reads 1.000)."]
+            "was recorded for it (`common/metrics.auc` gives NaN for NaN scores; records of "
+            "earlier runs, which read AUC 1.000 for them, are read as diverged too)."]
     out += ["", "FedBN and fine-tuning: the held-out figure is the server's global model "
             "(under FedBN with its normalisation layers averaged, which no site uses); a "
             "site's own model is measured on its validation split only (fine-tuning: `site "

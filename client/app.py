@@ -253,7 +253,8 @@ def train_work(site: SiteConfig, content: RecordDict, state: RecordDict) -> Reco
     from fedpacs.client.trainer import train_round
 
     if LEGACY_FIT_ARRAYS in content.array_records:
-        reply = train_round(site, from_fitins(content), state)
+        # (the batch counters grow each round and would leave SecAgg+'s clip range)
+        reply = train_round(site, from_fitins(content), state, counters=False)
         return to_fitres(reply, content)
     return train_round(site, content, state)
 

@@ -159,10 +159,13 @@ def site_timing() -> dict[str, float]:
     return {k: float(phases.get(k, 0.0)) for k in TIMING_KEYS}
 
 
-def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> RecordDict:
+def train_round(site: SiteConfig, content: RecordDict, state: RecordDict, *,
+                counters: bool = True) -> RecordDict:
     """Load the global model from ``content``, train locally, reply with the new weights.
     With ``evaluate-first`` the incoming model is evaluated before training and its
-    metrics ride in the reply (``val-*``, weighted by ``val-num-examples``)."""
+    metrics ride in the reply (``val-*``, weighted by ``val-num-examples``).
+    ``counters=False`` (SecAgg+): BatchNorm's batch counters are sent as 0
+    (:func:`fedpacs.common.wire.model_to_arrays`)."""
     r = open_round(site, content, state, training=True)
     ins, task, device, data, model = r.ins, r.task, r.device, r.data, r.model
     evaluated = fold_evaluation(evaluation(site, r)) if ins.evaluate_first else {}
@@ -186,7 +189,7 @@ def train_round(site: SiteConfig, content: RecordDict, state: RecordDict) -> Rec
              f", GPU peak {res.gpu_peak_mb:.0f} MiB" if device.type == "cuda" else "")
     metrics = MetricRecord({wire.NUM_EXAMPLES: res.num_examples, "train-loss": res.loss,
                             "train-seconds": res.seconds, **evaluated, **site_timing()})
-    return RecordDict({wire.ARRAYS_KEY: wire.model_to_arrays(model),
+    return RecordDict({wire.ARRAYS_KEY: wire.model_to_arrays(model, counters=counters),
                        wire.METRICS_KEY: metrics,
                        wire.SITE_KEY: ConfigRecord({
                            "name": site.name,

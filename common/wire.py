@@ -69,9 +69,18 @@ def is_packed(arrays: ArrayRecord) -> bool:
     return list(arrays.keys()) == [PACKED_KEY]
 
 
-def model_to_arrays(model: nn.Module) -> ArrayRecord:
-    """The model's full state (parameters and buffers), packed, as an ArrayRecord."""
-    return ArrayRecord({PACKED_KEY: Array(pack(model.state_dict()))})
+def model_to_arrays(model: nn.Module, *, counters: bool = True) -> ArrayRecord:
+    """The model's full state (parameters and buffers), packed, as an ArrayRecord.
+
+    ``counters=False`` sends the integer buffers (BatchNorm's ``num_batches_tracked``) as
+    0: they count training batches, so they grow every round (84 after 3 PneumoniaMNIST
+    rounds) and soon leave any SecAgg+ clip range; they are no weights, and a BatchNorm
+    with a momentum (every network here) never reads them."""
+    state = model.state_dict()
+    if not counters:
+        state = {k: v if v.is_floating_point() else torch.zeros_like(v)
+                 for k, v in state.items()}
+    return ArrayRecord({PACKED_KEY: Array(pack(state))})
 
 
 def arrays_to_numpy(arrays: ArrayRecord, reference: State | None = None

@@ -126,6 +126,11 @@ def test_server_sees_only_masked_vectors_and_the_aggregate_is_fedavg(
     # ... and it is the mean, not any one site's model
     for weights, _ in local.values():
         assert _max_diff(final, weights) > 1e-2
+    # BatchNorm's batch counters (they grow each round, and soon would not fit the clip
+    # range) travel as 0 under SecAgg+; each site's own model counted its batches
+    counters = [k for k, v in final.items() if not v.is_floating_point()]
+    assert counters and all(int(final[k]) == 0 for k in counters)
+    assert all(float(weights[k]) > 0 for weights, _ in local.values() for k in counters)
 
     replies = _train_replies(grid)
     assert len(replies) == 3 * 4  # 4 SecAgg+ stages, 3 sites
@@ -408,7 +413,9 @@ class RogueServer:
 
 
 def _flat(weights: dict[str, np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(v, np.float64).ravel() for v in weights.values()])
+    """A site's model as its SecAgg+ reply carries it: one vector, the batch counters 0."""
+    return np.concatenate([np.asarray(0 * v if k.endswith("num_batches_tracked") else v,
+                                      np.float64).ravel() for k, v in weights.items()])
 
 
 def _secrets(grid: LoopbackGrid, victim: int) -> set[bytes]:

@@ -161,3 +161,26 @@ def test_a_nan_inside_the_packed_vector_names_its_key(bad_value: float) -> None:
     with pytest.raises(UpdateError) as exc:
         wire.from_numpy_list(model, [flat])
     assert [e.field for e in exc.value.errors] == [f"arrays[{key!r}]"]
+
+
+def test_batch_counters_can_travel_as_zero_so_that_secagg_can_carry_an_update() -> None:
+    from fedpacs.client.secure import check_maskable
+
+    model = build_model(get_task("pneumoniamnist"))
+    with torch.no_grad():  # after 3 rounds of PneumoniaMNIST (measured: 84 batches)
+        for v in model.state_dict().values():
+            if not v.is_floating_point():
+                v.fill_(84)
+    state = model.state_dict()
+    sent = wire.unpack(wire.model_to_arrays(model, counters=False)[wire.PACKED_KEY].numpy(),
+                       state)
+    for k, v in state.items():
+        want = v.numpy() if v.is_floating_point() else np.zeros(tuple(v.shape))
+        assert np.array_equal(sent[k], want), k
+    assert int(state["bn1.num_batches_tracked"]) == 84  # (the site's own model keeps them)
+    # a site of 1146 cases under the default clip 8: the counters alone would not fit
+    full = wire.to_numpy_list(wire.model_to_arrays(model))
+    with pytest.raises(UpdateError, match="secagg-clip"):
+        check_maskable(full, 1146, clip=8.0, max_weight=10000.0)
+    check_maskable(wire.to_numpy_list(wire.model_to_arrays(model, counters=False)), 1146,
+                   clip=8.0, max_weight=10000.0)
