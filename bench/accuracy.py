@@ -240,8 +240,8 @@ class Result:
     local_spread: dict[str, float] = field(default_factory=dict)  # local: over sites
     personal_gain: float = math.nan  # finetune: site validation metric after - before
     diverged: bool = False  # the held-out loss after the last round is not finite
-    # site-rounds that added nothing to the global model: dropped under SecAgg+ (a site
-    # whose update SecAgg+ cannot carry refuses to send it), no reply, or rejected
+    # site-rounds that added nothing to the global model: a site dropped under SecAgg+,
+    # failed, sent no reply, or was rejected (sites minus the round's training sites)
     lost: int = 0
     round_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
@@ -299,10 +299,10 @@ def heldout_value(record: dict[str, Any], key: str) -> float:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
 
 
-def site_rounds_lost(rows: Sequence[dict[str, Any]]) -> int:
-    """Site-rounds of a run's metrics.json rounds that added nothing to the global model."""
-    return sum(int((r.get("secagg") or {}).get("sites_dropped", 0)) + int(r.get("dropped", 0))
-               + len(r.get("rejected") or {}) for r in rows)
+def site_rounds_lost(rows: Sequence[dict[str, Any]], sites: int) -> int:
+    """Site-rounds of a run's metrics.json rounds (after round 0) that added nothing to the
+    global model: ``sites`` minus the round's training sites."""
+    return sum(max(0, sites - len(r.get("train_sites") or {})) for r in rows[1:])
 
 
 def is_finite_number(v: object) -> bool:
@@ -356,7 +356,11 @@ def run_arm(arm: Arm, data_dir: str, work: str) -> Result:
         res.accuracy = heldout_value(rows[-1], "accuracy")
         res.weights_sha256 = [str(r.get("weights_sha256", "")) for r in rows]
         res.round_s = round_seconds(rows)
-        res.lost = site_rounds_lost(rows)
+        if arm.method not in BASELINES:
+            res.lost = site_rounds_lost(rows, arm.sites)
+            idle = [r["round"] for r in rows[1:] if not r.get("train_sites")]
+            if idle:
+                res.error = f"no site trained in round(s) {idle}: the sites' logs say why"
         if arm.method == "local":
             res.local_spread = rows[-1].get("heldout_spread", {}).get(key, {})
         if arm.method == "finetune":
@@ -364,7 +368,7 @@ def run_arm(arm: Arm, data_dir: str, work: str) -> Result:
             g = gain.get(f"val-{key}")  # (None: NaN, a site whose validation split has
             res.personal_gain = float(g) if is_finite_number(g) else math.nan  # one class)
         res.diverged = not is_finite_number((rows[-1].get("heldout") or {}).get("loss"))
-        if not math.isfinite(res.value) and not res.diverged:  # (diverged: its own count)
+        if not math.isfinite(res.value) and not res.diverged and not res.error:
             res.error = f"held-out {key} after the last round is {res.value}"
     except (FedpacsError, RuntimeError, ValueError, OSError, KeyError, TypeError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"[:600]

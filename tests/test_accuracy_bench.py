@@ -260,10 +260,11 @@ def test_a_diverged_run_is_counted_as_diverged_not_failed() -> None:
 
 
 def test_site_rounds_that_added_nothing_are_counted_and_shown() -> None:
-    rows = [{"round": 0}, {"round": 1, "secagg": {"sites_summed": 3, "sites_dropped": 0}},
-            {"round": 2, "secagg": {"sites_summed": 2, "sites_dropped": 1}},
-            {"round": 3, "dropped": 1, "rejected": {"site-b": "norm"}}]
-    assert acc.site_rounds_lost(rows) == 3
+    three, two = dict.fromkeys(("a", "b", "c"), {}), dict.fromkeys(("a", "c"), {})
+    rows = [{"round": 0}, {"round": 1, "train_sites": three, "secagg": {"sites_summed": 3}},
+            {"round": 2, "train_sites": two, "secagg": {"sites_summed": 2, "sites_dropped": 1}},
+            {"round": 3, "dropped": 1, "train_sites": {"a": {}}}]
+    assert acc.site_rounds_lost(rows, 3) == 3
     cells = acc.summarize([_result("breastmnist", "dir0.5", "secagg", s, 0.8, lost=s)
                            for s in range(3)])
     assert cells[("breastmnist", "dir0.5", "secagg")].text() == \
