@@ -637,7 +637,8 @@ def dataset_table(d: str, cells: dict[tuple[str, str, str], Cell],
                              r.method) == (d, s, m) and math.isfinite(r.personal_gain)]
                     if gains:
                         extra = f"; site val {statistics.mean(gains):+.3f}"
-                row.append(c.text() + extra + (f" [{c.failed} failed]" if c.failed else ""))
+                row.append(c.text() + extra + (f" [{c.failed} failed]" if c.failed and c.n
+                                               else ""))
                 walls.append(c.wall_s)
             elif (d, s, m) in skipped:
                 row.append("n/a")
@@ -711,7 +712,7 @@ def merge_docs(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["results"] = [asdict(r) for r in sorted((load_result(r) for r in results.values()),
                                                 key=order_key)]
     out["simulation"] = list(sims.values())
-    out["command"] = commands
+    out["command"] = list(dict.fromkeys(commands))
     out["total_s"] = sum(float(d["total_s"]) for d in docs)
     out["jobs"] = max(int(d["jobs"]) for d in docs)
     out["methods"] = with_variants(
@@ -730,7 +731,9 @@ def readme_body(doc: dict[str, Any]) -> str:
     methods = doc["methods"]
     eps = float(doc["dp_recommended"])
     commands = doc["command"] if isinstance(doc["command"], list) else [doc["command"]]
-    out = [f"{spoken_list([f'`{c}`' for c in commands])}: {len(results)} runs "
+    said = spoken_list([f"`{c}`" for c in commands]) if len(commands) <= 2 else (
+        f"{len(commands)} commands, merged with `--from-json` (listed below the tables)")
+    out = [f"{said}: {len(results)} runs "
            f"({sum(1 for r in results if r.error)} failed), {doc['total_s'] / 60:.1f} min in "
            f"all on {doc['machine_line']}, {doc['jobs']} runs at a time (each one process, "
            "one torch thread). Federated arms: the real ServerApp and ClientApp over the "
@@ -796,6 +799,8 @@ def readme_body(doc: dict[str, Any]) -> str:
                 f"{sim['sim_wall_s']:.0f} s."]
     for line in doc.get("notes", []):
         out += ["", line]
+    if len(commands) > 2:
+        out += ["", "The commands:", ""] + [f"- `{c}`" for c in commands]
     return "\n".join(out)
 
 
