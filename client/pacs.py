@@ -98,9 +98,10 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",     # RLE
 ]
 PENDING = (0xFF00, 0xFF01)
-# an association closed without an answer within this many seconds is tried once more
-# (a refused or timed-out one is not: that answer stands)
+# an association closed without an answer within this many seconds is tried again, at
+# most QUICK_DROP_TRIES times in all (a refused or timed-out one is not: that answer stands)
 QUICK_DROP_S = 2.0
+QUICK_DROP_TRIES = 3
 # Reason codes of instances and peers a retrieve refuses (with dicom's bad-uid, too-large).
 REJECTED_PEER = "rejected-peer"      # a C-STORE peer that is not the PACS (address, AE title)
 REJECTED_SERIES = "rejected-series"  # an instance not of the series (or SOPs) being retrieved
@@ -875,17 +876,23 @@ class DimseTransport:
         :class:`PacsRefused` when the PACS answered with a refusal."""
         started = time.monotonic()
         assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.called_ae, **kw)
-        if not assoc.is_established and assoc.acceptor.primitive is None \
-                and time.monotonic() - started < QUICK_DROP_S:
+        for attempt in range(1, QUICK_DROP_TRIES):
+            if assoc.is_established or assoc.acceptor.primitive is not None \
+                    or time.monotonic() - started >= QUICK_DROP_S:
+                break
             # closed before any answer, at once (not a timeout): a PACS busy forking, or a
-            # drop on the way; one more try reads its real answer (a rejection names why)
+            # drop on the way; another try reads its real answer (a rejection names why)
             raw = getattr(assoc.dul.socket, "socket", None)  # pynetdicom leaves it open
             if raw is not None:
                 raw.close()
-            time.sleep(QUICK_DROP_S / 4)
+            time.sleep(attempt * QUICK_DROP_S / 4)
+            started = time.monotonic()
             assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.called_ae,
                                  **kw)
         if not assoc.is_established:
+            raw = getattr(assoc.dul.socket, "socket", None)  # (closed: nothing more comes)
+            if raw is not None and assoc.acceptor.primitive is None:
+                raw.close()
             raise self._not_established(assoc)
         try:
             wanted = SERVICES.get(service)
