@@ -112,19 +112,23 @@ def dp_method(eps: float) -> str:
     return f"dp-eps{eps:g}"
 
 
-def secagg_method(clip: float) -> str:
-    """FedAvg under SecAgg+ with ``--secagg-clip`` ``clip`` (``secagg``: the run's default)."""
-    return f"secagg-clip{clip:g}"
+SECAGG_CLIP_PREFIX = "secagg-clip"  # secagg-clipN: FedAvg under SecAgg+ at --secagg-clip N
+
+
+def variant_clip(method: str) -> float | None:
+    """The clip of a SecAgg+ variant (``secagg-clipN``, N > 0), None for any other method."""
+    if not method.startswith(SECAGG_CLIP_PREFIX):
+        return None
+    try:
+        clip = float(method.removeprefix(SECAGG_CLIP_PREFIX))
+    except ValueError:
+        return None
+    return clip if clip > 0 else None
 
 
 def is_variant(method: str) -> bool:
     """A method run only when asked by name (--methods): SecAgg+ at another clip."""
-    if not method.startswith("secagg-clip"):
-        return False
-    try:
-        return float(method.removeprefix("secagg-clip")) > 0
-    except ValueError:
-        return False
+    return variant_clip(method) is not None
 
 
 def all_methods(epsilons: Sequence[float] = DP_EPSILONS) -> list[str]:
@@ -139,7 +143,7 @@ def method_label(method: str) -> str:
     if method.startswith("dp-eps"):
         return f"FedAvg + local DP ε={method.removeprefix('dp-eps')}"
     if is_variant(method):
-        return f"FedAvg under SecAgg+, clip {method.removeprefix('secagg-clip')}"
+        return f"FedAvg under SecAgg+, clip {method.removeprefix(SECAGG_CLIP_PREFIX)}"
     return fixed.get(method, method)
 
 
@@ -274,8 +278,8 @@ def base_config(arm: Arm) -> Any:
         cfg = replace(cfg, personalize="finetune", personalize_epochs=epochs)
     elif m == "secagg":
         cfg = replace(cfg, secagg=True)
-    elif is_variant(m):
-        cfg = replace(cfg, secagg=True, secagg_clip=float(m.removeprefix("secagg-clip")))
+    elif (clip := variant_clip(m)) is not None:
+        cfg = replace(cfg, secagg=True, secagg_clip=clip)
     elif m.startswith("dp-eps"):
         cfg = replace(cfg, dp_clip=DP_CLIP, dp_epsilon=float(m.removeprefix("dp-eps")),
                       dp_delta=DP_DELTA)

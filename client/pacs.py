@@ -847,6 +847,14 @@ REJECT_FIXES = {
 }
 
 
+def close_unanswered(assoc: Association) -> None:
+    """Close the socket of an association that ended without an answer (pynetdicom leaves
+    it open)."""
+    raw = getattr(assoc.dul.socket, "socket", None)
+    if raw is not None:
+        raw.close()
+
+
 class DimseTransport:
     """C-FIND + C-GET or C-MOVE against a PACS with pynetdicom (Study Root model).
 
@@ -882,17 +890,14 @@ class DimseTransport:
                 break
             # closed before any answer, at once (not a timeout): a PACS busy forking, or a
             # drop on the way; another try reads its real answer (a rejection names why)
-            raw = getattr(assoc.dul.socket, "socket", None)  # pynetdicom leaves it open
-            if raw is not None:
-                raw.close()
+            close_unanswered(assoc)
             time.sleep(attempt * QUICK_DROP_S / 4)
             started = time.monotonic()
             assoc = ae.associate(self.cfg.host, self.cfg.port, ae_title=self.cfg.called_ae,
                                  **kw)
         if not assoc.is_established:
-            raw = getattr(assoc.dul.socket, "socket", None)  # (closed: nothing more comes)
-            if raw is not None and assoc.acceptor.primitive is None:
-                raw.close()
+            if assoc.acceptor.primitive is None:
+                close_unanswered(assoc)
             raise self._not_established(assoc)
         try:
             wanted = SERVICES.get(service)

@@ -336,11 +336,11 @@ def mark_failed(run_dir: Path, error: FedpacsError) -> None:
     round whose every site failed as a round with the weights unchanged and ends the run
     "finished"; a run whose workers Ray killed did not train, whatever it wrote.)"""
     from fedpacs.common.artifacts import write_json
-    from fedpacs.server.rundir import read_status
+    from fedpacs.server.rundir import STATUS_FILE, read_status
 
     status = read_status(run_dir)
     if status:
-        write_json(run_dir / "status.json", status | {
+        write_json(run_dir / STATUS_FILE, status | {
             "state": "failed", "error": type(error).__name__, "detail": str(error)[:500],
             "updated": time.time()})
 
