@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import httpx
 import torch
 from flwr.app import (
     ArrayRecord,
@@ -36,6 +37,7 @@ from flwr.app import (
 )
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
+from flwr.supercore.run import RunNotRunningException
 
 from fedpacs.common import wire
 from fedpacs.common.artifacts import write_json
@@ -109,9 +111,30 @@ def install_sigterm_handler() -> bool:
     return True
 
 
+def stopped_by_superlink(exc: BaseException) -> bool:
+    """Whether ``exc`` is the SuperLink saying the run no longer runs, as Flower 1.41's
+    HTTP grid hands it to the ServerApp once an operator stopped the run (``flwr stop``,
+    `fedpacs run stop`): :class:`RunNotRunningException` for an HTTP 403, or the HTTP 401
+    of the task token the stop revoked. (Flower's retry invoker turns the first 401 into a
+    SIGINT, hence SystemExit; a call that meets the 401 after that, in the main thread
+    before the signal's handler ran, raises it as it is.)"""
+    if isinstance(exc, RunNotRunningException):
+        return True
+    return isinstance(exc, httpx.HTTPStatusError) \
+        and exc.response.status_code == httpx.codes.UNAUTHORIZED
+
+
+def is_stop(exc: BaseException) -> bool:
+    """Whether ``exc`` ends a run as interrupted (a signal, an exit, the SuperLink's stop)
+    rather than failed."""
+    return isinstance(exc, KeyboardInterrupt | SystemExit) or stopped_by_superlink(exc)
+
+
 def stop_reason(exc: BaseException) -> str:
-    """Why a run stopped, for status.json: the signal or exit (interrupted), else the
-    exception's type (failed)."""
+    """Why a run stopped, for status.json: the signal, exit or SuperLink's stop
+    (interrupted), else the exception's type (failed)."""
+    if stopped_by_superlink(exc):
+        return f"the SuperLink stopped the run ({type(exc).__name__})"
     if isinstance(exc, Terminated):
         return "SIGTERM"
     if isinstance(exc, KeyboardInterrupt):
@@ -264,8 +287,7 @@ class FederatedRun:
         try:
             return self._run()
         except BaseException as exc:
-            stopped = isinstance(exc, KeyboardInterrupt | SystemExit)
-            self.run_dir.set_status("interrupted" if stopped else "failed",
+            self.run_dir.set_status("interrupted" if is_stop(exc) else "failed",
                                     round_=len(self.run_dir.rounds) - 1, total=cfg.rounds,
                                     error=stop_reason(exc))
             raise

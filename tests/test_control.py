@@ -27,6 +27,7 @@ from fedpacs.server.coordinator.control import (
     Control,
     FlowerRun,
     find_run_dir,
+    mark_state,
     read_run_record,
     resolve_target,
     resume_run,
@@ -210,6 +211,25 @@ def test_a_status_json_is_left_alone_while_it_is_right(tmp_path: Path, pki: Pki)
     fake.statuses[run_id] = FlowerRun(run_id, "finished:stopped")
     st = run_status(control=fake, run_id=run_id, run_dir=run_dir)  # type: ignore[arg-type]
     assert (st.state, st.reconciled) == ("running", False)
+
+
+def test_a_failed_status_json_of_a_run_flower_says_was_stopped_reads_interrupted(
+        tmp_path: Path, pki: Pki) -> None:
+    """The operator's stop reached the ServerApp as an error it wrote as failed: Flower's
+    word (stopped) settles it as interrupted, keeping what the ServerApp said; a failure
+    Flower also calls a failure stays as it is."""
+    fake = FakeControl(tmp_path)
+    run_id, run_dir = _started(tmp_path, pki, fake)
+    mark_state(run_dir, "failed", "ReadError", rounds=5)
+    fake.statuses[run_id] = FlowerRun(run_id, "finished:failed")
+    st = run_status(control=fake, run_id=run_id, run_dir=run_dir)  # type: ignore[arg-type]
+    assert (st.state, st.error, st.reconciled) == ("failed", "ReadError", False)
+    fake.statuses[run_id] = FlowerRun(run_id, "finished:stopped")
+    st = run_status(control=fake, run_id=run_id, run_dir=run_dir)  # type: ignore[arg-type]
+    assert (st.state, st.reconciled) == ("interrupted", True)
+    assert "Flower status finished:stopped" in st.error and "last word: ReadError" in st.error
+    assert f"fedpacs run resume {run_dir}" in st.error
+    assert read_status(run_dir)["state"] == "interrupted"
 
 
 def test_a_serverapp_gone_before_it_wrote_a_status_is_settled_too(tmp_path: Path,

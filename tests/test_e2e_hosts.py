@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from fedpacs.common.errors import DeadlineError
 from fedpacs.common.procs import child_env, tool, wait_until
 from fedpacs.common.signing import MANIFEST
 from fedpacs.server.rundir import read_rounds, read_status
@@ -143,6 +144,23 @@ class Deployment:
     def status(self, run_id: int) -> dict[str, Any]:
         res = self.fedpacs("run", "status", str(run_id), *self.control())
         return dict(json.loads(res.stdout[res.stdout.index("{"):]))
+
+    def wait_state(self, run_id: int, states: set[str], timeout_s: float) -> dict[str, Any]:
+        """Until the run's status.json state is one of ``states``; a deadline missed names
+        the last status seen."""
+        seen: dict[str, Any] = {}
+
+        def settled() -> bool:
+            seen.clear()
+            seen.update(self.status(run_id))
+            return seen.get("state") in states
+
+        try:
+            wait_until(f"run {run_id} {' or '.join(sorted(states))}", settled,
+                       timeout_s=timeout_s, interval_s=3.0)
+        except DeadlineError as exc:
+            raise AssertionError(f"{exc}; last status: {seen}") from exc
+        return seen
 
     def wait_finished(self, run_id: int, timeout_s: float) -> dict[str, Any]:
         seen: dict[str, Any] = {}
@@ -395,9 +413,7 @@ def test_serverapp_killed_then_run_resume_continues(fed: Deployment) -> None:
     for pid in serverapps:
         os.kill(pid, signal.SIGKILL)
     # the run's status is not left at "running"
-    wait_until("the killed run reads failed or interrupted",
-               lambda: fed.status(run_id).get("state") in {"failed", "interrupted"},
-               timeout_s=180, interval_s=3.0)
+    fed.wait_state(run_id, {"failed", "interrupted"}, timeout_s=180)
     assert fed.resume(run_dir, rounds) >= 2
 
 
@@ -413,9 +429,7 @@ def test_superlink_killed_and_restarted_on_its_database(fed: Deployment) -> None
     fed.fedpacs("federation", "restart-superlink", "--workdir", str(fed.work))
     fed.wait_online(set(SITES), timeout_s=240)  # the same keys: no re-registration
     assert {n: v.get("node-id") for n, v in fed.nodes().items()} == before
-    wait_until("the run cut off with its SuperLink reads failed or interrupted",
-               lambda: fed.status(run_id).get("state") in {"failed", "interrupted"},
-               timeout_s=240, interval_s=3.0)
+    fed.wait_state(run_id, {"failed", "interrupted"}, timeout_s=240)
     assert fed.resume(run_dir, rounds) >= 1
 
 
@@ -445,9 +459,7 @@ def test_site_daemon_killed_and_restarted_rejoins_without_registration(
                                     "4", "--no-secagg")
     wait_round(run_dir, 1, timeout_s=300)
     fed.fedpacs("run", "stop", str(run_id), *fed.control())
-    wait_until("the stopped run reads interrupted",
-               lambda: fed.status(run_id).get("state") == "interrupted",
-               timeout_s=120, interval_s=2.0)
+    fed.wait_state(run_id, {"interrupted"}, timeout_s=120)
     # a site may still be finishing the stopped run's message; its late reply is refused
     # ("Run is finished"). Flower's SuperNode pushed that reply in the cycle of the resumed
     # run's first message and then held the new reply back until the round timed out: the

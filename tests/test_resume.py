@@ -24,12 +24,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.common.secure_aggregation import quantization
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.supercore.run import RunNotRunningException
 
 from fedpacs.client.app import app as client_app
 from fedpacs.common import wire
@@ -129,6 +131,42 @@ class Seen:
             raise KeyboardInterrupt
         return False
 
+
+
+def _http_error(status: int) -> httpx.HTTPStatusError:
+    """What Flower's HTTP grid raises for a runtime call the SuperLink answered with
+    ``status`` (httpx's raise_for_status)."""
+    request = httpx.Request("POST", "http://127.0.0.1:9091/v1/runtime/pull-messages")
+    return httpx.HTTPStatusError(f"HTTP {status}", request=request,
+                                 response=httpx.Response(status, request=request))
+
+
+@pytest.mark.parametrize(("raised", "state", "error"), [
+    (lambda: RunNotRunningException(), "interrupted",
+     "the SuperLink stopped the run (RunNotRunningException)"),
+    (lambda: _http_error(401), "interrupted",
+     "the SuperLink stopped the run (HTTPStatusError)"),
+    (lambda: _http_error(500), "failed", "HTTPStatusError")],
+    ids=["403-run-not-running", "401-token-revoked", "500"])
+def test_the_superlinks_stop_met_in_a_grid_call_reads_interrupted(
+        tmp_path: Path, data_dir: Path, raised: Any, state: str, error: str) -> None:
+    """`fedpacs run stop` revokes the ServerApp's task token: Flower's HTTP grid raises
+    RunNotRunningException (403) or, once its retry invoker has sent the SIGINT, the 401
+    itself. Met in round 2's exchange, either reads interrupted (resumable from round 1),
+    as the SIGINT does; any other HTTP error is a failure."""
+    cfg = _cfg(tmp_path / "runs", "stopped")
+
+    def stop_at_round_2(nid: int, msg: Message) -> bool:
+        if _plain_round(msg) == 2:
+            raise raised()
+        return False
+
+    with pytest.raises(BaseException) as exc:
+        run_federation(LoopbackGrid(client_app, _sites(tmp_path, data_dir),
+                                    drop=stop_at_round_2), cfg, _context())
+    assert type(exc.value) is type(raised())
+    status = read_status(Path(cfg.run_dir))
+    assert (status["state"], status["error"], status["round"]) == (state, error, 1)
 
 
 def test_a_fedadam_run_stopped_twice_and_resumed_ends_as_the_unstopped_run(

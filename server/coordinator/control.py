@@ -524,13 +524,20 @@ def mark_state(run_dir: Path, state: str, error: str, *, rounds: int | None = No
 
 def settle(run_dir: Path, flower: FlowerRun) -> tuple[str, str] | None:
     """(state, reason) to write when Flower says the run's ServerApp finished but
-    status.json has not settled (running, or never written); None when nothing to do."""
+    status.json has not settled (running, or never written), or says failed where Flower
+    says an operator stopped the run; None when nothing to do."""
     if not flower.finished:
         return None
     st = read_status(run_dir)
+    sub = flower.status.split(":", 1)[-1]
+    if st.get("state") == "failed" and sub == "stopped":
+        # the operator's stop reached the ServerApp as an error it did not know for a stop
+        return "interrupted", (f"stopped (Flower status {flower.status}) at round "
+                               f"{st.get('round', 0)} of {st.get('rounds', '?')}; the "
+                               f"ServerApp's last word: {st.get('error') or 'none'}; resume "
+                               f"with `fedpacs run resume {run_dir}`")
     if st.get("state") in FINAL_STATES:
         return None
-    sub = flower.status.split(":", 1)[-1]
     state = "interrupted" if sub == "stopped" else "failed"
     where = f"at round {st.get('round', 0)} of {st.get('rounds', '?')}" if st \
         else "before it wrote its status"
