@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,7 +54,8 @@ from fedpacs.common.errors import (
     FedpacsError,
     FieldError,
     PolicyError,
-    describe,
+    coded_reason,
+    parse_coded,
 )
 
 if TYPE_CHECKING:
@@ -68,20 +68,16 @@ SECAGG_CONFIG_KEY = RECORD_KEY_CONFIGS  # the config record SecAgg+ messages car
 Work = Callable[["SiteConfig", RecordDict, RecordDict], RecordDict]
 
 
-CODED_REASON = re.compile(r"^FP(\d{3}) [A-Za-z_][A-Za-z0-9_]*: (.*)$")
-
-
 def is_coded(reason: str) -> bool:
     """True for fedpacs' own error reason: a code, a type name and that code's help text."""
-    m = CODED_REASON.match(reason)
-    return m is not None and m.group(2) == describe(int(m.group(1)))
+    return parse_coded(reason) is not None
 
 
 def coded_reply(msg: Message, code: ExitCode, type_name: str) -> Message:
     """An error reply that carries only a code, a type name and that code's help text (no
     file names, no exception message): the one format :func:`is_coded` accepts."""
-    reason = f"FP{int(code):03d} {type_name}: {describe(code)}"
-    return Message(error=Error(code=int(code), reason=reason), reply_to=msg)
+    return Message(error=Error(code=int(code), reason=coded_reason(code, type_name)),
+                   reply_to=msg)
 
 
 def site_error_reply(msg: Message, err: FedpacsError) -> Message:

@@ -8,6 +8,7 @@ received and the fix. Errors that cross the site boundary carry only a code from
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -27,6 +28,7 @@ class ExitCode(IntEnum):
     PACS = 9
     POLICY = 10
     SIMULATION = 11
+    NO_UPDATE = 12
     INTERRUPTED = 130
 
 
@@ -55,6 +57,10 @@ EXIT_CODES: dict[ExitCode, str] = {
     "cluster could not be reached (the message names the address and the fix), or the "
     "virtual sites ran out of memory (the message names the site count, the memory per "
     "virtual site measured and the fix).",
+    ExitCode.NO_UPDATE: "A run ended with the model it started from: no round aggregated any "
+    "site's update (every site refused, failed or was screened out, or no site answered in "
+    "time), so nothing was published; the round records (metrics.json: train_sites, "
+    "rejected) and the sites' logs say why.",
     ExitCode.INTERRUPTED: "Interrupted by the user (Ctrl-C); child processes were stopped.",
 }
 
@@ -65,6 +71,25 @@ def describe(code: int) -> str:
         return EXIT_CODES[ExitCode(code)]
     except ValueError:
         return f"unknown code {code}"
+
+
+# a site's error reply: only this, never a file name or an exception's message
+CODED_REASON = re.compile(r"^FP(\d{3}) ([A-Za-z_][A-Za-z0-9_]*): (.*)$")
+
+
+def coded_reason(code: int, type_name: str) -> str:
+    """The reason of a site's error reply: a code, an exception type name and the code's
+    help text."""
+    return f"FP{int(code):03d} {type_name}: {describe(code)}"
+
+
+def parse_coded(reason: str) -> tuple[int, str] | None:
+    """(code, type name) of a reason :func:`coded_reason` wrote; None for any other text
+    (the help text must be the code's own, so that nothing else rides along)."""
+    m = CODED_REASON.match(reason)
+    if m is None or m.group(3) != describe(int(m.group(1))):
+        return None
+    return int(m.group(1)), m.group(2)
 
 
 def did_you_mean(given: str, choices: tuple[str, ...] | list[str]) -> str:
@@ -172,3 +197,10 @@ class PolicyError(FedpacsError):
         lines = "\n".join(f"  - {e}" for e in self.errors)
         super().__init__(f"{source} refused by this site's policy ({len(self.errors)} "
                          f"problem(s)):\n{lines}")
+
+
+class NoUpdateError(FedpacsError):
+    """No round of a run changed the global model: nothing to publish; names the rounds
+    and what the round records say of the sites."""
+
+    code = ExitCode.NO_UPDATE

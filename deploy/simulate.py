@@ -332,9 +332,9 @@ def oom_error(sites: int, memory: MemoryReport, *, cpus_per_site: float,
 
 
 def mark_failed(run_dir: Path, error: FedpacsError) -> None:
-    """``run_dir``'s status.json says the run failed, and why. (The ServerApp records a
-    round whose every site failed as a round with the weights unchanged and ends the run
-    "finished"; a run whose workers Ray killed did not train, whatever it wrote.)"""
+    """``run_dir``'s status.json says the run failed, and why: a run whose workers Ray
+    killed did not train, whatever it wrote (the ServerApp's own NoUpdateError, when no
+    round changed the model, does not say that memory was the cause; this does)."""
     from fedpacs.common.artifacts import write_json
     from fedpacs.server.rundir import STATUS_FILE, read_status
 

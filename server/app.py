@@ -51,7 +51,14 @@ from fedpacs.common.contract import (
 )
 from fedpacs.common.datasets import load_holdout
 from fedpacs.common.engine import evaluate, evaluate_cases
-from fedpacs.common.errors import ConfigError, DataError, FieldError
+from fedpacs.common.errors import (
+    ConfigError,
+    DataError,
+    FedpacsError,
+    FieldError,
+    NoUpdateError,
+    describe,
+)
 from fedpacs.common.flowertune import quick_object_pulls
 from fedpacs.common.models import build_model, pick_device
 from fedpacs.common.preprocess import preprocessed
@@ -70,8 +77,10 @@ from fedpacs.server.recorder import (
     Timing,
     evaluation_phase,
     metric_dict,
+    site_errors,
     site_name,
     unanswered,
+    unchanged_rounds,
 )
 from fedpacs.server.report import write_report
 from fedpacs.server.resume import RESUME_KEY, Checkpoint, open_checkpoint
@@ -142,6 +151,36 @@ def stop_reason(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"SystemExit({exc.code})"
     return type(exc).__name__
+
+
+DETAIL_CHARS = 2000  # status.json's ``detail``: the head of a coded error's message
+
+
+def no_update_message(rounds: list[dict[str, Any]]) -> str:
+    """Why no round of the run changed the global model, round by round, from what the
+    round records say of the sites (no site data: counts, the sites' error codes, and the
+    server's own screening)."""
+    lines, codes = [], set()
+    for r in rounds[1:]:
+        sec = r.get("secagg") or {}
+        said = [f"{len(r.get('train_sites') or {})} site(s) trained"]
+        if sec:
+            said.append(f"SecAgg+ summed {sec.get('sites_summed', 0)}, dropped "
+                        f"{sec.get('sites_dropped', 0)}")
+        if r.get("dropped"):
+            said.append(f"{r['dropped']} did not answer in time")
+        for label, n in sorted((r.get("site_errors") or {}).items()):
+            said.append(f"{n} answered {label}")
+            if label.startswith("FP"):
+                codes.add(int(label[2:5]))
+        said += [f"{who} screened out: {' '.join(why.split())[:200]}"
+                 for who, why in sorted((r.get("rejected") or {}).items())]
+        lines.append(f"  - round {r['round']}: " + "; ".join(said))
+    lines += [f"  FP{code:03d}: {describe(code)}" for code in sorted(codes)]
+    return (f"no round of the {len(rounds) - 1} changed the global model: nothing was "
+            f"published (no final model, no signature).\n" + "\n".join(lines) +
+            "\nFix: each site's log (its daemon's) names why it refused or failed; a site that "
+            "did not answer was offline or slower than the round timeout (--round-timeout)")
 
 
 class FederatedRun:
@@ -238,6 +277,7 @@ class FederatedRun:
         closed = self.recorder.close(server_round)
         record = closed.record
         record.dropped = unanswered(exchanges)  # (SecAgg+ stages count theirs in secagg)
+        record.site_errors = site_errors(exchanges)
         started = time.monotonic()
         record.weights_sha256 = weights_sha256(self.model.state_dict())
         if server_round == 0:
@@ -289,7 +329,8 @@ class FederatedRun:
         except BaseException as exc:
             self.run_dir.set_status("interrupted" if is_stop(exc) else "failed",
                                     round_=len(self.run_dir.rounds) - 1, total=cfg.rounds,
-                                    error=stop_reason(exc))
+                                    error=stop_reason(exc), detail=str(exc)[:DETAIL_CHARS]
+                                    if isinstance(exc, FedpacsError) else "")
             raise
 
     def _run(self) -> Path:
@@ -313,6 +354,12 @@ class FederatedRun:
                     train_config=instructions.to_record(), evaluate_fn=self.on_round)
             # (the result's arrays stay empty when no round aggregated anything)
             final_arrays = self.current
+        unchanged = unchanged_rounds(self.run_dir.rounds)
+        if cfg.rounds > 0 and unchanged == list(range(1, cfg.rounds + 1)):
+            raise NoUpdateError(no_update_message(self.run_dir.rounds))
+        if unchanged:
+            log.warning("round(s) %s left the global model as it was: no site's update "
+                        "reached the aggregate (metrics.json says why)", unchanged)
         # the last round's model has no next round to bring its evaluation: ask once
         final_eval = federated_evaluation(self.grid, final_arrays, cfg, cfg.rounds)
         if final_eval is not None:
@@ -336,6 +383,7 @@ class FederatedRun:
             if cfg.dp_clip > 0 else "off",
             "exchanges": self.prior_exchanges + [e.to_json() for e in self.grid.exchanges],
             "resumed_from": cfg.resume_from,  # -1: never stopped (else the last resume)
+            "rounds_unchanged": unchanged,  # rounds no site's update reached the aggregate
         })
         self.heldout_cases()
         write_report(self.run_dir.root)

@@ -25,6 +25,8 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedpacs.common.errors import parse_coded
+
 POLL_S = 0.1  # seconds between two pulls of the replies still awaited
 
 
@@ -41,20 +43,35 @@ class Exchange:
     seconds: float
     # monotonic clock when it ended (not written: only the run's own arithmetic uses it)
     ended: float = field(default=0.0, compare=False)
+    # the error replies among ``replies``, each as :func:`error_label` names it
+    errors: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "stage": self.stage, "sent": self.sent,
-                "replies": self.replies, "seconds": round(self.seconds, 4)}
+                "replies": self.replies, "seconds": round(self.seconds, 4)} | (
+            {"errors": list(self.errors)} if self.errors else {})
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Exchange:
         return cls(str(d["kind"]), str(d.get("stage", "")), int(d["sent"]),
-                   int(d["replies"]), float(d["seconds"]))
+                   int(d["replies"]), float(d["seconds"]),
+                   errors=tuple(str(e) for e in d.get("errors") or ()))
 
     @property
     def name(self) -> str:
         """``train``, ``evaluate``, or ``train/<stage>`` under SecAgg+."""
         return f"{self.kind}/{self.stage}" if self.stage else self.kind
+
+
+def error_label(reply: Message) -> str:
+    """An error reply as the run records it: a site's coded reason as its code and type
+    (``FP010 PolicyError``), else the error's code alone (``uncoded error 3``: Flower's
+    own, such as a node that was unavailable, or a reason not in fedpacs' coded form);
+    never the reply's free text."""
+    coded = parse_coded(reply.error.reason or "")
+    if coded is not None:
+        return f"FP{coded[0]:03d} {coded[1]}"
+    return f"uncoded error {int(reply.error.code)}"
 
 
 def secagg_stage(content: RecordDict) -> str:
@@ -131,5 +148,7 @@ class FastGrid(Grid):
         replies.sort(key=lambda m: (m.metadata.src_node_id,
                                     order.get(m.metadata.reply_to_message_id, len(order))))
         self.exchanges.append(Exchange("+".join(kinds), "+".join(stages), len(out),
-                                       len(replies), ended - started, ended))
+                                       len(replies), ended - started, ended, tuple(
+                                           error_label(m) for m in replies
+                                           if m.has_error())))
         return replies

@@ -16,6 +16,7 @@ Each reply's ``t-*`` seconds go to the round's :class:`Timing`, never into an ag
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,6 +149,8 @@ class RoundRecord:
     # round's deadline (a cut link, a crashed SuperNode, a slow site); SecAgg+ counts its
     # own in ``secagg``
     dropped: int = 0
+    # error replies to the round's train messages by code and type (site_errors)
+    site_errors: dict[str, int] = field(default_factory=dict)
     time: float = 0.0
     model_sha256: str = ""
     timing: Timing | None = None
@@ -174,6 +177,8 @@ class RoundRecord:
                              "sites_dropped": self.secagg.sites_dropped}
         if self.dropped:
             out["dropped"] = self.dropped
+        if self.site_errors:
+            out["site_errors"] = self.site_errors
         out["time"] = self.time
         if self.model_sha256:
             out["model_sha256"] = self.model_sha256
@@ -202,6 +207,7 @@ class RoundRecord:
                    heldout=dict(d.get("heldout") or {}), rejected=dict(d.get("rejected") or {}),
                    secagg=SecAggCount(int(sec["sites_summed"]), int(sec["sites_dropped"]))
                    if sec else None, dropped=int(d.get("dropped", 0)),
+                   site_errors={str(k): int(v) for k, v in (d.get("site_errors") or {}).items()},
                    time=float(d.get("time", 0.0)),
                    model_sha256=str(d.get("model_sha256", "")),
                    timing=Timing.from_json(timing) if timing else None,
@@ -212,6 +218,26 @@ class RoundRecord:
     @property
     def participating(self) -> int:
         return len(self.train.sites) if self.train else 0
+
+
+def unchanged_rounds(rounds: Sequence[dict[str, Any]]) -> list[int]:
+    """The rounds (of metrics.json's records, in order) whose global model has the weights
+    of the round before: no site's update reached the aggregate (every site refused,
+    failed, was screened out or did not answer in time, or SecAgg+ refused the sum)."""
+    out = []
+    for before, after in zip(rounds, rounds[1:], strict=False):
+        same = before.get("weights_sha256") and \
+            before.get("weights_sha256") == after.get("weights_sha256")
+        if same:
+            out.append(int(after["round"]))
+    return out
+
+
+def site_errors(exchanges: Sequence[Exchange]) -> dict[str, int]:
+    """The error replies to a round's train messages (every SecAgg+ stage), counted by
+    :func:`fedpacs.server.grid.error_label`: the round's ``site_errors``."""
+    return dict(sorted(Counter(label for e in exchanges if e.kind == "train"
+                               for label in e.errors).items()))
 
 
 def unanswered(exchanges: Sequence[Exchange]) -> int:

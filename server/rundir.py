@@ -65,12 +65,15 @@ class RunDirectory:
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def set_status(self, state: str, *, round_: int, total: int, error: str = "") -> None:
-        """``state``: running, finished, failed (``error``: the exception's type) or
-        interrupted (``error``: the signal or exit that stopped the ServerApp)."""
+    def set_status(self, state: str, *, round_: int, total: int, error: str = "",
+                   detail: str = "") -> None:
+        """``state``: running, finished, failed (``error``: the exception's type; ``detail``:
+        its message, for fedpacs' own coded errors) or interrupted (``error``: the signal
+        or exit that stopped the ServerApp)."""
         write_json(self.root / STATUS_FILE, {
             "state": state, "round": round_, "rounds": total, "error": error,
-            "updated": time.time(), "started": self.started})
+            "updated": time.time(), "started": self.started} | (
+            {"detail": detail} if detail else {}))
 
     def write_run_config(self, flat: dict[str, Any]) -> None:
         """The run's full config as it was started (read back by a resume)."""

@@ -13,11 +13,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from fedpacs.common.errors import ExitCode, coded_reason
 from fedpacs.server.grid import POLL_S, Exchange, FastGrid
 
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -28,8 +29,10 @@ FLOWER_POLL_S = 3.0  # what Flower 1.41's HTTP grid sleeps between two pulls
 class DelayedGrid(Grid):
     """Replies become available ``delays[node]`` seconds after the push (None: never)."""
 
-    def __init__(self, delays: dict[int, float | None]) -> None:
+    def __init__(self, delays: dict[int, float | None],
+                 errors: dict[int, Error] | None = None) -> None:
         self.delays = delays
+        self.errors = errors or {}  # nodes that answer with this error
         self.pending: dict[str, tuple[float, Message]] = {}
         self.pulls = 0
         self.pushed: list[list[Message]] = []
@@ -58,7 +61,9 @@ class DelayedGrid(Grid):
             ids.append(mid)
             delay = self.delays[msg.metadata.dst_node_id]
             if delay is not None:
-                reply = Message(RecordDict({"site": ConfigRecord({"n": i})}), reply_to=msg)
+                error = self.errors.get(msg.metadata.dst_node_id)
+                reply = Message(error=error, reply_to=msg) if error is not None else \
+                    Message(RecordDict({"site": ConfigRecord({"n": i})}), reply_to=msg)
                 self.pending[mid] = (time.monotonic() + delay, reply)
         return ids
 
@@ -114,6 +119,22 @@ def test_deadline_returns_the_replies_so_far() -> None:
     assert [r.metadata.src_node_id for r in replies] == [1]
     assert 0.5 <= took < 0.5 + POLL_S + 0.25
     assert grid.exchanges[-1].replies == 1 and grid.exchanges[-1].sent == 3
+
+
+def test_error_replies_are_logged_by_code_never_by_their_words() -> None:
+    """A site's coded refusal is kept as its code and type; any other error (Flower's own,
+    or a reason a site wrote itself) as its error code alone."""
+    errors = {1: Error(int(ExitCode.POLICY), coded_reason(ExitCode.POLICY, "PolicyError")),
+              2: Error(int(ExitCode.POLICY), "FP010 PolicyError: /data/patient-1234.dcm"),
+              3: Error(3, "node unavailable")}
+    grid = FastGrid(DelayedGrid({1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0}, errors),
+                    default_timeout_s=60)
+    replies = list(grid.send_and_receive(_messages([1, 2, 3, 4]), timeout=10))
+    assert len(replies) == 4
+    [ex] = grid.exchanges
+    assert ex.errors == ("FP010 PolicyError", "uncoded error 10", "uncoded error 3")
+    assert Exchange.from_json(ex.to_json()).errors == ex.errors
+    assert "patient" not in str(ex.to_json())
 
 
 def test_no_timeout_waits_the_default_deadline_not_forever() -> None:

@@ -11,7 +11,14 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedpacs.common.contract import TIMING_KEYS, fold_evaluation, split_metrics
 from fedpacs.server.grid import Exchange
-from fedpacs.server.recorder import Phase, RoundRecord, RoundRecorder, Timing, unanswered
+from fedpacs.server.recorder import (
+    Phase,
+    RoundRecord,
+    RoundRecorder,
+    Timing,
+    unanswered,
+    unchanged_rounds,
+)
 
 
 def _reply(name: str, n: int, loss: float, **extra: float) -> RecordDict:
@@ -155,3 +162,13 @@ def test_a_plain_round_counts_the_sites_that_did_not_answer() -> None:
     record = RoundRecord(round=2, dropped=1)
     assert RoundRecord.from_json(record.to_json()).dropped == 1
     assert "dropped" not in RoundRecord(round=3).to_json()
+
+
+def test_a_round_whose_weights_are_those_of_the_round_before_is_unchanged() -> None:
+    rounds = [{"round": 0, "weights_sha256": "a"}, {"round": 1, "weights_sha256": "b"},
+              {"round": 2, "weights_sha256": "b"}, {"round": 3, "weights_sha256": "c"},
+              {"round": 4, "weights_sha256": "c"}]
+    assert unchanged_rounds(rounds) == [2, 4]
+    assert unchanged_rounds(rounds[:2]) == [] and unchanged_rounds([]) == []
+    # a record without the hash (written before it existed) says nothing either way
+    assert unchanged_rounds([{"round": 0}, {"round": 1}]) == []

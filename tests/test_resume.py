@@ -38,12 +38,13 @@ from fedpacs.common import wire
 from fedpacs.common.artifacts import atomic_write, is_temp_of, load_model, write_json
 from fedpacs.common.config import RunConfig, load_run_config
 from fedpacs.common.contract import LEGACY_FIT_CONFIG
-from fedpacs.common.errors import ConfigError, DataError, ExitCode
+from fedpacs.common.errors import ConfigError, DataError, ExitCode, NoUpdateError
 from fedpacs.common.hashing import sha256_file
 from fedpacs.common.models import build_model
 from fedpacs.server.app import FederatedRun, install_sigterm_handler, run_federation
 from fedpacs.server.app import main as serverapp_main
 from fedpacs.server.recorder import RoundRecord
+from fedpacs.server.report import write_report
 from fedpacs.server.resume import Resume, load_resume, mark_resume, open_checkpoint
 from fedpacs.server.rundir import (
     RUNS_DIR_ENV,
@@ -167,6 +168,55 @@ def test_the_superlinks_stop_met_in_a_grid_call_reads_interrupted(
     assert type(exc.value) is type(raised())
     status = read_status(Path(cfg.run_dir))
     assert (status["state"], status["error"], status["round"]) == (state, error, 1)
+
+
+def test_a_run_in_which_no_round_changed_the_model_fails_and_publishes_nothing(
+        tmp_path: Path, data_dir: Path) -> None:
+    """Every site's own policy requires SecAgg+ and the run is plain: each refuses every
+    round. The run ends failed (NoUpdateError, exit code 12), naming each round and what
+    its record says; no final model is written, so nothing can be signed or pulled."""
+    sites = breastmnist_sites(tmp_path, data_dir, num_partitions=12)  # SecAgg+ required
+    cfg = _cfg(tmp_path / "runs", "refused", rounds=2, strategy="fedavg")
+    with pytest.raises(NoUpdateError) as exc:
+        run_federation(LoopbackGrid(client_app, sites), cfg, _context())
+    assert exc.value.code == ExitCode.NO_UPDATE
+    said = str(exc.value)
+    assert "no round of the 2 changed the global model" in said
+    for n in (1, 2):  # each site's refusal by its code, never its words
+        assert f"round {n}: 0 site(s) trained; 3 answered FP010 PolicyError" in said
+    assert "FP010: A site refused what the coordinator asked" in said
+    assert "require_secagg" not in said
+    assert _records(Path(cfg.run_dir))[1]["site_errors"] == {"FP010 PolicyError": 3}
+    run_dir = Path(cfg.run_dir)
+    status = read_status(run_dir)
+    assert (status["state"], status["error"], status["round"]) == ("failed", "NoUpdateError", 2)
+    assert status["detail"] == said
+    assert not (run_dir / "final").exists()
+
+
+def test_a_round_no_site_answered_is_named_in_the_model_card(tmp_path: Path,
+                                                              data_dir: Path) -> None:
+    """No site answers round 2 in time: the run goes on and finishes, and the model card
+    names round 2 as the one that left the global model as it was."""
+    def mute_round_2(nid: int, msg: Message) -> bool:
+        return msg.metadata.message_type == "train" and _plain_round(msg) == 2
+
+    cfg = _cfg(tmp_path / "runs", "mute", strategy="fedavg", round_timeout_s=3.0)
+    run_federation(LoopbackGrid(client_app, _sites(tmp_path, data_dir), drop=mute_round_2),
+                   cfg, _context())
+    run_dir = Path(cfg.run_dir)
+    assert read_status(run_dir)["state"] == "finished"
+    card = json.loads((run_dir / "final" / "model_card.json").read_text())
+    assert card["rounds_unchanged"] == [2]
+    hashes = [r["weights_sha256"] for r in _records(run_dir)]
+    assert hashes[2] == hashes[1] and len(set(hashes)) == 3
+    # had no site answered its cross-site validation, the report says so and draws nothing
+    card["cross_site"] = {"global": {}}
+    write_json(run_dir / "final" / "model_card.json", card)
+    write_report(run_dir)
+    assert "No site answered the cross-site validation." in \
+        (run_dir / "report" / "index.html").read_text()
+    assert not (run_dir / "report" / "cross_site.png").exists()
 
 
 def test_a_fedadam_run_stopped_twice_and_resumed_ends_as_the_unstopped_run(

@@ -20,7 +20,7 @@ from fedpacs.common import wire
 from fedpacs.common.artifacts import load_model
 from fedpacs.common.config import RunConfig
 from fedpacs.common.contract import RoundInstructions
-from fedpacs.common.errors import AuthError, ConfigError, ExitCode
+from fedpacs.common.errors import AuthError, ConfigError, ExitCode, NoUpdateError
 from fedpacs.common.models import build_model
 from fedpacs.common.signing import sign_app, verify_fab
 from fedpacs.common.tasks import TASK_PRESETS, validate_task_dict
@@ -256,7 +256,11 @@ def test_a_site_claiming_1e12_examples_does_not_steer_the_model(
     cfg = RunConfig(task=TASK, rounds=1, local_epochs=1, batch_size=64, min_sites=3,
                     secagg=secagg, cross_site=False, run_dir=str(tmp_path / "run"))
     grid = LoopbackGrid(client_app, sites, tamper=_claim_1e12(1))  # type: ignore[arg-type]
-    run_federation(grid, cfg, Context(1, 0, {}, RecordDict(), {}))
+    if secagg:  # the run's one round changed nothing: the run fails, publishing nothing
+        with pytest.raises(NoUpdateError, match="site-0 screened out: model update rejected"):
+            run_federation(grid, cfg, Context(1, 0, {}, RecordDict(), {}))
+    else:
+        run_federation(grid, cfg, Context(1, 0, {}, RecordDict(), {}))
     r = _rounds(tmp_path / "run")[1]
     rejected = r["rejected"]
     assert isinstance(rejected, dict) and "num-examples" in str(rejected["site-0"])

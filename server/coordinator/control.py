@@ -502,6 +502,7 @@ class RunStatus:
     error: str = ""
     latest: dict[str, Any] | None = None
     reconciled: bool = False
+    detail: str = ""  # a coded error's message (status.json's ``detail``), when there is one
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -570,7 +571,8 @@ def status_of(flower: FlowerRun, *, run_id: int, run_dir: Path | None) -> RunSta
     last = {k: rounds[-1].get(k) for k in ("heldout", "train", "evaluate")} if rounds else None
     return RunStatus(run_id, flower.status, flower.details, str(run_dir),
                      str(st.get("state", "")), _int(st.get("round")), _int(st.get("rounds")),
-                     str(st.get("error", "") or ""), last, reconciled)
+                     str(st.get("error", "") or ""), last, reconciled,
+                     str(st.get("detail", "") or ""))
 
 
 def mark_interrupted(run_dir: Path, reason: str) -> bool:
