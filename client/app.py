@@ -20,6 +20,7 @@ stages, which never train, then start in about a second.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -213,15 +214,35 @@ def _secagg(msg: Message, context: Context, call_next: ClientAppCallable) -> Mes
         out = call_next(m, c)
         if out.has_error():
             raise _Refused(out)
+        # the mod quantises the update next, rounding each value up or down at random
+        # (numpy's global generator): drawn from a seed of this update, the same update
+        # rounds the same way, so a SecAgg+ run repeats bit for bit
+        np.random.seed(rounding_seed(out.content))
         return out
 
+    rng = np.random.get_state()
     try:
         reply = secaggplus_mod(msg, context, train_or_refuse)
     except _Refused as refused:
         return refused.reply
+    finally:
+        np.random.set_state(rng)
     if msg.metadata.message_type == "train" and is_setup and not reply.has_error():
         records[SECAGG_ROUND_KEY] = ConfigRecord({"group_id": msg.metadata.group_id})
     return reply
+
+
+def rounding_seed(content: RecordDict) -> int:
+    """The seed of this site's SecAgg+ stochastic rounding for one update: a hash of the
+    update itself (its arrays, in order). No one else chooses it, and it reveals nothing
+    the masked sum does not: only the sum of the rounded values is ever unmasked."""
+    digest = hashlib.sha256(b"fedpacs/secagg-rounding/1")
+    for name in sorted(content.array_records):
+        record = content.array_records[name]
+        for key in record:
+            digest.update(key.encode())
+            digest.update(record[key].data)
+    return int.from_bytes(digest.digest()[:4], "little")  # numpy's legacy seed: < 2**32
 
 
 def _check_secagg_policy(msg: Message, context: Context) -> None:

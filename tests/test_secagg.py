@@ -177,6 +177,26 @@ def test_server_sees_only_masked_vectors_and_the_aggregate_is_fedavg(
         assert got.std() > 1e8
 
 
+def test_a_secagg_run_repeats_bit_for_bit(tmp_path: Path, data_dir: Path) -> None:
+    """Each site draws its stochastic rounding from a seed of its own update: the same
+    run twice gives the same global model, to the bit (the masks differ, and cancel), and
+    the site's numpy generator is left as it was."""
+    sites = _sites(tmp_path, data_dir)
+    hashes, masked = [], []
+    for seed in (1, 2):  # (whatever state numpy's global generator is in)
+        cfg = _cfg(tmp_path, rounds=2, run_dir=str(tmp_path / f"run-{seed}"))
+        grid = LoopbackGrid(client_app, sites)
+        np.random.seed(seed)
+        run_federation(grid, cfg, Context(1, 0, {}, RecordDict(), {}))
+        assert np.random.randint(2**31) == np.random.RandomState(seed).randint(2**31)
+        hashes.append([r["weights_sha256"] for r in
+                       json.loads((Path(cfg.run_dir) / "metrics.json").read_text())["rounds"]])
+        masked.append([_masked_vector(r)[1] for r in _train_replies(grid)
+                       if Key.MASKED_PARAMETERS in r.content[RECORD_KEY_CONFIGS]])
+    assert hashes[0] == hashes[1] and len(set(hashes[0])) == 3
+    assert not any(np.array_equal(a, b) for a, b in zip(*masked, strict=True))
+
+
 def _masked_vector(reply: Message) -> list[np.ndarray]:
     from flwr.common import bytes_to_ndarray
 
