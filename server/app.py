@@ -346,7 +346,10 @@ class FederatedRun:
                 restore_state(self.strategy, self.resumed.strategy_state,
                               source=str(round_folder(self.run_dir.root, self.offset)
                                          / STRATEGY_FILE))
-            instructions = RoundInstructions.for_round(cfg, 0, evaluate_first=True)
+            # (the strategy sends each round its own instructions: this one is Flower's
+            # start-up argument, replaced round by round)
+            instructions = RoundInstructions.for_round(cfg, self.offset + 1,
+                                                       evaluate_first=True)
             if cfg.rounds > self.offset:
                 self.strategy.start(
                     grid=self.grid, initial_arrays=self.current,

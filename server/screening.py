@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -131,18 +131,24 @@ class ScreenedStrategy(Strategy):
     (FedAdam's bias correction) see the run's true round numbers."""
 
     def __init__(self, inner: Strategy, *, model: nn.Module, max_norm: float,
-                 max_weight: float, recorder: RoundRecorder, round_offset: int = 0) -> None:
+                 max_weight: float, recorder: RoundRecorder, round_offset: int = 0,
+                 round_config: Callable[[int], ConfigRecord] | None = None) -> None:
         self.inner = inner
         self.model = model
         self.max_norm = max_norm
         self.max_weight = max_weight
         self.recorder = recorder
         self.round_offset = round_offset
+        # the instructions of each (true) round number: Flower's loop sends the one config
+        # it was started with every round, so a learning-rate schedule would never move
+        self.round_config = round_config
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self.inner.configure_train(server_round + self.round_offset, arrays, config,
-                                          grid)
+        server_round += self.round_offset
+        if self.round_config is not None:
+            config = self.round_config(server_round)
+        return self.inner.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -34,6 +34,7 @@ from torch import nn
 
 from fedpacs.common import wire
 from fedpacs.common.config import RunConfig
+from fedpacs.common.contract import RoundInstructions
 from fedpacs.common.errors import DataError
 from fedpacs.server.recorder import RoundRecorder
 from fedpacs.server.screening import ScreenedStrategy
@@ -71,7 +72,9 @@ def make_strategy(cfg: RunConfig, recorder: RoundRecorder, model: nn.Module | No
         return inner
     return ScreenedStrategy(inner, model=model, max_norm=cfg.max_update_norm,
                             max_weight=cfg.secagg_max_weight, recorder=recorder,
-                            round_offset=round_offset)
+                            round_offset=round_offset, round_config=lambda r: (
+                                RoundInstructions.for_round(cfg, r, evaluate_first=True)
+                                .to_record()))
 
 
 # FedOpt's (FedAdam's) moments, each a dict of arrays keyed like the global model's record

@@ -16,6 +16,7 @@ import torch
 from flwr.app import Context, RecordDict
 
 from fedpacs.client.app import app as client_app
+from fedpacs.common import wire
 from fedpacs.common.artifacts import read_model_file
 from fedpacs.common.config import RunConfig
 from fedpacs.common.errors import ConfigError
@@ -81,6 +82,34 @@ def test_fine_tuning_moves_the_features_too(tmp_path: Path, data_dir: Path) -> N
     moved = {k for k in start if not torch.equal(start[k], end[k])}
     assert moved - head  # the feature extractor trained as well
     assert json.loads((run_dir / "metrics.json").read_text())["rounds"][1]["lr"] == 0.01
+
+
+def test_a_plain_run_sends_each_round_its_scheduled_learning_rate(tmp_path: Path,
+                                                                 data_dir: Path) -> None:
+    """Warm-up then cosine over 3 plain rounds: each round's train messages carry that
+    round's rate, the one metrics.json records (Flower's loop would send round 1's
+    instructions every round)."""
+    from fedpacs.common.contract import RoundInstructions
+    from fedpacs.common.recipe import round_lr
+
+    sites = breastmnist_sites(tmp_path, data_dir, num_partitions=12,
+                              security="require_secagg = false\n")
+    cfg = RunConfig(task="breastmnist", rounds=3, local_epochs=1, batch_size=64, min_sites=3,
+                    round_timeout_s=60.0, cross_site=False, secagg=False, lr=0.01,
+                    warmup_rounds=1, lr_schedule="cosine", run_dir=str(tmp_path / "sched"))
+    grid = LoopbackGrid(client_app, sites)
+    run_federation(grid, cfg, Context(1, 0, {}, RecordDict(), {}))
+    sent = {}
+    for batch in grid.pushes:
+        for m in batch:
+            if m.metadata.message_type == "train":
+                ins = RoundInstructions.from_record(m.content.config_records[wire.CONFIG_KEY])
+                sent.setdefault(ins.server_round, set()).add(ins.lr)
+    want = {r: round_lr(0.01, r, 3, cfg.recipe()) for r in (1, 2, 3)}
+    assert want[1] == pytest.approx(0.005) and want[2] == pytest.approx(0.01)
+    assert want[3] == pytest.approx(0.005)
+    assert sent == {r: {lr} for r, lr in want.items()}
+    assert [r["lr"] for r in read_rounds(tmp_path / "sched")[1:]] == list(want.values())
 
 
 def test_run_start_refuses_an_init_model_of_another_shape(tmp_path: Path) -> None:
