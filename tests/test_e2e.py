@@ -26,6 +26,7 @@ from fedpacs.deploy.demo import DemoOptions, run_demo, write_site_configs
 from fedpacs.server.coordinator.federation import Federation, SiteSpec
 from fedpacs.server.coordinator.pki import SiteKeys, create_site_key, provision
 from fedpacs.server.registry import Registry, RegistryServer, TokenStore
+from fedpacs.server.rundir import read_status
 
 pytestmark = pytest.mark.e2e
 
@@ -230,12 +231,21 @@ def test_site_runs_only_apps_signed_by_a_trusted_key(tmp_path: Path, data_dir: P
         trusted_keys=[pki.app_pub], require_secagg=False)
     site_log = tmp_path / "logs" / "supernode-site-a.log"
 
-    def run(name: str, prepare: Callable[[Path], None]) -> dict[str, object]:
+    def run(name: str, prepare: Callable[[Path], None], *, refused: bool = True
+            ) -> dict[str, object]:
         cfg = RunConfig(task="breastmnist", rounds=1, local_epochs=1, batch_size=64,
                         min_sites=1, secagg=False, cross_site=False, round_timeout_s=120)
         app, run_dir = fed.prepare_run(cfg)  # written unsigned; `prepare` plays the attacker
         prepare(app)
-        assert _wait_finished(fed, fed.submit(app)) == "finished:completed"
+        status = _wait_finished(fed, fed.submit(app))
+        if refused:  # the only site trained nothing: the run fails, publishing nothing
+            assert status == "finished:failed"
+            st = read_status(run_dir)
+            assert (st["state"], st["error"]) == ("failed", "NoUpdateError")
+            assert "round 1: 0 site(s) trained" in st["detail"]
+            assert not (run_dir / "final").exists()
+        else:
+            assert status == "finished:completed"
         rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
         return dict(rounds[1])
 
@@ -266,7 +276,7 @@ def test_site_runs_only_apps_signed_by_a_trusted_key(tmp_path: Path, data_dir: P
         assert "which this site does not trust" in site_log.read_text()
 
         # control: the same app signed by the coordinator's key is run
-        signed = run("signed", lambda app: _sign(app, pki.app_key))
+        signed = run("signed", lambda app: _sign(app, pki.app_key), refused=False)
         sites = signed["train_sites"]
         assert isinstance(sites, dict) and set(sites) == {"site-a"}
         assert site_log.read_text().count("REFUSED app") >= 3
