@@ -531,20 +531,18 @@ def settle(run_dir: Path, flower: FlowerRun) -> tuple[str, str] | None:
         return None
     st = read_status(run_dir)
     sub = flower.status.split(":", 1)[-1]
-    if st.get("state") == "failed" and sub == "stopped":
-        # the operator's stop reached the ServerApp as an error it did not know for a stop
-        return "interrupted", (f"stopped (Flower status {flower.status}) at round "
-                               f"{st.get('round', 0)} of {st.get('rounds', '?')}; the "
-                               f"ServerApp's last word: {st.get('error') or 'none'}; resume "
-                               f"with `fedpacs run resume {run_dir}`")
-    if st.get("state") in FINAL_STATES:
+    # a failed status.json Flower calls stopped: the operator's stop reached the ServerApp
+    # as an error it did not know for a stop
+    misread_stop = st.get("state") == "failed" and sub == "stopped"
+    if st.get("state") in FINAL_STATES and not misread_stop:
         return None
     state = "interrupted" if sub == "stopped" else "failed"
     where = f"at round {st.get('round', 0)} of {st.get('rounds', '?')}" if st \
         else "before it wrote its status"
     why = f" ({flower.details})" if flower.details else ""
-    return state, (f"ServerApp ended: Flower status {flower.status}{why} {where}; resume "
-                   f"with `fedpacs run resume {run_dir}`")
+    said = f"; the ServerApp's last word: {st.get('error') or 'none'}" if misread_stop else ""
+    return state, (f"ServerApp ended: Flower status {flower.status}{why} {where}{said}; "
+                   f"resume with `fedpacs run resume {run_dir}`")
 
 
 def run_status(*, control: Control, run_id: int, run_dir: Path | None) -> RunStatus:
